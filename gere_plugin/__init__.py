@@ -1,0 +1,50 @@
+"""gere-plugin: GeRe anti-forgetting fine-tuning for TRL and Axolotl.
+
+Imports are lazy: ``import gere_plugin`` loads neither TRL nor Axolotl until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "GeReArguments": ".config",
+    "GeReConfigError": ".config",
+    "keys_markdown": ".config",
+    "ReplaySet": ".replay",
+    "ReplayError": ".replay",
+    "build_replay_file": ".replay",
+    "StateCache": ".states",
+    "StateCacheError": ".states",
+    "build_state_cache": ".states",
+    "ReplaySchedule": ".mixing",
+    "LayerFreezeCallback": ".freeze",
+    "freeze_bottom": ".freeze",
+    "ReplayStep": ".trainer",
+    "GeReTrainerMixin": ".trainer",
+    "with_gere": ".trainer",
+    "enable_gere": ".trainer",
+    "GeReSFTConfig": ".sft",
+    "GeReSFTTrainer": ".sft",
+    "GeReDPOConfig": ".dpo",
+    "GeReDPOTrainer": ".dpo",
+    "GeRePlugin": ".axolotl.plugin",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        mod = importlib.import_module(_EXPORTS[name], __name__)
+        value = getattr(mod, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gere_plugin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

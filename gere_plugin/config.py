@@ -1,0 +1,285 @@
+"""The one definition of every ``gere_*`` knob.
+
+Everything that configures GeRe lives in :class:`GeReArguments`. The TRL configs
+(:class:`~gere_plugin.GeReSFTConfig`, :class:`~gere_plugin.GeReDPOConfig`) inherit it, TRL's
+``TrlParser`` turns it into ``--gere_*`` command-line flags, and the Axolotl plugin generates its
+pydantic schema from the same fields (:func:`gere_fields`), so names, defaults and validation are
+identical everywhere. The Markdown table in the README is generated from it too (``gere keys``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+REGULARIZERS = ("tm", "l1", "l2", "kl", "none")
+TM_REDUCTIONS = ("violations", "mean")
+
+
+class GeReConfigError(ValueError):
+    """A ``gere_*`` value is invalid. The message names the key and says how to fix it."""
+
+
+@dataclass
+class GeReArguments:
+    """GeRe (general samples replay) settings shared by every trainer and the Axolotl plugin.
+
+    Parameters:
+        gere_replay: Replay set source: a ``.jsonl``/``.json``/``.parquet``/``.txt`` file, a folder
+            of such files, a folder saved with ``datasets.save_to_disk``, or a ``datasets`` hub id
+            (must be in the local cache when offline).
+        gere_replay_split: Split to read when the source is a ``datasets`` folder or id.
+        gere_replay_text_field: Column that holds the general text.
+        gere_replay_size: Number of replay samples drawn (seeded) from the source.
+        gere_replay_max_length: Replay samples are truncated to this many tokens.
+        gere_replay_min_tokens: Samples with fewer tokens are dropped (counted and logged).
+        gere_replay_per_step: Replay rows added to every optimizer step, spread over micro-batches,
+            gradient accumulation and ranks. ``None`` = a quarter of the global batch (at least 1).
+        gere_regularizer: ``tm`` (GeRe), ``l1``/``l2`` (hidden-state distance to the base model),
+            ``kl`` (logit KL to the base model) or ``none`` (vanilla replay, CE only).
+        gere_weight: ``dynamic`` (weight = CE / regularizer, both detached) or a fixed number.
+        gere_sigma: Threshold multiplier k in ``mu +- k * sigma``.
+        gere_tm_reduction: ``violations`` (sum / number of non-zero elements, the reference) or
+            ``mean`` (sum / number of elements).
+        gere_layers: Hidden-state indices (``hidden_states[i]`` of the HF output) the regularizer uses.
+        gere_state_cache: Folder for the base-model state cache; reused when its fingerprints match.
+            ``None`` = ``<output_dir>/gere_states``.
+        gere_state_batch_size: Batch size of the forward passes that build the state cache.
+        gere_freeze_layers: Freeze this many bottom decoder layers (spurious-forgetting remedy).
+        gere_freeze_embeddings: Freeze the input embeddings.
+        gere_seed: Seed of the replay sampling and schedule.
+    """
+
+    gere_replay: Optional[str] = field(
+        default=None,
+        metadata={"help": "Replay set: jsonl/json/parquet/txt file or folder, a datasets folder, or a datasets id."},
+    )
+    gere_replay_split: str = field(
+        default="train", metadata={"help": "Split read from a datasets folder or id."}
+    )
+    gere_replay_text_field: str = field(
+        default="text", metadata={"help": "Column holding the general text."}
+    )
+    gere_replay_size: int = field(
+        default=1000, metadata={"help": "Replay samples drawn (seeded) from the source."}
+    )
+    gere_replay_max_length: int = field(
+        default=512, metadata={"help": "Replay samples are truncated to this many tokens."}
+    )
+    gere_replay_min_tokens: int = field(
+        default=2, metadata={"help": "Replay samples with fewer tokens are dropped (with a count)."}
+    )
+    gere_replay_per_step: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Replay rows in every optimizer step (over micro-batches, accumulation and ranks). "
+            "Default: a quarter of the global batch, at least 1."
+        },
+    )
+    gere_regularizer: str = field(
+        default="tm",
+        metadata={
+            "help": "tm (GeRe threshold-margin), l1, l2, kl, or none (vanilla replay).",
+            "choices": list(REGULARIZERS),
+        },
+    )
+    gere_weight: str = field(
+        default="dynamic",
+        metadata={"help": "'dynamic' (CE / regularizer, detached) or a fixed non-negative number."},
+    )
+    gere_sigma: float = field(
+        default=1.0, metadata={"help": "Threshold multiplier k: states split at mu +- k*sigma."}
+    )
+    gere_tm_reduction: str = field(
+        default="violations",
+        metadata={
+            "help": "violations (sum / non-zero count, the reference) or mean.",
+            "choices": list(TM_REDUCTIONS),
+        },
+    )
+    gere_layers: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata={"help": "hidden_states indices used by the regularizer (-1 = after the final norm)."},
+    )
+    gere_state_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "State cache folder, reused when fingerprints match. Default <output_dir>/gere_states."},
+    )
+    gere_state_batch_size: int = field(
+        default=8, metadata={"help": "Batch size of the forward passes that build the state cache."}
+    )
+    gere_freeze_layers: int = field(
+        default=0, metadata={"help": "Freeze this many bottom decoder layers before training."}
+    )
+    gere_freeze_embeddings: bool = field(
+        default=False, metadata={"help": "Freeze the input embeddings before training."}
+    )
+    gere_seed: int = field(default=42, metadata={"help": "Seed of replay sampling and the replay schedule."})
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        validate_gere_args(self)
+
+    def gere_dict(self) -> dict[str, Any]:
+        """The ``gere_*`` values as a plain dict."""
+        return {f.name: getattr(self, f.name) for f in gere_fields()}
+
+    @property
+    def gere_weight_value(self) -> Optional[float]:
+        """The fixed weight as a float, or ``None`` for the dynamic weight."""
+        return parse_weight(self.gere_weight)
+
+
+def gere_fields() -> list[dataclasses.Field]:
+    """The dataclass fields of every ``gere_*`` knob, in declaration order."""
+    return [f for f in dataclasses.fields(GeReArguments) if f.name.startswith("gere_")]
+
+
+def gere_defaults() -> dict[str, Any]:
+    out = {}
+    for f in gere_fields():
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        else:
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def parse_weight(value: Any) -> Optional[float]:
+    """``'dynamic'`` -> ``None``; a number or numeric string -> float. Raises on anything else."""
+    if isinstance(value, str) and value.strip().lower() == "dynamic":
+        return None
+    if isinstance(value, bool):
+        raise GeReConfigError(
+            f"gere_weight={value!r} is not valid: use 'dynamic' or a non-negative number such as 1 or 100."
+        )
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        raise GeReConfigError(
+            f"gere_weight={value!r} is not valid: use 'dynamic' or a non-negative number such as 1 or 100."
+        ) from None
+    if not math.isfinite(w) or w < 0:
+        raise GeReConfigError(f"gere_weight={value!r} must be a finite number >= 0 (or 'dynamic').")
+    return w
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> None:
+    if not _is_int(value):
+        raise GeReConfigError(f"{name}={value!r} must be an integer >= {minimum}. {hint}")
+    if value < minimum:
+        raise GeReConfigError(f"{name}={value!r} is out of range: it must be >= {minimum}. {hint}")
+
+
+def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Validate (and normalise) a mapping of ``gere_*`` values; return the normalised mapping.
+
+    Used by the dataclass ``__post_init__`` and by the Axolotl pydantic model, so both give the same
+    errors. Unknown ``gere_*`` keys are rejected with the closest valid name.
+    """
+    known = {f.name for f in gere_fields()}
+    out = dict(values)
+    for key in values:
+        if key.startswith("gere_") and key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise GeReConfigError(f"Unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(known))}.")
+
+    def get(name: str) -> Any:
+        return out.get(name, gere_defaults()[name])
+
+    replay = get("gere_replay")
+    if replay is not None and (not isinstance(replay, str) or not replay.strip()):
+        raise GeReConfigError(
+            f"gere_replay={replay!r} must be a path (jsonl/json/parquet/txt file or folder) or a datasets id."
+        )
+    for name in ("gere_replay_split", "gere_replay_text_field"):
+        v = get(name)
+        if not isinstance(v, str) or not v:
+            raise GeReConfigError(f"{name}={v!r} must be a non-empty string.")
+    _check_int("gere_replay_size", get("gere_replay_size"), 1, "The paper uses 1000.")
+    _check_int("gere_replay_max_length", get("gere_replay_max_length"), 2, "The reference uses 563.")
+    _check_int("gere_replay_min_tokens", get("gere_replay_min_tokens"), 2, "A sample needs 2 tokens for a CE target.")
+    per_step = get("gere_replay_per_step")
+    if per_step is not None:
+        _check_int("gere_replay_per_step", per_step, 1, "Use null/None for the default (a quarter of the global batch).")
+    reg = get("gere_regularizer")
+    if reg not in REGULARIZERS:
+        raise GeReConfigError(f"gere_regularizer={reg!r} is not one of {', '.join(REGULARIZERS)}.")
+    weight = get("gere_weight")
+    parse_weight(weight)
+    if not isinstance(weight, str):
+        out["gere_weight"] = str(float(weight)) if "gere_weight" in out else weight
+    sigma = get("gere_sigma")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise GeReConfigError(f"gere_sigma={sigma!r} must be a number > 0 (the paper uses 1.0).")
+    if not math.isfinite(float(sigma)) or float(sigma) <= 0:
+        raise GeReConfigError(f"gere_sigma={sigma!r} must be > 0: thresholds are mu +- gere_sigma*sigma (paper: 1.0).")
+    red = get("gere_tm_reduction")
+    if red not in TM_REDUCTIONS:
+        raise GeReConfigError(f"gere_tm_reduction={red!r} is not one of {', '.join(TM_REDUCTIONS)}.")
+    layers = get("gere_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+        out["gere_layers"] = layers
+    if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(x) for x in layers):
+        raise GeReConfigError(f"gere_layers={layers!r} must be a non-empty list of integers, e.g. [-1].")
+    if len(set(layers)) != len(layers):
+        raise GeReConfigError(f"gere_layers={layers!r} lists a layer twice.")
+    cache = get("gere_state_cache")
+    if cache is not None and (not isinstance(cache, str) or not cache.strip()):
+        raise GeReConfigError(f"gere_state_cache={cache!r} must be a folder path or null.")
+    _check_int("gere_state_batch_size", get("gere_state_batch_size"), 1, "Lower it if state building runs out of memory.")
+    _check_int("gere_freeze_layers", get("gere_freeze_layers"), 0, "0 disables layer freezing.")
+    if not isinstance(get("gere_freeze_embeddings"), bool):
+        raise GeReConfigError(f"gere_freeze_embeddings={get('gere_freeze_embeddings')!r} must be true or false.")
+    _check_int("gere_seed", get("gere_seed"), 0, "")
+    return out
+
+
+def validate_gere_args(args: Any) -> None:
+    """Validate the ``gere_*`` attributes of ``args`` in place (normalising ``gere_weight``/``gere_layers``)."""
+    values = {f.name: getattr(args, f.name) for f in gere_fields() if hasattr(args, f.name)}
+    if isinstance(values.get("gere_weight"), (int, float)) and not isinstance(values.get("gere_weight"), bool):
+        parse_weight(values["gere_weight"])
+        values["gere_weight"] = str(float(values["gere_weight"]))
+    norm = validate_gere_values(values)
+    for k, v in norm.items():
+        setattr(args, k, v)
+
+
+def resolve_replay_per_step(per_step: Optional[int], global_batch: int) -> int:
+    """Replay rows per optimizer step; checks they leave room for task rows in the global batch."""
+    if per_step is None:
+        per_step = max(1, global_batch // 4)
+    if per_step >= global_batch:
+        raise GeReConfigError(
+            f"gere_replay_per_step={per_step} must be smaller than the global batch ({global_batch} = per-device "
+            "batch x gradient accumulation x processes), so that most rows of a step stay task rows. Lower "
+            "gere_replay_per_step or raise the batch size / gradient_accumulation_steps."
+        )
+    return per_step
+
+
+def keys_markdown() -> str:
+    """The Markdown table of every ``gere_*`` key (the README's table is checked against it)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for name, f in ((f.name, f) for f in gere_fields()):
+        default = gere_defaults()[name]
+        shown = "null" if default is None else (str(default).lower() if isinstance(default, bool) else default)
+        meaning = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            meaning += f" One of: {', '.join('`' + c + '`' for c in choices)}."
+        rows.append(f"| `{name}` | `{shown}` | {meaning} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,121 @@
+"""Pure loss functions: threshold-margin (TM), L1/L2 feature distillation, logit KL, and weighting.
+
+All functions take a ``mask`` of shape ``[batch, seq]`` (1 = real token, 0 = padding) and never
+touch padded positions. State labels use the integer codes of :mod:`gere_plugin.states`:
+``NEG = 0``, ``INACTIVE = 1``, ``POS = 2``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+NEG, INACTIVE, POS = 0, 1, 2
+EPS = 1e-8
+
+
+class RegOutput(NamedTuple):
+    """A regularizer value and the diagnostics logged next to it."""
+
+    loss: torch.Tensor
+    out_of_state: torch.Tensor  # fraction of (token, dim) elements outside their base state (TM only)
+
+
+def tm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: str = "violations",
+) -> RegOutput:
+    """Threshold-margin loss of GeRe.
+
+    For every element with base state ``s`` and current activation ``h``:
+
+    * ``s = NEG``:      ``relu(h - neg)``
+    * ``s = INACTIVE``: ``relu(h - pos) + relu(neg - h)``
+    * ``s = POS``:      ``relu(pos - h)``
+
+    Args:
+        hidden: current hidden states ``[B, T, H]`` (any float dtype; computed in fp32).
+        labels: base-model state codes ``[B, T, H]`` (integers 0/1/2).
+        pos: upper thresholds ``mu + k*sigma``, ``[H]``.
+        neg: lower thresholds ``mu - k*sigma``, ``[H]``.
+        mask: ``[B, T]``, 1 for real tokens.
+        reduction: ``violations`` = sum / (number of non-zero elements + 1e-8) (the reference);
+            ``mean`` = sum / number of unmasked elements.
+    """
+    h = hidden.float()
+    pos = pos.to(h.device, torch.float32)
+    neg = neg.to(h.device, torch.float32)
+    labels = labels.to(h.device)
+    above = torch.relu(h - pos)  # > 0 where h is above the positive threshold
+    below = torch.relu(neg - h)  # > 0 where h is below the negative threshold
+    # Element-wise margin violation, selected by state without Python branching:
+    #   NEG wants h <= neg:        relu(h - neg)
+    #   INACTIVE wants neg<h<pos:  above + below
+    #   POS wants h >= pos:        relu(pos - h)
+    viol = torch.where(
+        labels == INACTIVE,
+        above + below,
+        torch.where(labels == POS, torch.relu(pos - h), torch.relu(h - neg)),
+    )
+    m = mask.to(h.device, h.dtype).unsqueeze(-1)
+    viol = viol * m
+    total = viol.sum()
+    nonzero = (viol > 0).sum()
+    n_elem = m.sum() * h.shape[-1]
+    if reduction == "violations":
+        loss = total / (nonzero.to(h.dtype) + EPS)
+    elif reduction == "mean":
+        loss = total / (n_elem + EPS)
+    else:
+        raise ValueError(f"gere_tm_reduction={reduction!r} is not one of violations, mean.")
+    frac = nonzero.detach().to(torch.float32) / (n_elem.detach().to(torch.float32) + EPS)
+    return RegOutput(loss, frac)
+
+
+def masked_feature_loss(hidden: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, p: int) -> RegOutput:
+    """Mean absolute (``p=1``) or squared (``p=2``) difference to the base hidden states over real tokens."""
+    h = hidden.float()
+    b = base.to(h.device, torch.float32)
+    m = mask.to(h.device, h.dtype).unsqueeze(-1)
+    diff = (h - b).abs() if p == 1 else (h - b).pow(2)
+    n_elem = m.sum() * h.shape[-1]
+    loss = (diff * m).sum() / (n_elem + EPS)
+    return RegOutput(loss, torch.zeros((), device=h.device))
+
+
+def kl_loss(logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor) -> RegOutput:
+    """Token-mean ``KL(p_base || p_model)`` over real tokens (forward KL, as in distillation)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logq = F.log_softmax(base_logits.to(logits.device).float(), dim=-1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)  # [B, T]
+    m = mask.to(kl.device, kl.dtype)
+    loss = (kl * m).sum() / (m.sum() + EPS)
+    return RegOutput(loss, torch.zeros((), device=kl.device))
+
+
+def token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal-LM cross-entropy summed over real next-token targets; returns ``(sum, count)``."""
+    shift_logits = logits[:, :-1, :].float()
+    targets = input_ids[:, 1:].to(logits.device)
+    tmask = (mask[:, 1:] * mask[:, :-1]).to(logits.device).bool()
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view_as(targets) * tmask
+    return ce.sum(), tmask.sum()
+
+
+def dynamic_weight(primary: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """GeRe's dynamic weight ``primary.detach() / (reg.detach() + 1e-8)`` (so ``w * reg`` matches ``primary``)."""
+    return primary.detach() / (reg.detach() + EPS)
+
+
+def resolve_weight(fixed: Optional[float], primary: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """The regularizer weight: the fixed number, or the dynamic weight when ``fixed is None``."""
+    if fixed is None:
+        return dynamic_weight(primary, reg)
+    return torch.tensor(float(fixed), device=reg.device, dtype=torch.float32)

@@ -1,0 +1,410 @@
+"""Base-model activation statistics and 3-way state labels, packed at 2 bits, in an atomic cache.
+
+The frozen base model runs once over the replay set (batched, length-sorted, padding-aware). Per
+selected hidden-state index and hidden unit ``d`` we compute ``mu_d`` and ``sigma_d`` over every real
+token, the thresholds ``pos = mu + k*sigma`` / ``neg = mu - k*sigma``, and label every element
+``NEG`` (h <= neg), ``POS`` (h >= pos) or ``INACTIVE``. Labels are stored 4 per byte.
+
+Cache folder layout (written to a temporary sibling folder, fsynced, then renamed into place)::
+
+    meta.json              format version, fingerprints, shapes, sha256 + size of each data file
+    thresholds.safetensors mu, std, pos, neg [L, H] (fp32) and sample offsets [N+1] (int64)
+    labels.bin             uint8 [total_tokens, L, ceil(H/4)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .config import GeReConfigError
+from .losses import INACTIVE, NEG, POS
+from .replay import ReplaySet
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META = "meta.json"
+THRESHOLDS = "thresholds.safetensors"
+LABELS = "labels.bin"
+
+
+class StateCacheError(GeReConfigError):
+    """The state cache does not match this run or is damaged; the message says how to rebuild it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-bit packing (pure functions)
+# ---------------------------------------------------------------------------------------------
+_SHIFTS = (0, 2, 4, 6)
+
+
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Pack integer codes in ``[0, 3]`` along the last dim, 4 per byte: ``[..., H] -> [..., ceil(H/4)]``."""
+    h = codes.shape[-1]
+    pad = (-h) % 4
+    c = codes.to(torch.uint8)
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad), value=0)
+    c = c.reshape(*c.shape[:-1], -1, 4)
+    return c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+
+
+def unpack_2bit(packed: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Inverse of :func:`pack_2bit`: ``[..., ceil(H/4)] -> [..., H]`` uint8 codes (one vectorised op)."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & 3
+    return codes.reshape(*packed.shape[:-1], -1)[..., :hidden]
+
+
+def label_states(h: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """State codes of activations ``h`` (``[..., H]``): NEG if h <= neg, POS if h >= pos, else INACTIVE."""
+    code = torch.full(h.shape, INACTIVE, dtype=torch.uint8, device=h.device)
+    code[h >= pos] = POS
+    code[h <= neg] = NEG
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward helpers
+# ---------------------------------------------------------------------------------------------
+def _select_hidden(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> list[torch.Tensor]:
+    n = len(hidden_states)
+    out = []
+    for i in layers:
+        if not -n <= i < n:
+            raise GeReConfigError(
+                f"gere_layers contains {i}, but the model returns {n} hidden states (valid: {-n}..{n - 1})."
+            )
+        out.append(hidden_states[i])
+    return out
+
+
+def forward_hidden(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int],
+    need_logits: bool = True,
+) -> tuple[Optional[torch.Tensor], list[torch.Tensor]]:
+    """One forward returning ``(logits or None, [hidden_states[i] for i in layers])``."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
+    if not need_logits:
+        kwargs["logits_to_keep"] = 1
+    try:
+        out = model(**kwargs, use_cache=False)
+    except TypeError:
+        kwargs.pop("logits_to_keep", None)
+        out = model(**kwargs, use_cache=False)
+    return (out.logits if need_logits else None), _select_hidden(out.hidden_states, layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache object
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StateCache:
+    """Thresholds and packed state labels of the base model on a replay set."""
+
+    mu: torch.Tensor  # [L, H] fp32
+    std: torch.Tensor  # [L, H]
+    pos: torch.Tensor  # [L, H]
+    neg: torch.Tensor  # [L, H]
+    packed: torch.Tensor  # uint8 [total_tokens, L, ceil(H/4)]
+    offsets: torch.Tensor  # int64 [N+1]
+    meta: dict
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    def labels_for(self, indices: Sequence[int], width: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Unpacked state codes ``[B, width, L, H]`` for replay samples ``indices`` (padding = INACTIVE)."""
+        L, hp = self.packed.shape[1], self.packed.shape[2]
+        out = torch.full((len(indices), width, L, hp), 0b01010101, dtype=torch.uint8)
+        for j, i in enumerate(indices):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            n = min(b - a, width)
+            out[j, :n] = self.packed[a : a + n]
+        if device is not None:
+            out = out.to(device, non_blocking=True)
+        return unpack_2bit(out, self.hidden_size)
+
+    def nbytes(self) -> int:
+        return int(self.packed.numel() + 4 * 4 * self.mu.numel() + 8 * self.offsets.numel())
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write atomically: a temporary sibling folder is filled, fsynced and renamed into place."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            labels_path = tmp / LABELS
+            arr = self.packed.contiguous().numpy()
+            with open(labels_path, "wb") as fh:
+                fh.write(arr.tobytes(order="C"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            save_file(
+                {"mu": self.mu, "std": self.std, "pos": self.pos, "neg": self.neg, "offsets": self.offsets},
+                str(tmp / THRESHOLDS),
+            )
+            meta = dict(self.meta)
+            meta["files"] = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (LABELS, THRESHOLDS)}
+            meta["packed_shape"] = list(self.packed.shape)
+            with open(tmp / META, "w") as fh:
+                json.dump(meta, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if folder.exists():
+                old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+            _fsync_dir(folder.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, verify: bool = True) -> StateCache:
+        """Load a cache; detects missing, truncated or corrupted files (size + sha256)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        rebuild = f"Delete {folder} (or point gere_state_cache at a new folder) and the cache is rebuilt from the base model."
+        try:
+            meta = json.loads((folder / META).read_text())
+        except FileNotFoundError:
+            raise StateCacheError(f"gere_state_cache={str(folder)!r} has no {META}; it is not a GeRe state cache. {rebuild}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StateCacheError(f"gere_state_cache={str(folder)!r}: {META} is corrupted. {rebuild}") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StateCacheError(
+                f"gere_state_cache={str(folder)!r} has format version {meta.get('format_version')}, this gere-plugin "
+                f"reads version {FORMAT_VERSION}. {rebuild}"
+            )
+        for name, info in meta.get("files", {}).items():
+            p = folder / name
+            if not p.exists():
+                raise StateCacheError(f"gere_state_cache={str(folder)!r}: {name} is missing. {rebuild}")
+            size = p.stat().st_size
+            if size != info["size"]:
+                raise StateCacheError(
+                    f"gere_state_cache={str(folder)!r}: {name} has {size} bytes, expected {info['size']} "
+                    f"(truncated or overwritten). {rebuild}"
+                )
+            if verify and _sha256(p) != info["sha256"]:
+                raise StateCacheError(f"gere_state_cache={str(folder)!r}: {name} fails its checksum (corrupted). {rebuild}")
+        try:
+            t = load_file(str(folder / THRESHOLDS))
+        except Exception as e:
+            raise StateCacheError(f"gere_state_cache={str(folder)!r}: {THRESHOLDS} is unreadable ({e}). {rebuild}") from None
+        shape = tuple(meta["packed_shape"])
+        raw = np.fromfile(folder / LABELS, dtype=np.uint8)
+        if raw.size != int(np.prod(shape)):
+            raise StateCacheError(f"gere_state_cache={str(folder)!r}: {LABELS} does not have shape {shape}. {rebuild}")
+        packed = torch.from_numpy(raw.reshape(shape))
+        cache = cls(t["mu"], t["std"], t["pos"], t["neg"], packed, t["offsets"], meta)
+        if cache.mu.shape != (len(meta["layers"]), meta["hidden_size"]) or int(cache.offsets[-1]) != shape[0]:
+            raise StateCacheError(f"gere_state_cache={str(folder)!r}: thresholds and labels disagree in shape. {rebuild}")
+        return cache
+
+    def check_compatible(self, replay: ReplaySet, hidden_size: int, layers: Sequence[int], sigma: float, where: str) -> None:
+        """Raise :class:`StateCacheError` unless this cache was built for this replay set, tokenizer and model."""
+        m = self.meta
+        rebuild = f"Delete {where} or point gere_state_cache at a new folder to rebuild it for this run."
+        if m["tokenizer_fingerprint"] != replay.tokenizer_fingerprint:
+            raise StateCacheError(
+                f"gere_state_cache={where!r} was built with another tokenizer (fingerprint {m['tokenizer_fingerprint']}, "
+                f"this run {replay.tokenizer_fingerprint}). {rebuild}"
+            )
+        if int(m["hidden_size"]) != int(hidden_size):
+            raise StateCacheError(
+                f"gere_state_cache={where!r} was built for hidden size {m['hidden_size']}, but the model has "
+                f"hidden size {hidden_size}: it belongs to another model family. {rebuild}"
+            )
+        if m["replay_fingerprint"] != replay.fingerprint:
+            raise StateCacheError(
+                f"gere_state_cache={where!r} was built on another replay set (gere_replay, gere_replay_size, "
+                f"gere_replay_max_length or gere_seed differ). {rebuild}"
+            )
+        if list(m["layers"]) != list(layers):
+            raise StateCacheError(f"gere_state_cache={where!r} holds gere_layers={m['layers']}, this run asks {list(layers)}. {rebuild}")
+        if abs(float(m["sigma"]) - float(sigma)) > 1e-12:
+            raise StateCacheError(f"gere_state_cache={where!r} holds gere_sigma={m['sigma']}, this run asks {sigma}. {rebuild}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(p.device for p in model.parameters())
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def build_state_cache(
+    model: torch.nn.Module,
+    replay: ReplaySet,
+    layers: Sequence[int] = (-1,),
+    sigma: float = 1.0,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    autocast_dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+    extra_meta: Optional[dict] = None,
+) -> StateCache:
+    """Run the frozen ``model`` over ``replay`` and return thresholds + packed labels.
+
+    One pass: batches are length-sorted to minimise padding; real-token activations of every
+    selected layer go to an fp32 buffer (RAM, or a temporary memory-mapped file above 2 GiB) while
+    fp64 sums give mu/sigma; labels are computed from the buffer afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    n = len(replay)
+    lengths = replay.lengths
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    total = int(offsets[-1])
+    order = np.argsort(-lengths, kind="stable")
+    L = len(layers)
+    buf: Optional[np.ndarray] = None
+    tmpfile: Optional[str] = None
+    s1 = s2 = None
+    hidden = None
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="tok", desc="gere: base-model states", disable=not progress)
+    try:
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size].tolist()
+            batch = replay.collate(idx, pad_token_id, device)
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+            with ctx:
+                _, hs = forward_hidden(model, batch["input_ids"], batch["attention_mask"], layers, need_logits=False)
+            h = torch.stack([x.float() for x in hs], dim=2)  # [B, T, L, H]
+            if buf is None:
+                hidden = h.shape[-1]
+                nbytes = total * L * hidden * 4
+                if nbytes > 2 * 1024**3:
+                    import tempfile
+
+                    fd, tmpfile = tempfile.mkstemp(prefix="gere-states-", suffix=".f32")
+                    os.close(fd)
+                    buf = np.memmap(tmpfile, dtype=np.float32, mode="w+", shape=(total, L, hidden))
+                else:
+                    buf = np.empty((total, L, hidden), dtype=np.float32)
+                s1 = torch.zeros(L, hidden, dtype=torch.float64, device=device)
+                s2 = torch.zeros(L, hidden, dtype=torch.float64, device=device)
+            mask = batch["attention_mask"].bool()
+            real = h[mask]  # [tokens, L, H]
+            s1 += real.sum(0, dtype=torch.float64)
+            s2 += real.double().pow(2).sum(0)
+            real_cpu = real.cpu().numpy()
+            pos_in = 0
+            for i in idx:
+                ln = int(lengths[i])
+                buf[offsets[i] : offsets[i] + ln] = real_cpu[pos_in : pos_in + ln]
+                pos_in += ln
+            bar.update(int(mask.sum()))
+        bar.close()
+        assert buf is not None and s1 is not None and s2 is not None and hidden is not None
+        mu = s1 / total
+        var = (s2 / total - mu.pow(2)).clamp_min(0)
+        std = var.sqrt()
+        mu32, std32 = mu.float().cpu(), std.float().cpu()
+        pos = mu32 + sigma * std32
+        neg = mu32 - sigma * std32
+        hp = (hidden + 3) // 4
+        packed = torch.empty((total, L, hp), dtype=torch.uint8)
+        chunk = max(1, (64 * 1024**2) // (L * hidden * 4))
+        counts = torch.zeros(3, dtype=torch.float64)
+        for a in range(0, total, chunk):
+            h = torch.from_numpy(np.asarray(buf[a : a + chunk]))
+            codes = label_states(h, pos, neg)
+            counts += torch.bincount(codes.flatten().long(), minlength=3).double()
+            packed[a : a + chunk] = pack_2bit(codes)
+        seconds = time.perf_counter() - t0
+    finally:
+        bar.close()
+        if tmpfile is not None:
+            del buf
+            with contextlib.suppress(OSError):
+                os.remove(tmpfile)
+        model.train(was_training)
+    frac = (counts / counts.sum()).tolist()
+    cfg = getattr(model, "config", None)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "replay_fingerprint": replay.fingerprint,
+        "tokenizer_fingerprint": replay.tokenizer_fingerprint,
+        "num_samples": n,
+        "total_tokens": total,
+        "max_length": replay.max_length,
+        "hidden_size": hidden,
+        "layers": list(layers),
+        "sigma": float(sigma),
+        "model_type": getattr(cfg, "model_type", None),
+        "base_model": getattr(cfg, "_name_or_path", None),
+        "state_fractions": {"neg": frac[0], "inactive": frac[1], "pos": frac[2]},
+        "build_seconds": seconds,
+        "build_tokens_per_second": total / max(seconds, 1e-9),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    meta.update(extra_meta or {})
+    logger.info("gere: built base-model states for %d samples / %d tokens in %.1fs", n, total, seconds)
+    return StateCache(mu32, std32, pos, neg, packed, torch.from_numpy(offsets), meta)
+
+
+def hidden_size_of(model: torch.nn.Module) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", None)

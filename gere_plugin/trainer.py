@@ -1,0 +1,442 @@
+"""GeRe for TRL: the shared replay step and the thin SFT / DPO trainers built on it.
+
+:class:`ReplayStep` is the ONE implementation of GeRe's per-step work (pick the replay rows of this
+micro-batch, one extra forward with hidden states, replay CE + regularizer, combine with the task
+loss with the right scaling for gradient accumulation and data parallelism, log ``gere/*``
+metrics). :class:`GeReTrainerMixin` wires it into any ``transformers.Trainer`` whose
+``compute_loss`` returns the task loss; :func:`with_gere` makes such a class on the fly.
+
+Loss per optimizer step (``k`` replay rows spread over its micro-batches and ranks)::
+
+    SFT:  loss = mean(CE_task, CE_replay) + w * R          (R = tm | l1 | l2 | kl, or 0 for none)
+    DPO:  loss = L_dpo + CE_replay + w * R
+    w    = primary.detach() / (R.detach() + 1e-8)  (dynamic)   or a fixed number
+
+``CE_replay`` is the token mean over all replay tokens of the step and ``R`` the row-weighted mean
+of the per-micro-batch regularizers, so the result does not depend on how rows are split over
+micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .config import GeReArguments, GeReConfigError, parse_weight, resolve_replay_per_step
+from .freeze import freeze_bottom, prepare_for_gradient_checkpointing
+from .losses import kl_loss, masked_feature_loss, resolve_weight, tm_loss, token_ce
+from .mixing import ReplaySchedule
+from .replay import ReplaySet
+from .states import StateCache, StateCacheError, build_state_cache, forward_hidden, hidden_size_of
+
+logger = logging.getLogger(__name__)
+
+GERE_STATE_FILE = "gere_state.json"
+
+
+def _unwrap(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
+    acc = getattr(trainer, "accelerator", None)
+    if acc is not None:
+        with contextlib.suppress(Exception):
+            return acc.unwrap_model(model)
+    return model
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _tokenizer_of(processing_class: Any) -> Any:
+    return getattr(processing_class, "tokenizer", None) or processing_class
+
+
+def trainer_divides_by_accumulation(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether ``Trainer.training_step`` divides the returned loss by the accumulation steps.
+
+    Newer transformers expose ``loss_is_scaled_for_ga`` (``None`` = infer); older ones use the rule
+    ``(not model_accepts_loss_kwargs or num_items_in_batch is None) and compute_loss_func is None``.
+    """
+    flag = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if flag is not None:
+        return not bool(flag)
+    return (not getattr(trainer, "model_accepts_loss_kwargs", False) or num_items_in_batch is None) and getattr(
+        trainer, "compute_loss_func", None
+    ) is None
+
+
+@dataclass
+class StepScaling:
+    """How a micro-batch's extra (replay) terms are scaled so the optimizer step sees step-level means."""
+
+    accumulation: int  # micro-batches in this optimizer step
+    world_size: int
+    divides: bool  # the Trainer divides the loss by ``accumulation``
+
+    @property
+    def extra_factor(self) -> float:
+        # DDP averages gradients over ranks (x world); a dividing Trainer divides by accumulation.
+        return float(self.world_size * (self.accumulation if self.divides else 1))
+
+    @property
+    def task_unscale(self) -> float:
+        # Estimate of the micro-batch's own mean task loss from the returned value (for dynamic w).
+        return 1.0 if self.divides else float(self.accumulation)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen, independent copy of a ``PreTrainedModel`` (re-instantiated from its config).
+
+    ``copy.deepcopy`` is not used: on transformers 5 the copy keeps output-recording hooks bound to
+    the original modules, so its ``hidden_states`` silently come from the model being trained.
+    """
+    param = next(model.parameters())
+    if hasattr(model, "config") and hasattr(type(model), "_from_config"):
+        ref = type(model)._from_config(copy.deepcopy(model.config), dtype=param.dtype)
+        missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+        if unexpected or [m for m in missing if "rotary" not in m]:
+            raise RuntimeError(f"gere: could not copy the base model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        ref.to(param.device)
+    else:
+        ref = copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
+
+
+class ReplayStep:
+    """GeRe's replay work for one trainer. Built once; called from ``compute_loss`` every micro-batch.
+
+    Args:
+        trainer: the ``transformers.Trainer`` it serves (read for state, accelerator, args, metrics).
+        gere_args: object with the ``gere_*`` attributes (a GeRe config or :class:`GeReArguments`).
+        combine: ``"mean"`` (SFT: ``mean(task, replay CE)``) or ``"sum"`` (DPO: ``task + replay CE``).
+        tokenizer: tokenizer of the model (defaults to the trainer's processing class).
+        ref_model: frozen reference model for l1/l2/kl (DPO's reference when it has one).
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        gere_args: Any,
+        combine: str = "mean",
+        tokenizer: Any = None,
+        ref_model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        if combine not in ("mean", "sum"):
+            raise ValueError("combine must be 'mean' or 'sum'")
+        self.args = gere_args
+        self.combine = combine
+        self.regularizer = gere_args.gere_regularizer
+        self.fixed_weight = parse_weight(gere_args.gere_weight)
+        self.layers = list(gere_args.gere_layers)
+        tok = _tokenizer_of(tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None))
+        if tok is None:
+            raise GeReConfigError("GeRe needs the tokenizer: pass processing_class=tokenizer to the trainer.")
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        targs = trainer.args
+        world = trainer.accelerator.num_processes if getattr(trainer, "accelerator", None) else 1
+        self.rank = trainer.accelerator.process_index if getattr(trainer, "accelerator", None) else 0
+        self.world_size = world
+        global_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
+        self.per_step = resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch)
+        self.replay = ReplaySet.from_args(gere_args, tok)
+        self.schedule = ReplaySchedule(len(self.replay), self.per_step, gere_args.gere_seed)
+        model = _unwrap(trainer, trainer.model)
+        self.hidden_size = hidden_size_of(model)
+        self.autocast_dtype = torch.bfloat16 if getattr(targs, "bf16", False) else (torch.float16 if getattr(targs, "fp16", False) else None)
+        self.states: Optional[StateCache] = None
+        if self.regularizer == "tm":
+            self.states = self._get_states(trainer, model)
+        self.ref_model = ref_model
+        self._own_ref: Optional[torch.nn.Module] = None
+        if self.regularizer in ("l1", "l2", "kl") and ref_model is None and not _is_peft(model):
+            # Full fine-tune without a reference: keep a frozen copy of the base model.
+            self._own_ref = frozen_copy(model)
+        self._cur_step = -1
+        self._micro = 0
+        self._step_rows = 0
+        self.history: list[dict] = []
+        self._log_path = os.environ.get("GERE_REPLAY_LOG")
+        logger.info(
+            "gere: %d replay samples (%d tokens), %d rows per optimizer step, regularizer=%s, weight=%s",
+            len(self.replay), self.replay.num_tokens, self.per_step, self.regularizer, gere_args.gere_weight,
+        )
+
+    # -- base-model states -----------------------------------------------------------------------
+    def cache_dir(self, trainer: Any) -> str:
+        return self.args.gere_state_cache or os.path.join(trainer.args.output_dir or ".", "gere_states")
+
+    def _get_states(self, trainer: Any, model: torch.nn.Module) -> StateCache:
+        folder = self.cache_dir(trainer)
+        sigma = float(self.args.gere_sigma)
+        ctx = trainer.args.main_process_first(desc="gere state cache") if hasattr(trainer.args, "main_process_first") else contextlib.nullcontext()
+        with ctx:
+            if Path(folder, "meta.json").exists():
+                cache = StateCache.load(folder)
+                cache.check_compatible(self.replay, self.hidden_size, self.layers, sigma, folder)
+                logger.info("gere: reusing base-model state cache %s (base model %s)", folder, cache.meta.get("base_model"))
+                return cache
+            if Path(folder).exists() and any(Path(folder).iterdir()):
+                raise StateCacheError(
+                    f"gere_state_cache={folder!r} exists but holds no GeRe cache (no meta.json). Point gere_state_cache "
+                    "at an empty or new folder."
+                )
+            base_ctx = model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
+            with base_ctx:
+                cache = build_state_cache(
+                    model,
+                    self.replay,
+                    self.layers,
+                    sigma,
+                    batch_size=self.args.gere_state_batch_size,
+                    pad_token_id=self.pad_token_id,
+                    autocast_dtype=self.autocast_dtype if next(model.parameters()).dtype == torch.float32 else None,
+                    progress=trainer.args.disable_tqdm is not True and trainer.is_world_process_zero(),
+                )
+            if trainer.is_world_process_zero():
+                cache.save(folder)
+            return cache
+
+    # -- the per-micro-batch work ---------------------------------------------------------------
+    def _scaling(self, trainer: Any, num_items_in_batch: Any) -> StepScaling:
+        acc = int(getattr(trainer, "current_gradient_accumulation_steps", 0) or trainer.args.gradient_accumulation_steps)
+        return StepScaling(acc, self.world_size, trainer_divides_by_accumulation(trainer, num_items_in_batch))
+
+    def rows_now(self, trainer: Any, accumulation: int) -> tuple[int, int, list[int]]:
+        """Advance the micro-batch counter; return ``(step, micro, replay indices)`` for this call."""
+        step = int(trainer.state.global_step)
+        if step != self._cur_step:
+            self._cur_step, self._micro, self._step_rows = step, 0, 0
+        micro = self._micro
+        self._micro += 1
+        if micro >= accumulation:
+            raise RuntimeError(
+                f"gere: micro-batch {micro} of optimizer step {step} exceeds the {accumulation} accumulation steps; "
+                "compute_loss was called more often than the Trainer's loop expects."
+            )
+        rows = self.schedule.rows_for_micro(step, micro, accumulation, self.rank, self.world_size)
+        return step, micro, rows
+
+    def _base_forward(self, trainer: Any, model: torch.nn.Module, batch: dict, need_logits: bool):
+        unwrapped = _unwrap(trainer, model)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return forward_hidden(self.ref_model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+            if self._own_ref is not None:
+                return forward_hidden(self._own_ref, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+            with unwrapped.disable_adapter():
+                return forward_hidden(unwrapped, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+
+    def regularize(self, trainer: Any, model: torch.nn.Module, rows: list[int], batch: dict, logits, hidden):
+        """The regularizer over this micro-batch's replay rows: ``(value, out_of_state)``."""
+        mask = batch["attention_mask"]
+        if self.regularizer == "none":
+            z = torch.zeros((), device=mask.device)
+            return z, z
+        if self.regularizer == "tm":
+            assert self.states is not None
+            labels = self.states.labels_for(rows, mask.shape[1], device=mask.device)  # [B, T, L, H]
+            vals, oos = [], []
+            for li in range(len(self.layers)):
+                r = tm_loss(hidden[li], labels[:, :, li], self.states.pos[li], self.states.neg[li], mask, self.args.gere_tm_reduction)
+                vals.append(r.loss)
+                oos.append(r.out_of_state)
+            return torch.stack(vals).mean(), torch.stack(oos).mean()
+        base_logits, base_hidden = self._base_forward(trainer, model, batch, need_logits=self.regularizer == "kl")
+        if self.regularizer == "kl":
+            r = kl_loss(logits, base_logits, mask)
+            return r.loss, r.out_of_state
+        p = 1 if self.regularizer == "l1" else 2
+        vals = [masked_feature_loss(h, b, mask, p).loss for h, b in zip(hidden, base_hidden)]
+        return torch.stack(vals).mean(), torch.zeros((), device=mask.device)
+
+    def __call__(self, trainer: Any, model: torch.nn.Module, task_loss: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        scaling = self._scaling(trainer, num_items_in_batch)
+        step, micro, rows = self.rows_now(trainer, scaling.accumulation)
+        task_factor = 0.5 if self.combine == "mean" else 1.0
+        if not rows:
+            self._record(trainer, step, micro, rows, scaling)
+            return task_factor * task_loss
+        batch = self.replay.collate(rows, self.pad_token_id, device=task_loss.device)
+        logits, hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits=True)
+        ce_sum, ce_count = token_ce(logits, batch["input_ids"], batch["attention_mask"])
+        ce_micro = ce_sum / ce_count.clamp_min(1)
+        step_rows = self.schedule.rows_for_step(step)
+        step_targets = int(sum(int(self.replay.lengths[i]) - 1 for i in step_rows))
+        ce_share = float(ce_count) / max(step_targets, 1)
+        reg_share = len(rows) / self.per_step
+        reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden)
+        task_micro = task_loss.detach().float() * scaling.task_unscale
+        primary = 0.5 * (task_micro + ce_micro.detach()) if self.combine == "mean" else task_micro
+        if self.regularizer == "none":
+            weight = torch.zeros((), device=reg.device)
+        else:
+            weight = resolve_weight(self.fixed_weight, primary, reg)
+        ce_factor = 0.5 if self.combine == "mean" else 1.0
+        extra = scaling.extra_factor * (ce_factor * ce_share * ce_micro + reg_share * weight * reg)
+        loss = task_factor * task_loss + extra.to(task_loss.dtype)
+        self._metric(trainer, "gere/replay_ce", ce_micro)
+        self._metric(trainer, "gere/reg_loss", reg)
+        self._metric(trainer, "gere/weight", weight)
+        if self.regularizer == "tm":
+            self._metric(trainer, "gere/out_of_state", out_of_state)
+        self._record(trainer, step, micro, rows, scaling)
+        return loss
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _metric(self, trainer: Any, key: str, value: torch.Tensor) -> None:
+        store = getattr(trainer, "_metrics", None)
+        if store is None:
+            return
+        store["train"][key].append(float(value.detach().float().item()))
+
+    def _record(self, trainer: Any, step: int, micro: int, rows: list[int], scaling: StepScaling) -> None:
+        self._step_rows += len(rows)
+        entry = {"step": step, "micro": micro, "rank": self.rank, "rows": rows}
+        self.history.append(entry)
+        if self._log_path:
+            path = self._log_path.replace("{rank}", str(self.rank))
+            with open(path, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        if micro == scaling.accumulation - 1:
+            store = getattr(trainer, "_metrics", None)
+            if store is not None:
+                store["train"]["gere/replay_rows"].append(float(self._step_rows))
+
+    def state_dict(self) -> dict:
+        return {
+            "schedule": self.schedule.state_dict(),
+            "replay_fingerprint": self.replay.fingerprint,
+            "regularizer": self.regularizer,
+            "cache_meta": {k: (self.states.meta.get(k) if self.states else None) for k in ("replay_fingerprint", "base_model", "sigma")},
+        }
+
+
+class GeReCheckpointCallback(TrainerCallback):
+    """Writes the replay schedule state next to every checkpoint; the schedule itself is a function of
+    ``global_step``, so a resumed run replays exactly what an uninterrupted run would."""
+
+    def __init__(self, step: ReplayStep) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.exists():
+                data = dict(self.step.state_dict(), global_step=state.global_step)
+                tmp = ckpt / f".{GERE_STATE_FILE}.tmp"
+                tmp.write_text(json.dumps(data, indent=1))
+                os.replace(tmp, ckpt / GERE_STATE_FILE)
+        return control
+
+
+def check_resume(step: ReplayStep, checkpoint: str) -> None:
+    """Refuse to resume a checkpoint written with another replay set or schedule."""
+    path = Path(checkpoint) / GERE_STATE_FILE
+    if not path.exists():
+        logger.warning("gere: %s has no %s; resuming without checking the replay schedule.", checkpoint, GERE_STATE_FILE)
+        return
+    saved = json.loads(path.read_text())
+    if saved.get("replay_fingerprint") != step.replay.fingerprint or saved.get("schedule") != step.schedule.state_dict():
+        raise GeReConfigError(
+            f"Checkpoint {checkpoint} was trained with another replay set or schedule "
+            f"(saved {saved.get('schedule')}, now {step.schedule.state_dict()}). Resume with the same gere_replay, "
+            "gere_replay_size, gere_replay_max_length, gere_replay_per_step and gere_seed, or start a new run."
+        )
+
+
+class GeReTrainerMixin:
+    """Adds GeRe to a ``transformers.Trainer`` subclass (put it first in the bases).
+
+    The trainer's own ``compute_loss`` computes the task loss; the mixin adds the replay rows of
+    this micro-batch. ``gere_args`` defaults to ``self.args`` (the GeRe configs carry the keys);
+    pass a :class:`~gere_plugin.GeReArguments` to use it with any other ``TrainingArguments``.
+    With ``gere_replay=None`` the trainer behaves exactly like its parent.
+    """
+
+    gere_combine = "mean"
+
+    def __init__(self, *args: Any, gere_args: Optional[GeReArguments] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        setup_gere(self, gere_args)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        step: Optional[ReplayStep] = getattr(self, "gere_step", None)
+        if step is None or not model.training:
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        loss = step(self, model, loss, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        step: Optional[ReplayStep] = getattr(self, "gere_step", None)
+        if step is not None and isinstance(resume_from_checkpoint, str):
+            check_resume(step, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        own = getattr(self, "_gere_own_metrics", False)
+        if own and self.model.training:
+            for k, v in self._metrics["train"].items():
+                if v:
+                    logs[k] = sum(v) / len(v)
+            self._metrics["train"].clear()
+        super().log(logs, *args, **kwargs)
+
+
+def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optional[torch.nn.Module] = None) -> Optional[ReplayStep]:
+    """Attach GeRe to a built trainer: freeze layers, build/load the state cache, create the replay step.
+
+    Must run before training starts (the optimizer must not exist yet for the freeze to matter).
+    """
+    gere_args = gere_args if gere_args is not None else trainer.args
+    if not hasattr(gere_args, "gere_replay"):
+        raise GeReConfigError("GeRe settings missing: use GeReSFTConfig/GeReDPOConfig or pass gere_args=GeReArguments(...).")
+    model = _unwrap(trainer, trainer.model)
+    if gere_args.gere_freeze_layers or gere_args.gere_freeze_embeddings:
+        trainer.gere_frozen = freeze_bottom(model, gere_args.gere_freeze_layers, gere_args.gere_freeze_embeddings)
+        prepare_for_gradient_checkpointing(model, trainer.args)
+    if getattr(trainer, "_metrics", None) is None:
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer._gere_own_metrics = True
+    if gere_args.gere_replay is None:
+        logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
+        trainer.gere_step = None
+        return None
+    if ref_model is None:
+        ref_model = getattr(trainer, "ref_model", None)
+    step = ReplayStep(trainer, gere_args, combine=getattr(trainer, "gere_combine", "mean"), ref_model=ref_model)
+    trainer.gere_step = step
+    trainer.add_callback(GeReCheckpointCallback(step))
+    return step
+
+
+_GERE_CLASSES: dict[type, type] = {}
+
+
+def with_gere(trainer_cls: type, combine: str = "mean") -> type:
+    """A subclass of ``trainer_cls`` with GeRe (cached per class). ``combine``: ``mean`` (SFT-like) or ``sum``."""
+    if issubclass(trainer_cls, GeReTrainerMixin):
+        return trainer_cls
+    key = (trainer_cls, combine)
+    if key not in _GERE_CLASSES:
+        _GERE_CLASSES[key] = type(f"GeRe{trainer_cls.__name__}", (GeReTrainerMixin, trainer_cls), {"gere_combine": combine})
+    return _GERE_CLASSES[key]
+
+
+def enable_gere(trainer: Any, gere_args: Any, combine: Optional[str] = None) -> Optional[ReplayStep]:
+    """Turn an already built trainer into a GeRe trainer in place (class swap + :func:`setup_gere`)."""
+    if not isinstance(trainer, GeReTrainerMixin):
+        trainer.__class__ = with_gere(type(trainer), combine or "mean")
+    elif combine:
+        trainer.gere_combine = combine
+    return setup_gere(trainer, gere_args)
