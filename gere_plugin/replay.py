@@ -37,7 +37,7 @@ class ReplayError(GeReConfigError):
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -64,7 +64,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
         raise ReplayError(f"gere_replay: {path} is not UTF-8 text ({e.reason}). Re-encode it as UTF-8.") from None
     except json.JSONDecodeError as e:
@@ -88,7 +88,7 @@ def _read_json(path: Path) -> list[dict]:
 
 def _read_txt(path: Path) -> list[dict]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise ReplayError(f"gere_replay: {path} is not UTF-8 text ({e.reason}). Re-encode it as UTF-8.") from None
     return [{"text": line} for line in lines]
@@ -106,6 +106,19 @@ def _read_parquet(path: Path) -> list[dict]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt, ".parquet": _read_parquet}
 
 
+def _read_file(path: Path, source: str) -> list[dict]:
+    """Read one replay file; OS errors (permissions, I/O) become a :class:`ReplayError` naming the file."""
+    try:
+        return _READERS[path.suffix.lower()](path)
+    except PermissionError:
+        raise ReplayError(
+            f"gere_replay={source!r}: {path} cannot be read (permission denied). Make it readable by the "
+            "training user (e.g. `chmod a+r`) or copy it somewhere readable."
+        ) from None
+    except OSError as e:
+        raise ReplayError(f"gere_replay={source!r}: {path} cannot be read ({e.strerror or e}).") from None
+
+
 def _load_hf(source: str, split: str, from_disk: bool) -> list[dict]:
     import datasets
 
@@ -115,7 +128,7 @@ def _load_hf(source: str, split: str, from_disk: bool) -> list[dict]:
         else:
             ds = datasets.load_dataset(source, split=split)
     except Exception as e:
-        where = "folder" if from_disk else "datasets id"
+        where = "folder" if from_disk else "datasets id (there is no local file or folder of that name)"
         raise ReplayError(
             f"gere_replay={source!r} could not be loaded as a {where} ({type(e).__name__}: {str(e)[:300]}). "
             "Offline, only local files and datasets already in the local cache work: export it with "
@@ -142,10 +155,7 @@ def load_records(source: str, split: str = "train") -> list[dict]:
             raise ReplayError(
                 f"gere_replay={source!r}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}."
             )
-        try:
-            return _READERS[suffix](path)
-        except PermissionError:
-            raise ReplayError(f"gere_replay={source!r} cannot be read (permission denied).") from None
+        return _read_file(path, source)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return _load_hf(str(path), split, from_disk=True)
@@ -157,7 +167,7 @@ def load_records(source: str, split: str = "train") -> list[dict]:
             )
         records: list[dict] = []
         for f in files:
-            records.extend(_READERS[f.suffix.lower()](f))
+            records.extend(_read_file(f, source))
         return records
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(FILE_SUFFIXES) or source.count("/") > 1
     if looks_like_path:
@@ -316,7 +326,10 @@ class ReplaySet:
         records = load_records(args.gere_replay, args.gere_replay_split)
         texts, empty = extract_texts(records, args.gere_replay_text_field, args.gere_replay)
         if empty:
-            logger.warning("gere: dropped %d empty replay texts from %s.", empty, args.gere_replay)
+            logger.warning(
+                "gere: dropped %d replay records whose %r field is missing or empty from %s.",
+                empty, args.gere_replay_text_field, args.gere_replay,
+            )
         if not texts:
             raise ReplayError(f"gere_replay={args.gere_replay!r} holds only empty texts. Point it at general text.")
         return cls.from_texts(

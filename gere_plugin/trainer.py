@@ -368,13 +368,23 @@ class GeReTrainerMixin:
         super().__init__(*args, **kwargs)
         setup_gere(self, gere_args)
 
+    def _gere_refreeze(self) -> None:
+        # PEFT's disable_adapter() (TRL's DPO reference, our l1/l2/kl base) sets requires_grad=True on
+        # adapter weights when it exits; keep frozen layers out of every forward graph.
+        for p in getattr(self, "_gere_frozen_params", ()):
+            if p.requires_grad:
+                p.requires_grad_(False)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._gere_refreeze()
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        self._gere_refreeze()
         step: Optional[ReplayStep] = getattr(self, "gere_step", None)
         if step is None or not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
         loss = step(self, model, loss, num_items_in_batch)
+        self._gere_refreeze()
         return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
@@ -402,21 +412,27 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
     if not hasattr(gere_args, "gere_replay"):
         raise GeReConfigError("GeRe settings missing: use GeReSFTConfig/GeReDPOConfig or pass gere_args=GeReArguments(...).")
     model = _unwrap(trainer, trainer.model)
-    if gere_args.gere_freeze_layers or gere_args.gere_freeze_embeddings:
-        trainer.gere_frozen = freeze_bottom(model, gere_args.gere_freeze_layers, gere_args.gere_freeze_embeddings)
-        prepare_for_gradient_checkpointing(model, trainer.args)
     if getattr(trainer, "_metrics", None) is None:
         trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         trainer._gere_own_metrics = True
+    step: Optional[ReplayStep] = None
     if gere_args.gere_replay is None:
         logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
-        trainer.gere_step = None
-        return None
-    if ref_model is None:
-        ref_model = getattr(trainer, "ref_model", None)
-    step = ReplayStep(trainer, gere_args, combine=getattr(trainer, "gere_combine", "mean"), ref_model=ref_model)
+    else:
+        if ref_model is None:
+            ref_model = getattr(trainer, "ref_model", None)
+        # Built BEFORE freezing: PEFT's disable_adapter() (used for the base states) re-enables
+        # requires_grad on adapter weights when it exits.
+        step = ReplayStep(trainer, gere_args, combine=getattr(trainer, "gere_combine", "mean"), ref_model=ref_model)
+        trainer.add_callback(GeReCheckpointCallback(step))
     trainer.gere_step = step
-    trainer.add_callback(GeReCheckpointCallback(step))
+    trainer.gere_frozen = []
+    trainer._gere_frozen_params = []
+    if gere_args.gere_freeze_layers or gere_args.gere_freeze_embeddings:
+        trainer.gere_frozen = freeze_bottom(model, gere_args.gere_freeze_layers, gere_args.gere_freeze_embeddings)
+        params = dict(model.named_parameters())
+        trainer._gere_frozen_params = [params[n] for n in trainer.gere_frozen if n in params]
+        prepare_for_gradient_checkpointing(model, trainer.args)
     return step
 
 

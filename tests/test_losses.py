@@ -1,0 +1,102 @@
+"""Loss functions against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from gere_plugin.losses import (
+    INACTIVE,
+    NEG,
+    POS,
+    dynamic_weight,
+    kl_loss,
+    masked_feature_loss,
+    tm_loss,
+    token_ce,
+)
+
+
+def test_tm_hand_computed_violations_and_mean():
+    # one sample, two tokens, H = 3; thresholds pos = 1, neg = -1 for every unit
+    pos = torch.tensor([1.0, 1.0, 1.0])
+    neg = torch.tensor([-1.0, -1.0, -1.0])
+    h = torch.tensor([[[0.5, 2.0, -3.0], [-0.5, 0.0, 4.0]]])
+    labels = torch.tensor([[[NEG, INACTIVE, POS], [POS, NEG, INACTIVE]]])
+    mask = torch.tensor([[1, 1]])
+    # token 0: NEG 0.5 -> relu(0.5+1)=1.5 ; INACTIVE 2.0 -> relu(2-1)=1 ; POS -3 -> relu(1+3)=4
+    # token 1: POS -0.5 -> 1.5 ; NEG 0.0 -> 1.0 ; INACTIVE 4.0 -> 3.0
+    total = 1.5 + 1 + 4 + 1.5 + 1 + 3
+    out = tm_loss(h, labels, pos, neg, mask, "violations")
+    assert out.loss.item() == pytest.approx(total / 6)
+    assert out.out_of_state.item() == pytest.approx(1.0)
+    out = tm_loss(h, labels, pos, neg, mask, "mean")
+    assert out.loss.item() == pytest.approx(total / 6)
+
+
+def test_tm_zero_inside_states_and_masks_padding():
+    pos = torch.tensor([1.0, 2.0])
+    neg = torch.tensor([-1.0, 0.0])
+    h = torch.tensor([[[-2.0, 1.0], [5.0, 5.0]]])  # token 1 is padding and wildly off
+    labels = torch.tensor([[[NEG, INACTIVE], [NEG, NEG]]])
+    mask = torch.tensor([[1, 0]])
+    out = tm_loss(h, labels, pos, neg, mask, "violations")
+    assert out.loss.item() == 0.0
+    assert out.out_of_state.item() == 0.0
+
+
+def test_tm_partial_violations_reduction_differs():
+    pos = torch.tensor([1.0, 1.0])
+    neg = torch.tensor([-1.0, -1.0])
+    h = torch.tensor([[[3.0, 0.0]]])
+    labels = torch.tensor([[[INACTIVE, INACTIVE]]])
+    mask = torch.ones(1, 1)
+    assert tm_loss(h, labels, pos, neg, mask, "violations").loss.item() == pytest.approx(2.0)  # 2 / 1 violating
+    assert tm_loss(h, labels, pos, neg, mask, "mean").loss.item() == pytest.approx(1.0)  # 2 / 2 elements
+    assert tm_loss(h, labels, pos, neg, mask).out_of_state.item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="gere_tm_reduction"):
+        tm_loss(h, labels, pos, neg, mask, "median")
+
+
+def test_tm_gradient_pushes_back_into_state():
+    pos = torch.tensor([1.0])
+    neg = torch.tensor([-1.0])
+    h = torch.tensor([[[3.0]]], requires_grad=True)
+    tm_loss(h, torch.tensor([[[INACTIVE]]]), pos, neg, torch.ones(1, 1)).loss.backward()
+    assert h.grad.item() == pytest.approx(1.0)  # descending lowers h towards pos
+
+
+def test_feature_losses_hand_computed():
+    h = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])
+    b = torch.tensor([[[0.0, 4.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 0]])
+    assert masked_feature_loss(h, b, mask, 1).loss.item() == pytest.approx((1 + 2) / 2)
+    assert masked_feature_loss(h, b, mask, 2).loss.item() == pytest.approx((1 + 4) / 2)
+
+
+def test_kl_hand_computed():
+    logits = torch.tensor([[[0.0, 0.0], [5.0, 1.0]]])
+    base = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # p_base = (0.75, 0.25)
+    mask = torch.tensor([[1, 0]])
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kl_loss(logits, base, mask).loss.item() == pytest.approx(expected, rel=1e-5)
+    assert kl_loss(base, base, mask).loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_token_ce_masks_padding_and_shifts():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = 10.0  # predicts token 2 at position 1
+    ids = torch.tensor([[1, 2, 3]])
+    mask = torch.tensor([[1, 1, 0]])
+    s, n = token_ce(logits, ids, mask)
+    assert n.item() == 1
+    expected = -torch.log_softmax(logits[0, 0], -1)[2]
+    assert s.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dynamic_weight_matches_primary_and_is_detached():
+    ce = torch.tensor(2.0, requires_grad=True)
+    reg = torch.tensor(0.5, requires_grad=True)
+    w = dynamic_weight(ce, reg)
+    assert not w.requires_grad
+    assert (w * reg).item() == pytest.approx(2.0)
