@@ -1,0 +1,61 @@
+"""SFT with GeRe, TRL-style: every flag of TRL's SFT script plus the --gere_* flags.
+
+Run (a local model folder and local data; add `accelerate launch` for several GPUs/processes):
+
+    python recipes/trl/sft_gere.py \
+        --model_name_or_path ./my-base-model --dataset_name ./task.jsonl \
+        --output_dir out/task1 --per_device_train_batch_size 8 --gradient_accumulation_steps 2 \
+        --gere_replay ./replay.jsonl --gere_replay_per_step 4 --gere_state_cache out/base-states
+
+or with a YAML file: `python recipes/trl/sft_gere.py --config sft_gere.yaml`. For LoRA add
+`--use_peft --lora_r 16`; for QLoRA add `--load_in_4bit` (CUDA + bitsandbytes). For the second task
+of a sequence, start from the first task's output and keep the SAME --gere_state_cache (the
+original base model's states) and add `--gere_freeze_layers 3 --gere_freeze_embeddings true`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from accelerate import PartialState
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+from gere_plugin import GeReSFTConfig, GeReSFTTrainer
+
+
+def load_data(name: str, config: str | None, split: str):
+    if os.path.isfile(name):
+        kind = "json" if name.endswith((".json", ".jsonl")) else name.rsplit(".", 1)[-1]
+        return load_dataset(kind, data_files=name, split=split)
+    return load_dataset(name, config, split=split)
+
+
+def main(script_args: ScriptArguments, training_args: GeReSFTConfig, model_args: ModelConfig) -> None:
+    quantization_config = get_quantization_config(model_args)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=model_args.dtype if model_args.dtype in ("auto", None) else getattr(__import__("torch"), model_args.dtype),
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization_config,
+        # 4-bit/8-bit weights must sit on this process's GPU (one copy per rank under accelerate)
+        device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    dataset = load_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    trainer = GeReSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ScriptArguments, GeReSFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())

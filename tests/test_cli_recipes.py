@@ -1,0 +1,105 @@
+"""The `gere` CLI, the TRL recipes run as written (with --gere_* flags), and the documented key table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gere_plugin.cli import main
+from gere_plugin.config import gere_fields, keys_markdown
+
+from .conftest import general_texts, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+
+
+def test_readme_documents_every_key_exactly_once():
+    readme = (ROOT / "README.md").read_text()
+    assert keys_markdown() in readme, "README key table is stale: paste the output of `gere keys`"
+    for f in gere_fields():
+        assert readme.count(f"| `{f.name}` |") == 1
+
+
+def test_trl_parser_accepts_gere_flags():
+    from trl import TrlParser
+
+    from gere_plugin import GeReSFTConfig
+
+    (cfg,) = TrlParser((GeReSFTConfig,)).parse_args_and_config(
+        ["--output_dir", "x", "--bf16", "false", "--use_cpu", "true", "--gere_replay", "r.jsonl", "--gere_weight", "100",
+         "--gere_layers", "-1", "-3", "--gere_regularizer", "l2", "--gere_freeze_embeddings", "true"]
+    )
+    assert cfg.gere_weight_value == 100.0 and cfg.gere_layers == [-1, -3] and cfg.gere_regularizer == "l2"
+    assert cfg.gere_freeze_embeddings is True
+    with pytest.raises(SystemExit):
+        TrlParser((GeReSFTConfig,)).parse_args_and_config(["--output_dir", "x", "--gere_regularizer", "mse"])
+
+
+def test_build_replay_samples_and_writes_atomically(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"body": t} for t in general_texts(30, seed=4)] + [{"body": ""}])
+    out = tmp_path / "sub" / "replay.jsonl"
+    assert main(["build-replay", "--from", str(corpus), "--size", "12", "--out", str(out), "--text-field", "body"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 12 and len({r["text"] for r in rows}) == 12
+    assert all(r["text"] for r in rows)
+    assert not list(out.parent.glob(".*tmp*"))
+    assert main(["build-replay", "--from", str(corpus), "--size", "100", "--out", str(out), "--text-field", "body"]) == 2
+    assert "--size 100" in capsys.readouterr().err
+
+
+def test_cache_states_cli_builds_a_reusable_cache(tmp_path, tiny_dir, replay_file):
+    cache = tmp_path / "states"
+    rc = main(["cache-states", "--model", str(tiny_dir), "--gere_replay", str(replay_file), "--gere_replay_size", "32",
+               "--gere_replay_max_length", "32", "--gere_state_cache", str(cache)])
+    assert rc == 0
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["num_samples"] == 32 and meta["hidden_size"] == 32
+
+
+def test_keys_check(tmp_path):
+    good = tmp_path / "a.md"
+    good.write_text("intro\n" + keys_markdown())
+    assert main(["keys", "--check", str(good)]) == 0
+    bad = tmp_path / "b.md"
+    bad.write_text("no table")
+    assert main(["keys", "--check", str(bad)]) == 1
+
+
+@pytest.mark.slow
+def test_sft_recipe_runs_with_gere_flags(tmp_path, tiny_dir, replay_file, sft_dataset):
+    data = write_jsonl(tmp_path / "task.jsonl", sft_dataset.to_list())
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "recipes/trl/sft_gere.py"), "--model_name_or_path", str(tiny_dir),
+           "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false", "--report_to", "none",
+           "--save_strategy", "no", "--logging_steps", "1", "--max_length", "64",
+           "--gere_replay", str(replay_file), "--gere_replay_size", "32", "--gere_replay_max_length", "32",
+           "--gere_replay_per_step", "1", "--gere_state_cache", str(tmp_path / "states"), "--gere_freeze_layers", "1",
+           "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gere/reg_loss" in r.stdout + r.stderr
+    assert (out / "adapter_model.safetensors").exists()
+    assert (tmp_path / "states" / "meta.json").exists()
+
+
+@pytest.mark.slow
+def test_dpo_recipe_runs_with_gere_flags(tmp_path, tiny_dir, replay_file):
+    rows = [{"prompt": f"Q{i}: is it good?", "chosen": " yes", "rejected": " no"} for i in range(16)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "recipes/trl/dpo_gere.py"), "--model_name_or_path", str(tiny_dir),
+           "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false", "--report_to", "none",
+           "--save_strategy", "no", "--logging_steps", "1",
+           "--gere_replay", str(replay_file), "--gere_replay_size", "32", "--gere_replay_max_length", "32",
+           "--gere_replay_per_step", "1", "--gere_state_cache", str(tmp_path / "states"), "--gere_regularizer", "tm"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gere/reg_loss" in r.stdout + r.stderr and "rewards/margins" in r.stdout + r.stderr
