@@ -40,7 +40,7 @@ def _cache_states(argv: list[str]) -> int:
 
     from .config import GeReArguments
     from .replay import ReplaySet
-    from .states import StateCache, build_state_cache
+    from .states import build_state_cache
 
     p = HfArgumentParser(GeReArguments, prog="gere cache-states", description="Build the base-model state cache.")
     p.add_argument("--model", required=True, help="base model folder or id (the ORIGINAL base of a continual sequence)")
