@@ -17,6 +17,8 @@ export WANDB_MODE=disabled
 export AXOLOTL_DO_NOT_TRACK=1
 export TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# tests use tiny models: one thread per process is fastest on small CPUs
+TEST_ENV      := OMP_NUM_THREADS=1
 
 .PHONY: help test test-main test-latest demo lint bench-throughput bench-forgetting clean
 
@@ -43,12 +45,12 @@ test: test-main test-latest
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/ruff check gere_plugin tests benchmarks recipes
-	$(VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The GeRe trainer contract (losses, states, schedule, SFT/DPO trainers, recipes) on the newest stack.
 test-latest: $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -c "import trl, transformers; print('newest stack: trl', trl.__version__, 'transformers', transformers.__version__)"
-	$(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider \
+	$(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_losses.py tests/test_mixing.py tests/test_states.py tests/test_sft_trainer.py \
 		tests/test_dpo_trainer.py tests/test_cli_recipes.py $(PYTEST_ARGS)
 

@@ -43,7 +43,11 @@ def __getattr__(name: str) -> Any:
         value = getattr(mod, name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'gere_plugin' has no attribute {name!r}")
+    import difflib
+
+    close = difflib.get_close_matches(name, list(_EXPORTS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise AttributeError(f"module 'gere_plugin' has no attribute {name!r}.{hint}")
 
 
 def __dir__() -> list[str]:

@@ -1,0 +1,148 @@
+"""The Axolotl config schema of the GeRe plugin, generated from :class:`~gere_plugin.GeReArguments`.
+
+Axolotl merges every plugin's pydantic model into its config schema (``get_input_args``) and
+silently drops keys the schema does not declare, so every ``gere_*`` knob is declared here, with
+``None`` as the schema default ("not set": :func:`gere_arguments_from_cfg` then uses the
+:class:`~gere_plugin.GeReArguments` default). The fields are generated from
+:func:`gere_plugin.config.gere_fields`, so a knob added to the dataclass appears here by itself.
+
+Validation (same messages as the TRL configs, each naming the key):
+
+* ``before``: a ``gere_*`` key the schema does not know (a typo) is an error with the closest valid
+  name, instead of being dropped like any other unknown Axolotl key;
+* ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
+  config lists the GeRe plugin, ``gere_replay`` is required and the training mode must be one
+  GeRe supports (SFT, ``rl: dpo`` or ``rl: ipo``).
+
+This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, Field, create_model, model_validator
+
+from ..config import GeReArguments, GeReConfigError, gere_defaults, gere_fields, validate_gere_values
+
+#: Dotted paths that load the plugin in ``plugins:`` (Axolotl imports ``module`` and takes ``Class``).
+PLUGIN_PATHS = (
+    "gere_plugin.GeRePlugin",
+    "gere_plugin.axolotl.GeRePlugin",
+    "gere_plugin.axolotl.plugin.GeRePlugin",
+)
+#: The form the docs and recipes use.
+PLUGIN_PATH = PLUGIN_PATHS[0]
+
+#: ``rl:`` values GeRe supports (they use Axolotl's DPO trainer); ``None`` = SFT.
+SUPPORTED_RL = ("dpo", "ipo")
+
+# YAML gives ``gere_weight: 100`` as an int and ``gere_layers: -1`` as a scalar; both are accepted
+# (and normalised by validate_gere_values), so their schema types are wider than the dataclass's.
+_TYPE_OVERRIDES: dict[str, Any] = {
+    "gere_weight": Union[float, str],
+    "gere_layers": Union[list[int], int],
+}
+
+
+def is_gere_plugin_entry(entry: Any) -> bool:
+    """Whether a ``plugins:`` entry loads the GeRe plugin."""
+    return isinstance(entry, str) and entry.strip() in PLUGIN_PATHS
+
+
+def lists_gere_plugin(plugins: Any) -> bool:
+    return isinstance(plugins, (list, tuple)) and any(is_gere_plugin_entry(p) for p in plugins)
+
+
+def _rl_name(rl: Any) -> Optional[str]:
+    if rl is None or rl is False:
+        return None
+    return str(getattr(rl, "value", rl)).lower()
+
+
+def check_training_mode(values: dict[str, Any]) -> None:
+    """Raise :class:`GeReConfigError` when the Axolotl config asks for a mode GeRe cannot wrap."""
+    rl = _rl_name(values.get("rl"))
+    if rl is not None and rl not in SUPPORTED_RL:
+        raise GeReConfigError(
+            f"rl: {rl} is not supported by the GeRe plugin: use it for SFT (no rl key) or rl: dpo / rl: ipo."
+        )
+    for key in ("reward_model", "process_reward_model"):
+        if values.get(key):
+            raise GeReConfigError(
+                f"{key}: true is not supported by the GeRe plugin (it trains a reward head, not an LM)."
+            )
+
+
+class _GeReArgsBase(BaseModel):
+    """Validators shared by the generated :class:`GeReArgs` (inherited by Axolotl's merged schema)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gere_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {f.name for f in gere_fields()}
+            unknown = {
+                k: v
+                for k, v in data.items()
+                if isinstance(k, str) and k.startswith("gere_") and k not in known
+            }
+            if unknown:
+                validate_gere_values(unknown)  # raises, naming the closest valid key
+        return data
+
+    @model_validator(mode="after")
+    def _gere_values(self) -> Any:
+        names = [f.name for f in gere_fields()]
+        values = {n: getattr(self, n, None) for n in names}
+        given = {k: v for k, v in values.items() if v is not None}
+        normalised = validate_gere_values(given)
+        for key, value in normalised.items():
+            if value != given[key]:
+                # plain attribute write: the schema's validate_assignment (if any) must not re-run us
+                self.__dict__[key] = value
+        if lists_gere_plugin(getattr(self, "plugins", None)):
+            if values.get("gere_replay") is None:
+                raise GeReConfigError(
+                    f"gere_replay is not set, but plugins: lists {PLUGIN_PATH}. Point gere_replay at a general-text "
+                    "replay file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the plugin line."
+                )
+            check_training_mode(
+                {k: getattr(self, k, None) for k in ("rl", "reward_model", "process_reward_model")}
+            )
+        return self
+
+
+def _schema_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(GeReArguments)
+    defaults = gere_defaults()
+    out: dict[str, Any] = {}
+    for f in gere_fields():
+        typ = _TYPE_OVERRIDES.get(f.name, hints[f.name])
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            help_text += f" One of: {', '.join(choices)}."
+        help_text += f" (GeRe default when unset: {defaults[f.name]!r})"
+        out[f.name] = (Optional[typ], Field(default=None, description=help_text))
+    return out
+
+
+GeReArgs = create_model(  # type: ignore[call-overload]
+    "GeReArgs",
+    __base__=_GeReArgsBase,
+    __module__=__name__,
+    __doc__="Every ``gere_*`` key of the GeRe Axolotl plugin (``None`` = the GeReArguments default).",
+    **_schema_fields(),
+)
+
+
+def gere_arguments_from_cfg(cfg: Any) -> GeReArguments:
+    """A :class:`~gere_plugin.GeReArguments` from an Axolotl config (dict or ``DictDefault``).
+
+    Keys that are absent or ``None`` take the dataclass default; the result is validated.
+    """
+    getter = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    kwargs = {f.name: getter(f.name) for f in gere_fields()}
+    return GeReArguments(**{k: v for k, v in kwargs.items() if v is not None})

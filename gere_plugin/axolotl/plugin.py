@@ -1,0 +1,133 @@
+"""``GeRePlugin``: GeRe replay for Axolotl SFT and DPO, LoRA/QLoRA and full fine-tunes.
+
+Use it with ``plugins: [gere_plugin.GeRePlugin]`` and ``gere_*`` keys in the Axolotl YAML.
+
+How it hooks in (Axolotl 0.19):
+
+* ``get_input_args`` adds :class:`~gere_plugin.axolotl.args.GeReArgs` to Axolotl's config schema,
+  so the ``gere_*`` keys survive validation and bad values are validation errors naming the key.
+* ``post_trainer_create`` turns the trainer Axolotl built (``AxolotlTrainer`` for SFT,
+  ``AxolotlDPOTrainer`` for ``rl: dpo``/``ipo``, or whatever ``trainer_cls`` / another plugin chose)
+  into its GeRe subclass in place with :func:`gere_plugin.enable_gere`: a class swap plus
+  :func:`gere_plugin.trainer.setup_gere`, which freezes ``gere_freeze_layers`` /
+  ``gere_freeze_embeddings``, loads or builds the base-model state cache (main process first) and
+  attaches the replay step. This runs after the trainer is built and before ``trainer.train()``
+  creates the optimizer and wraps the model for DDP/DeepSpeed, so frozen parameters never reach the
+  optimizer. Swapping the class instead of returning one from ``get_trainer_cls`` keeps Axolotl's
+  own trainer selection (and works for RL, where a plugin's trainer class is built without the
+  model: Axolotl issue #2883).
+* DPO uses ``combine="sum"`` (``loss = L_dpo + CE_replay + w * R``); the reference model Axolotl
+  built (full fine-tune) or the adapter-disabled model (LoRA/QLoRA) serves ``l1``/``l2``/``kl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+from axolotl.integrations.base import BasePlugin
+
+from ..config import GeReConfigError
+from ..trainer import ReplayStep, enable_gere
+from .args import PLUGIN_PATH, check_training_mode, gere_arguments_from_cfg, lists_gere_plugin
+
+logger = logging.getLogger(__name__)
+
+_LOG_FORMAT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"
+
+
+def route_gere_logging() -> None:
+    """Show ``gere_plugin`` INFO lines next to Axolotl's own.
+
+    Axolotl filters INFO records of loggers not named ``axolotl.*`` twice: its logger class attaches
+    a filter to every such logger, and its console handlers carry the same filter. So the GeRe
+    messages (replay set size, state cache built or reused, frozen layers) would vanish. This strips
+    that filter from the ``gere_plugin.*`` loggers and gives ``gere_plugin`` its own stdout handler
+    at ``AXOLOTL_LOG_LEVEL`` (default INFO) plus Axolotl's unfiltered file handler (``debug.log``);
+    ranks other than the main one only show warnings. Safe to call repeatedly.
+    """
+    root = logging.getLogger("gere_plugin")
+    for name, lg in list(logging.Logger.manager.loggerDict.items()):
+        if (name == "gere_plugin" or name.startswith("gere_plugin.")) and isinstance(lg, logging.Logger):
+            for f in list(lg.filters):
+                if type(f).__name__ == "AxolotlOrWarnErrorFilter":
+                    lg.removeFilter(f)
+    if getattr(root, "_gere_routed", False):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    root.addHandler(handler)
+    for h in logging.getLogger("axolotl").handlers:
+        if not h.filters:
+            root.addHandler(h)
+    level = os.getenv("AXOLOTL_LOG_LEVEL", "INFO").upper()
+    if int(os.getenv("RANK", os.getenv("LOCAL_RANK", "0")) or 0) != 0:
+        level = "WARNING"  # INFO once, from the main process
+    root.setLevel(level)
+    root.propagate = False
+    root._gere_routed = True  # type: ignore[attr-defined]
+
+
+class GeRePlugin(BasePlugin):
+    """Axolotl plugin that adds GeRe (general samples replay + threshold-margin loss) to training.
+
+    Every optimizer step gets ``gere_replay_per_step`` rows of the fixed general replay set; their
+    final hidden states are kept in the base model's activation states (the TM loss). See
+    :class:`~gere_plugin.GeReArguments` for every key.
+    """
+
+    def _listed_in(self, cfg: Any) -> bool:
+        """Whether ``cfg``'s ``plugins:`` loads this instance (not just an earlier config in the process)."""
+        plugins = cfg.get("plugins") or []
+        if lists_gere_plugin(plugins):
+            return True
+        from axolotl.integrations.base import PluginManager
+
+        loaded = PluginManager.get_instance().plugins
+        return any(isinstance(p, str) and loaded.get(p) is self for p in plugins)
+
+    def get_input_args(self) -> str:
+        return "gere_plugin.axolotl.args.GeReArgs"
+
+    def register(self, cfg: dict) -> None:
+        """Early, readable errors on the raw config (the schema repeats these checks)."""
+        # Axolotl's PluginManager is a singleton: a plugin loaded for an earlier config in the same
+        # process is asked to register later configs too. Only check configs that list this plugin.
+        if not self._listed_in(cfg):
+            return
+        route_gere_logging()
+        if cfg.get("gere_replay") in (None, ""):
+            raise GeReConfigError(
+                f"gere_replay is not set, but plugins: lists the GeRe plugin ({PLUGIN_PATH}). Point gere_replay at a "
+                "general-text replay file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the plugin line."
+            )
+        check_training_mode(dict(cfg))
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        """Turn the built trainer into a GeRe trainer (before the optimizer exists)."""
+        if not self._listed_in(cfg):
+            return
+        check_training_mode(dict(cfg))
+        route_gere_logging()
+        gere_args = gere_arguments_from_cfg(cfg)
+        freezing = bool(gere_args.gere_freeze_layers or gere_args.gere_freeze_embeddings)
+        if freezing and getattr(trainer, "optimizer", None) is not None:
+            raise RuntimeError(
+                "gere: the optimizer already exists when the GeRe plugin sets up the trainer, so the layers that "
+                "gere_freeze_layers / gere_freeze_embeddings freeze would already be in it. Something (another "
+                "plugin?) created it early; list the GeRe plugin first in plugins:, or freeze with Axolotl's "
+                "unfrozen_parameters instead."
+            )
+        combine = "sum" if cfg.get("rl") else "mean"
+        enable_gere(trainer, gere_args, combine=combine)
+        step: Optional[ReplayStep] = getattr(trainer, "gere_step", None)
+        logger.info(
+            "gere: trainer runs as %s (combine=%s, replay rows per step=%s, regularizer=%s, frozen tensors=%d)",
+            type(trainer).__name__,
+            combine,
+            step.per_step if step is not None else 0,
+            gere_args.gere_regularizer,
+            len(getattr(trainer, "gere_frozen", []) or []),
+        )

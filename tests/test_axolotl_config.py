@@ -1,0 +1,367 @@
+"""The Axolotl plugin's config side: schema, validation through Axolotl, config checks, CLI wiring.
+
+Runs Axolotl's own config validation in-process (no model is loaded). Axolotl's PluginManager is a
+process-wide singleton, so every test that touches it gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("axolotl")
+
+from gere_plugin.axolotl.args import PLUGIN_PATH, PLUGIN_PATHS, GeReArgs, gere_arguments_from_cfg  # noqa: E402
+from gere_plugin.axolotl.check import check_config  # noqa: E402
+from gere_plugin.config import GeReArguments, GeReConfigError, gere_defaults, gere_fields  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes" / "axolotl").glob("*.yml"))
+GPU_CAPS = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
+CPU_CAPS = {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}
+
+
+def load_recipe(name: str) -> dict:
+    return yaml.safe_load((REPO / "recipes" / "axolotl" / name).read_text())
+
+
+@pytest.fixture
+def plugin_manager():
+    """A fresh Axolotl PluginManager singleton (and none left behind)."""
+    from axolotl.integrations.base import PluginManager
+
+    PluginManager._instance = None
+    PluginManager._cfg = None
+    yield PluginManager.get_instance()
+    PluginManager._instance = None
+    PluginManager._cfg = None
+
+
+def axolotl_validate(raw: dict, gpu: bool = False, n_gpu: int = 1):
+    """What ``axolotl train`` does with a YAML before loading anything: register plugins, validate."""
+    from axolotl.cli.config import prepare_plugins
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault(copy.deepcopy(raw))
+    prepare_plugins(cfg)
+    caps = dict(GPU_CAPS if gpu else CPU_CAPS, n_gpu=n_gpu)
+    return validate_config(cfg, capabilities=caps, env_capabilities={"torch_version": "2.13.0"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The generated schema
+# ------------------------------------------------------------------------------------------------
+def test_schema_declares_every_gere_key_with_none_default():
+    names = [f.name for f in gere_fields()]
+    assert sorted(GeReArgs.model_fields) == sorted(names)
+    assert all(GeReArgs.model_fields[n].default is None for n in names)
+    assert all(GeReArgs.model_fields[n].description for n in names)
+
+
+def test_schema_normalises_yaml_scalars():
+    args = GeReArgs(gere_weight=100, gere_layers=-1, gere_sigma=2)
+    assert args.gere_weight == "100.0"
+    assert args.gere_layers == [-1]
+    assert GeReArgs().gere_replay is None
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("gere_sigma", -1.0),
+        ("gere_replay_size", 0),
+        ("gere_replay_per_step", 0),
+        ("gere_regularizer", "ewc"),
+        ("gere_weight", -3),
+        ("gere_weight", "heavy"),
+        ("gere_freeze_layers", -2),
+        ("gere_tm_reduction", "sum"),
+        ("gere_layers", []),
+    ],
+)
+def test_schema_rejects_out_of_range_values_naming_the_key(key, value):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        GeReArgs(**{key: value})
+    assert key in str(err.value)
+
+
+def test_schema_rejects_misspelled_gere_key_with_suggestion():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        GeReArgs.model_validate({"gere_replay_sise": 10})
+    assert "gere_replay_sise" in str(err.value) and "gere_replay_size" in str(err.value)
+
+
+def test_gere_arguments_from_cfg_uses_defaults_for_unset_keys():
+    args = gere_arguments_from_cfg({"gere_replay": "x.jsonl", "gere_sigma": None, "gere_freeze_layers": 2})
+    assert isinstance(args, GeReArguments)
+    assert args.gere_replay == "x.jsonl" and args.gere_freeze_layers == 2
+    assert args.gere_sigma == gere_defaults()["gere_sigma"]
+    assert args.gere_replay_size == gere_defaults()["gere_replay_size"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Through Axolotl's own validation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_passes_axolotl_validation_with_the_plugin(recipe, plugin_manager):
+    raw = yaml.safe_load(recipe.read_text())
+    assert PLUGIN_PATH in raw["plugins"]
+    gpu = not recipe.name.startswith("tiny-")
+    cfg = axolotl_validate(raw, gpu=gpu, n_gpu=8 if "zero2" in recipe.name else 1)
+    assert type(plugin_manager.plugins[PLUGIN_PATH]).__name__ == "GeRePlugin"
+    # the plugin's schema keeps every gere_* key the YAML sets (Axolotl drops undeclared keys)
+    for key, value in raw.items():
+        if key.startswith("gere_"):
+            assert cfg[key] == value, key
+    assert check_config(recipe).uses_gere
+
+
+def test_continual_recipes_share_the_original_base_cache():
+    t1, t2 = load_recipe("continual-task1.yml"), load_recipe("continual-task2.yml")
+    assert t1["gere_state_cache"] == t2["gere_state_cache"]
+    assert t2["base_model"] == t1["base_model"]
+    assert Path(t2["lora_model_dir"]) == Path(t1["output_dir"])
+    for key in ("gere_replay", "gere_replay_size", "gere_replay_max_length", "gere_seed"):
+        assert t1[key] == t2[key], key
+    assert t2["gere_freeze_layers"] == 3 and t2["gere_freeze_embeddings"] is True
+    assert not t1.get("gere_freeze_layers") and not t1.get("gere_freeze_embeddings")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("gere_sigma", -1),
+        ("gere_replay_per_step", 0),
+        ("gere_regularizer", "ewc"),
+        ("gere_state_batch_size", 0),
+    ],
+)
+def test_axolotl_validation_error_names_the_key(key, value, plugin_manager):
+    raw = load_recipe("tiny-cpu-sft-full.yml")
+    raw[key] = value
+    with pytest.raises(Exception) as err:
+        axolotl_validate(raw)
+    assert key in str(err.value)
+
+
+def test_axolotl_validation_rejects_misspelled_gere_key(plugin_manager):
+    raw = load_recipe("tiny-cpu-sft-lora.yml")
+    raw["gere_freeze_layer"] = 2
+    with pytest.raises(Exception) as err:
+        axolotl_validate(raw)
+    assert "gere_freeze_layers" in str(err.value)
+
+
+def test_plugin_without_gere_replay_is_a_clear_error(plugin_manager):
+    raw = load_recipe("tiny-cpu-sft-full.yml")
+    del raw["gere_replay"]
+    with pytest.raises(GeReConfigError, match="gere_replay is not set"):
+        axolotl_validate(raw)
+
+
+def test_unsupported_rl_mode_is_rejected(plugin_manager):
+    raw = load_recipe("tiny-cpu-dpo-full.yml")
+    raw["rl"] = "kto"
+    with pytest.raises(GeReConfigError, match="rl: kto"):
+        axolotl_validate(raw)
+    assert check_config(raw, raise_on_error=False).problems
+
+
+def test_plugin_left_in_singleton_does_not_affect_a_config_without_it(plugin_manager):
+    axolotl_validate(load_recipe("tiny-cpu-sft-full.yml"))
+    plain = {k: v for k, v in load_recipe("tiny-cpu-sft-full.yml").items() if not k.startswith("gere_")}
+    plain["plugins"] = ["axolotl.integrations.grokfast.GrokfastPlugin"]
+    cfg = axolotl_validate(plain)  # our plugin is still registered, but this config does not list it
+    assert cfg["gere_replay"] is None
+    assert "GrokfastPlugin" in type(plugin_manager.plugins[plain["plugins"][0]]).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# The silent drop: what stock Axolotl does, and what check_config catches
+# ------------------------------------------------------------------------------------------------
+def test_stock_axolotl_silently_drops_gere_keys_without_the_plugin(plugin_manager):
+    raw = load_recipe("tiny-cpu-sft-full.yml")
+    del raw["plugins"]
+    cfg = axolotl_validate(raw)  # no error from Axolotl ...
+    assert not any(k.startswith("gere_") for k in cfg)  # ... and GeRe is gone
+    with pytest.raises(GeReConfigError, match="silently drops"):
+        check_config(raw)
+
+
+def test_misspelled_module_is_only_logged_by_axolotl(plugin_manager):
+    raw = load_recipe("tiny-cpu-sft-full.yml")
+    raw["plugins"] = ["gere_plugins.GeRePlugin"]
+    cfg = axolotl_validate(raw)  # Axolotl logs the ImportError and goes on
+    assert not plugin_manager.plugins
+    assert cfg["gere_replay"] is None
+    with pytest.raises(GeReConfigError, match="does not load the GeRe plugin"):
+        check_config(raw)
+
+
+@pytest.mark.parametrize(
+    "entry,axolotl_error", [("gere", ValueError), ("gere_plugin.GerePlugin", AttributeError)]
+)
+def test_other_plugin_typos_crash_axolotl_and_are_caught_earlier(entry, axolotl_error, plugin_manager):
+    raw = load_recipe("tiny-cpu-sft-full.yml")
+    raw["plugins"] = [entry]
+    with pytest.raises(axolotl_error):
+        axolotl_validate(raw)
+    result = check_config(raw, raise_on_error=False)
+    assert not result.ok and not result.uses_gere
+    assert entry in result.problems[0]
+
+
+@pytest.mark.parametrize("entry", PLUGIN_PATHS)
+def test_every_documented_plugin_path_loads_with_axolotls_loader(entry):
+    from gere_plugin.axolotl.check import plugin_is_loadable
+
+    assert plugin_is_loadable(entry)
+    assert check_config({"plugins": [entry], "gere_replay": "x.jsonl"}).uses_gere
+
+
+def test_check_config_reports_every_problem_at_once(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        yaml.safe_dump({"base_model": "x", "gere_replay": "r.jsonl", "gere_sigma": 0, "plugins": ["gere"]})
+    )
+    result = check_config(bad, raise_on_error=False)
+    assert len(result.problems) == 2
+    assert any("dotted path" in p for p in result.problems)
+    assert any("gere_sigma" in p for p in result.problems)
+    missing = check_config({"plugins": [PLUGIN_PATH]}, raise_on_error=False)
+    assert any("gere_replay is not set" in p for p in missing.problems)
+    assert check_config({"base_model": "x"}).ok  # no GeRe at all is fine
+    (tmp_path / "list.yml").write_text("- a\n- b\n")
+    with pytest.raises(GeReConfigError, match="mapping"):
+        check_config(tmp_path / "list.yml")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI wiring
+# ------------------------------------------------------------------------------------------------
+def test_cli_entry_point_is_a_click_command_axolotl_can_load():
+    from importlib.metadata import entry_points
+
+    import click
+    from axolotl.cli.plugins import ENTRY_POINT_GROUP, _import_command
+
+    (ep,) = [e for e in entry_points(group=ENTRY_POINT_GROUP) if e.name == "gere"]
+    command = _import_command(ep.value)
+    assert isinstance(command, click.Group)
+    assert {"check", "build-cache", "tiny-model", "keys"} <= set(command.commands)
+
+
+def test_axolotl_cli_lists_and_runs_gere_check(tmp_path):
+    from axolotl.cli.main import cli
+    from click.testing import CliRunner
+
+    good = str(REPO / "recipes" / "axolotl" / "tiny-cpu-sft-full.yml")
+    bad = tmp_path / "no-plugin.yml"
+    raw = load_recipe("tiny-cpu-sft-full.yml")
+    del raw["plugins"]
+    bad.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    assert "gere" in runner.invoke(cli, ["--help"]).output
+    ok = runner.invoke(cli, ["gere", "check", good])
+    assert ok.exit_code == 0, ok.output
+    assert "OK" in ok.output
+    fail = runner.invoke(cli, ["gere", "check", good, str(bad)])
+    assert fail.exit_code == 1
+    assert "silently drops" in fail.output
+
+
+def test_tiny_model_command_writes_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gere_plugin.axolotl.cli import make_tiny_model
+
+    out = make_tiny_model(str(tmp_path / "tiny"), hidden=16, layers=2)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    ids = tok("Review: The film was great. Sentiment: positive", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] == len(tok)
+    assert model.config.num_hidden_layers == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The post_trainer_create hook on a real (plain transformers) trainer
+# ------------------------------------------------------------------------------------------------
+def _plain_trainer(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        use_cpu=True,
+        report_to=[],
+    )
+    return Trainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(str(tiny_dir)))
+
+
+def _gere_cfg(replay_file, tmp_path, **extra):
+    from axolotl.utils.dict import DictDefault
+
+    cfg = {
+        "plugins": [PLUGIN_PATH],
+        "gere_replay": str(replay_file),
+        "gere_replay_size": 16,
+        "gere_replay_max_length": 16,
+        "gere_replay_per_step": 3,
+        "gere_state_cache": str(tmp_path / "states"),
+    }
+    cfg.update(extra)
+    return DictDefault(cfg)
+
+
+def test_post_trainer_create_swaps_class_freezes_and_builds_cache(
+    tiny_dir, replay_file, tmp_path, plugin_manager
+):
+    from gere_plugin.axolotl.plugin import GeRePlugin
+    from gere_plugin.trainer import GeReTrainerMixin
+
+    trainer = _plain_trainer(tiny_dir, tmp_path)
+    cfg = _gere_cfg(replay_file, tmp_path, gere_freeze_layers=2, gere_freeze_embeddings=True)
+    GeRePlugin().post_trainer_create(cfg, trainer)
+    assert isinstance(trainer, GeReTrainerMixin) and type(trainer).__name__ == "GeReTrainer"
+    assert trainer.gere_combine == "mean"
+    assert trainer.gere_step.per_step == 3
+    assert (tmp_path / "states" / "meta.json").exists()
+    frozen = {n for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert "model.embed_tokens.weight" in frozen
+    assert any("layers.1." in n for n in frozen) and not any("layers.2." in n for n in frozen)
+
+
+def test_post_trainer_create_uses_sum_for_dpo_and_ignores_configs_without_plugin(
+    tiny_dir, replay_file, tmp_path, plugin_manager
+):
+    from gere_plugin.axolotl.plugin import GeRePlugin
+    from gere_plugin.trainer import GeReTrainerMixin
+
+    trainer = _plain_trainer(tiny_dir, tmp_path)
+    other = _gere_cfg(replay_file, tmp_path)
+    other["plugins"] = []
+    GeRePlugin().post_trainer_create(other, trainer)
+    assert not isinstance(trainer, GeReTrainerMixin)
+    GeRePlugin().post_trainer_create(_gere_cfg(replay_file, tmp_path, rl="dpo"), trainer)
+    assert trainer.gere_combine == "sum"
+
+
+def test_post_trainer_create_refuses_to_freeze_after_the_optimizer_exists(
+    tiny_dir, replay_file, tmp_path, plugin_manager
+):
+    from gere_plugin.axolotl.plugin import GeRePlugin
+
+    trainer = _plain_trainer(tiny_dir, tmp_path)
+    trainer.create_optimizer()
+    with pytest.raises(RuntimeError, match="optimizer already exists"):
+        GeRePlugin().post_trainer_create(_gere_cfg(replay_file, tmp_path, gere_freeze_layers=1), trainer)

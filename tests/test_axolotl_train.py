@@ -1,0 +1,222 @@
+"""End-to-end: ``axolotl train`` with the GeRe plugin on CPU, for SFT and DPO, full and LoRA.
+
+Each test copies a ``recipes/axolotl/tiny-cpu-*.yml`` recipe, points it at the tiny random Llama
+from ``conftest.py`` and a temporary output folder, runs Axolotl in a subprocess (exactly as a user
+would), and then checks from the run's own artefacts that GeRe really ran:
+
+* ``gere/*`` metrics in ``trainer_state.json``'s log history, TM == 0 at the first step (the model
+  still equals the base model) and > 0 afterwards;
+* the exact replay rows of every micro-batch (``GERE_REPLAY_LOG``) against the replay schedule;
+* frozen layers bit-identical to the base model (full), or LoRA ``lora_B`` still exactly zero
+  inside frozen layers (LoRA);
+* the replay-schedule state written next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("axolotl")
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes" / "axolotl"
+VENV_BIN = Path(sys.executable).parent
+
+
+def prepare_recipe(name: str, tmp_path: Path, model_dir: Path) -> tuple[Path, dict]:
+    """Copy a tiny recipe with base_model / output_dir / data paths made absolute for this test."""
+    raw = yaml.safe_load((RECIPES / name).read_text())
+    raw["base_model"] = str(model_dir)
+    raw["output_dir"] = str(tmp_path / "out")
+    raw["dataset_prepared_path"] = str(tmp_path / "prepared")
+    for ds in raw["datasets"]:
+        ds["path"] = str(REPO / ds["path"])
+    raw["gere_replay"] = str(REPO / raw["gere_replay"])
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, raw
+
+
+def run(cmd: list[str], cwd: Path, replay_log: Path) -> str:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        AXOLOTL_DO_NOT_TRACK="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        # tiny matrices: several BLAS threads per process only fight over the 2 shared cores
+        OMP_NUM_THREADS="1",
+        GERE_REPLAY_LOG=str(replay_log),
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{out[-6000:]}")
+    return out
+
+
+def axolotl_train(cfg_path: Path, tmp_path: Path, cli: bool = False) -> str:
+    """``axolotl train`` (accelerate launcher, the user's command) or ``python -m axolotl.cli.train``."""
+    if cli:
+        cmd = [str(VENV_BIN / "axolotl"), "train", str(cfg_path)]
+    else:
+        cmd = [sys.executable, "-m", "axolotl.cli.train", str(cfg_path)]
+    return run(cmd, tmp_path, tmp_path / "replay.jsonl")
+
+
+def load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def check_gere_ran(raw: dict, tmp_path: Path) -> list[dict]:
+    """The checks shared by every run; returns the log history of the training steps."""
+    from gere_plugin.mixing import ReplaySchedule
+
+    out = Path(raw["output_dir"])
+    steps = int(raw["max_steps"])
+    per_step = int(raw["gere_replay_per_step"])
+    accumulation = int(raw["gradient_accumulation_steps"])
+    ckpt = out / f"checkpoint-{steps}"
+
+    history = [h for h in json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert [h["step"] for h in history] == list(range(1, steps + 1))
+    for h in history:
+        for key in (
+            "gere/replay_ce",
+            "gere/reg_loss",
+            "gere/weight",
+            "gere/out_of_state",
+            "gere/replay_rows",
+        ):
+            assert key in h, f"{key} missing from step {h['step']}: {sorted(h)}"
+        assert h["gere/replay_rows"] == per_step
+        assert h["gere/replay_ce"] > 0
+    # step 1 trains the base model itself: every replay hidden state is in its base state
+    assert history[0]["gere/reg_loss"] < 1e-6
+    assert history[0]["gere/out_of_state"] < 1e-6
+    assert max(h["gere/reg_loss"] for h in history[1:]) > 0
+
+    # exact replay rows of every micro-batch
+    entries = [
+        json.loads(line) for line in (tmp_path / "replay.jsonl").read_text().splitlines() if line.strip()
+    ]
+    by_step: dict[int, list[dict]] = defaultdict(list)
+    for e in entries:
+        by_step[e["step"]].append(e)
+    assert sorted(by_step) == list(range(steps))
+    schedule = ReplaySchedule(int(raw["gere_replay_size"]), per_step, int(raw.get("gere_seed", 42)))
+    for step, micro in by_step.items():
+        assert [m["micro"] for m in micro] == list(range(accumulation))
+        rows = [r for m in micro for r in m["rows"]]
+        assert len(rows) == per_step
+        assert sorted(rows) == sorted(schedule.rows_for_step(step))
+
+    state = json.loads((ckpt / "gere_state.json").read_text())
+    assert state["global_step"] == steps
+    assert state["schedule"]["per_step"] == per_step
+    return history
+
+
+def check_full_freeze(raw: dict, base_dir: Path) -> None:
+    base = load_safetensors(base_dir / "model.safetensors")
+    tuned = load_safetensors(Path(raw["output_dir"]) / "model.safetensors")
+    n = int(raw["gere_freeze_layers"])
+    frozen = [k for k in base if any(f"layers.{i}." in k for i in range(n))]
+    if raw.get("gere_freeze_embeddings"):
+        frozen.append("model.embed_tokens.weight")
+    assert frozen
+    for k in frozen:
+        assert (tuned[k] == base[k]).all(), f"{k} changed although it is frozen"
+    trainable = [k for k in base if k not in frozen and "layers." in k]
+    assert any(not (tuned[k] == base[k]).all() for k in trainable), "nothing was trained"
+
+
+def check_lora_freeze(raw: dict) -> None:
+    adapter = load_safetensors(Path(raw["output_dir"]) / "adapter_model.safetensors")
+    n = int(raw["gere_freeze_layers"])
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    frozen = {k: v for k, v in lora_b.items() if any(f"layers.{i}." in k for i in range(n))}
+    assert frozen, sorted(adapter)[:5]
+    for k, v in frozen.items():
+        assert (v == 0).all(), f"{k} moved from its zero init although layer is frozen"
+    assert any((v != 0).any() for k, v in lora_b.items() if k not in frozen), "no adapter weight was trained"
+
+
+def test_sft_full_with_axolotl_train_cli(tmp_path, tiny_dir):
+    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
+    axolotl_train(cfg, tmp_path, cli=True)
+    check_gere_ran(raw, tmp_path)
+    check_full_freeze(raw, tiny_dir)
+    assert (Path(raw["output_dir"]) / "gere_states" / "meta.json").exists()
+
+
+def test_sft_lora_reuses_cache_built_by_axolotl_gere_build_cache(tmp_path, tiny_dir):
+    import torch
+
+    from gere_plugin.config import GeReArguments
+    from gere_plugin.replay import ReplaySet
+    from gere_plugin.states import StateCache, build_state_cache
+
+    cfg, raw = prepare_recipe("tiny-cpu-sft-lora.yml", tmp_path, tiny_dir)
+    run([str(VENV_BIN / "axolotl"), "gere", "build-cache", str(cfg)], tmp_path, tmp_path / "unused.jsonl")
+    cache_dir = Path(raw["output_dir"]) / "gere_states"
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    assert meta["built_by"] == "axolotl gere build-cache"
+
+    # the cache equals one built directly from the base model with the core API
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    args = GeReArguments(**{k: v for k, v in raw.items() if k.startswith("gere_")})
+    replay = ReplaySet.from_args(args, tok)
+    direct = build_state_cache(
+        AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32),
+        replay,
+        [-1],
+        1.0,
+        batch_size=8,
+        pad_token_id=tok.pad_token_id,
+        progress=False,
+    )
+    built = StateCache.load(cache_dir)
+    assert built.meta["replay_fingerprint"] == direct.meta["replay_fingerprint"]
+    torch.testing.assert_close(built.mu, direct.mu, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(built.std, direct.std, atol=1e-5, rtol=1e-5)
+
+    log = axolotl_train(cfg, tmp_path)
+    assert "gere: reusing base-model state cache" in log
+    check_gere_ran(raw, tmp_path)
+    check_lora_freeze(raw)
+    # training loaded the cache instead of rebuilding it
+    assert json.loads((cache_dir / "meta.json").read_text()) == meta
+
+
+def test_dpo_full(tmp_path, tiny_dir):
+    cfg, raw = prepare_recipe("tiny-cpu-dpo-full.yml", tmp_path, tiny_dir)
+    axolotl_train(cfg, tmp_path)
+    history = check_gere_ran(raw, tmp_path)
+    assert all("rewards/margins" in h for h in history), "not a DPO run"
+    check_full_freeze(raw, tiny_dir)
+
+
+def test_dpo_lora(tmp_path, tiny_dir):
+    cfg, raw = prepare_recipe("tiny-cpu-dpo-lora.yml", tmp_path, tiny_dir)
+    axolotl_train(cfg, tmp_path)
+    history = check_gere_ran(raw, tmp_path)
+    assert all("rewards/margins" in h for h in history), "not a DPO run"
+    check_lora_freeze(raw)
