@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import GeReConfigError
+
 
 @dataclass
 class ReplaySchedule:
@@ -38,9 +40,9 @@ class ReplaySchedule:
 
     def __post_init__(self) -> None:
         if self.per_step < 1:
-            raise ValueError(f"gere_replay_per_step={self.per_step} must be >= 1.")
+            raise GeReConfigError(f"gere_replay_per_step={self.per_step} must be >= 1.")
         if self.num_samples < 2 * self.per_step:
-            raise ValueError(
+            raise GeReConfigError(
                 f"The replay set has {self.num_samples} samples but gere_replay_per_step={self.per_step}: "
                 f"at least 2 x gere_replay_per_step ({2 * self.per_step}) samples are needed so that no step "
                 "repeats a sample. Raise gere_replay_size or lower gere_replay_per_step."

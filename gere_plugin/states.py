@@ -61,7 +61,7 @@ def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     c = codes.to(torch.uint8)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad), value=0)
-    c = c.reshape(*c.shape[:-1], -1, 4)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // 4, 4)
     return c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
 
 
@@ -69,7 +69,7 @@ def unpack_2bit(packed: torch.Tensor, hidden: int) -> torch.Tensor:
     """Inverse of :func:`pack_2bit`: ``[..., ceil(H/4)] -> [..., H]`` uint8 codes (one vectorised op)."""
     shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & 3
-    return codes.reshape(*packed.shape[:-1], -1)[..., :hidden]
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 4)[..., :hidden]
 
 
 # Base-3 packing: 3**5 = 243 <= 256, so 5 three-way labels fit in one byte (1.6 bits per label,
@@ -92,7 +92,7 @@ def pack_trits(codes: torch.Tensor) -> torch.Tensor:
     c = codes.to(torch.int16)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad), value=0)
-    c = c.reshape(*c.shape[:-1], -1, TRITS_PER_BYTE)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // TRITS_PER_BYTE, TRITS_PER_BYTE)
     weights = torch.tensor(_POW3, dtype=torch.int16, device=c.device)
     return (c * weights).sum(-1).to(torch.uint8)
 
@@ -253,12 +253,19 @@ class StateCache:
             raise StateCacheError(f"gere_state_cache={str(folder)!r} has no {META}; it is not a GeRe state cache. {rebuild}") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise StateCacheError(f"gere_state_cache={str(folder)!r}: {META} is corrupted. {rebuild}") from None
+        if not isinstance(meta, dict):
+            raise StateCacheError(f"gere_state_cache={str(folder)!r}: {META} is corrupted (not a JSON object). {rebuild}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise StateCacheError(
                 f"gere_state_cache={str(folder)!r} has format version {meta.get('format_version')}, this gere-plugin "
                 f"reads version {FORMAT_VERSION}. {rebuild}"
             )
-        for name, info in meta.get("files", {}).items():
+        files = meta.get("files")
+        missing = [k for k in ("packed_shape", "layers", "hidden_size") if k not in meta]
+        if missing or not isinstance(files, dict) or set(files) != {LABELS, THRESHOLDS}:
+            what = ", ".join(missing) if missing else f"size and sha256 of {LABELS} and {THRESHOLDS}"
+            raise StateCacheError(f"gere_state_cache={str(folder)!r}: {META} is incomplete (no {what}). {rebuild}")
+        for name, info in files.items():
             p = folder / name
             if not p.exists():
                 raise StateCacheError(f"gere_state_cache={str(folder)!r}: {name} is missing. {rebuild}")

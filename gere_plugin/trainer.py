@@ -56,6 +56,14 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _is_sharded(trainer: Any) -> bool:
+    """Parameters are sharded across ranks (FSDP or DeepSpeed ZeRO-3)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", None) == 3
+
+
 def _tokenizer_of(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", None) or processing_class
 
@@ -147,6 +155,15 @@ class ReplayStep:
         self.world_size = world
         global_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
         self.per_step = resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch)
+        slots = world * targs.gradient_accumulation_steps
+        if _is_sharded(trainer) and self.per_step % slots:
+            # A micro-batch without replay rows skips the extra forward; with sharded parameters
+            # (ZeRO-3 / FSDP) every rank must run the same forwards or the all-gathers hang.
+            raise GeReConfigError(
+                f"gere_replay_per_step={self.per_step} must be a multiple of processes x gradient_accumulation_steps "
+                f"({slots}) under DeepSpeed ZeRO-3 or FSDP, so that every micro-batch of every rank holds the same "
+                "number of replay rows. Pick a multiple or use ZeRO-2 / DDP."
+            )
         self.replay = ReplaySet.from_args(gere_args, tok)
         self.schedule = ReplaySchedule(len(self.replay), self.per_step, gere_args.gere_seed)
         model = _unwrap(trainer, trainer.model)
@@ -163,6 +180,7 @@ class ReplayStep:
         self._cur_step = -1
         self._micro = 0
         self._step_rows = 0
+        self._pending: dict[str, list[float]] = defaultdict(list)
         self.history: list[dict] = []
         self._log_path = os.environ.get("GERE_REPLAY_LOG")
         logger.info(
@@ -292,11 +310,33 @@ class ReplayStep:
         return loss
 
     # -- bookkeeping ------------------------------------------------------------------------------
+    METRIC_KEYS = ("gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state")
+
     def _metric(self, trainer: Any, key: str, value: torch.Tensor) -> None:
+        # Kept until the end of the optimizer step, then averaged over ranks (see _flush_metrics).
+        self._pending[key].append(float(value.detach().float().item()))
+
+    def _flush_metrics(self, trainer: Any) -> None:
+        """Once per optimizer step on every rank (the same number of calls everywhere, rows or not):
+        one all-reduce turns this rank's gere/* values into means over all replay micro-batches of the
+        step, and gere/replay_rows into the step's rows over all ranks."""
+        local: list[float] = []
+        for key in self.METRIC_KEYS:
+            vals = self._pending.get(key, [])
+            local += [sum(vals), float(len(vals))]
+        local.append(float(self._step_rows))
+        self._pending.clear()
+        totals = torch.tensor(local, dtype=torch.float32)
+        acc = getattr(trainer, "accelerator", None)
+        if acc is not None and acc.num_processes > 1:
+            totals = acc.reduce(totals.to(acc.device), reduction="sum").cpu()
         store = getattr(trainer, "_metrics", None)
         if store is None:
             return
-        store["train"][key].append(float(value.detach().float().item()))
+        for i, key in enumerate(self.METRIC_KEYS):
+            if totals[2 * i + 1] > 0:
+                store["train"][key].append(float(totals[2 * i] / totals[2 * i + 1]))
+        store["train"]["gere/replay_rows"].append(float(totals[-1]))
 
     def _record(self, trainer: Any, step: int, micro: int, rows: list[int], scaling: StepScaling) -> None:
         self._step_rows += len(rows)
@@ -307,9 +347,7 @@ class ReplayStep:
             with open(path, "a") as fh:
                 fh.write(json.dumps(entry) + "\n")
         if micro == scaling.accumulation - 1:
-            store = getattr(trainer, "_metrics", None)
-            if store is not None:
-                store["train"]["gere/replay_rows"].append(float(self._step_rows))
+            self._flush_metrics(trainer)
 
     def state_dict(self) -> dict:
         return {

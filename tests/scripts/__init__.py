@@ -1,0 +1,1 @@
+"""Helper scripts the slow tests launch as subprocesses (not collected as tests)."""
