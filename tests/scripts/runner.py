@@ -63,7 +63,9 @@ def child_env(replay_log: Optional[Path] = None) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         HF_DATASETS_DISABLE_PROGRESS_BARS="1",
     )
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GERE_REPLAY_LOG"):
+    # ACCELERATE_LOG_LEVEL: importing axolotl (in-process Axolotl tests) sets it to WARNING, which would
+    # hide the INFO lines these runs are checked for.
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GERE_REPLAY_LOG", "ACCELERATE_LOG_LEVEL"):
         env.pop(k, None)
     if replay_log is not None:
         env["GERE_REPLAY_LOG"] = str(replay_log)
