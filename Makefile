@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # tests use tiny models: one thread per process is fastest on small CPUs
 TEST_ENV      := OMP_NUM_THREADS=1
 
-.PHONY: help test test-main test-latest demo lint bench-throughput bench-forgetting clean
+.PHONY: help envs test test-main test-latest demo lint bench-throughput bench-forgetting clean
 
 help:
 	@echo "make demo   - install, prepare SmolLM2-135M + data (cached), plain SFT vs GeRe on CPU, print the table"
@@ -41,7 +41,12 @@ $(VENV_LATEST)/.installed: pyproject.toml Makefile
 	$(VENV_LATEST)/bin/pip install -q -e ".[dev]" $(LATEST_PINS)
 	touch $@
 
-test: test-main test-latest
+# Both environments are built in parallel (most of a fresh `make test` is installing), then tested in turn.
+envs: $(VENV)/.installed $(VENV_LATEST)/.installed
+
+test:
+	$(MAKE) -j2 envs
+	$(MAKE) test-main test-latest
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/ruff check gere_plugin tests benchmarks recipes
@@ -52,7 +57,7 @@ test-latest: $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -c "import trl, transformers; print('newest stack: trl', trl.__version__, 'transformers', transformers.__version__)"
 	$(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_losses.py tests/test_mixing.py tests/test_states.py tests/test_sft_trainer.py \
-		tests/test_dpo_trainer.py tests/test_cli_recipes.py $(PYTEST_ARGS)
+		tests/test_dpo_trainer.py tests/test_cli_recipes.py tests/test_any_trainer.py tests/test_freeze.py $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m gere_plugin.demo
