@@ -1,0 +1,387 @@
+"""Continual fine-tuning over a sequence of tasks, evaluated after every task.
+
+:func:`run_sequence` fine-tunes task after task on ONE model object that is carried forward (task
+``k`` starts from task ``k-1``'s weights), evaluates every task and (optionally) general ability
+after each stage, and returns / writes a result dict with the accuracy matrix ``R[i][j]``.
+
+GeRe's base-model state cache is built once from the ORIGINAL base model (during the first task) and
+reused by every later task through the same ``gere_state_cache`` folder; the l1/l2/kl baselines are
+given a frozen copy of the original base model as their reference for every task.
+
+Method presets (:data:`METHODS`):
+
+=============== ===================================================================================
+``plain``       plain SFT (no replay)
+``replay``      vanilla GeRe replay: replay CE only (``gere_regularizer="none"``)
+``kl``          replay + logit KL to the base model
+``l1`` / ``l2`` replay + L1 / L2 distance of hidden states to the base model
+``gere``        replay + threshold-margin loss on the base model's 3-way state labels
+``gere_freeze`` ``gere`` + frozen embeddings and bottom layers from the second task on
+=============== ===================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .evaluation.general import GeneralEvalConfig, evaluate_general
+from .evaluation.metrics import continual_summary
+from .evaluation.tasks import ClassificationItem, label_accuracy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "MethodSpec", "SequenceTask", "TrainSettings", "evaluate_stage", "model_fingerprint",
+           "run_sequence"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one method trains. ``freeze_from`` is the 0-based task index where freezing starts."""
+
+    name: str
+    replay: bool
+    regularizer: str = "tm"
+    freeze_layers: int = 0
+    freeze_embeddings: bool = False
+    freeze_from: int = 1
+
+    def gere_kwargs(self, task_index: int) -> dict[str, Any]:
+        """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
+        freeze = task_index >= self.freeze_from
+        return {
+            "gere_regularizer": self.regularizer if self.replay else "none",
+            "gere_freeze_layers": self.freeze_layers if freeze else 0,
+            "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
+        }
+
+
+METHODS: dict[str, MethodSpec] = {
+    "plain": MethodSpec("plain", replay=False, regularizer="none"),
+    "replay": MethodSpec("replay", replay=True, regularizer="none"),
+    "kl": MethodSpec("kl", replay=True, regularizer="kl"),
+    "l1": MethodSpec("l1", replay=True, regularizer="l1"),
+    "l2": MethodSpec("l2", replay=True, regularizer="l2"),
+    "gere": MethodSpec("gere", replay=True, regularizer="tm"),
+    "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
+}
+
+
+@dataclass
+class SequenceTask:
+    """One task of the sequence: TRL SFT rows (prompt/completion or text) and label-word test items."""
+
+    name: str
+    train: list[dict[str, str]]
+    test: list[ClassificationItem]
+
+    @classmethod
+    def from_label_task(cls, task: Any) -> SequenceTask:
+        """From an :class:`gere_plugin.assets.LabelTask` (or anything with name/train/test)."""
+        return cls(name=task.name, train=list(task.train), test=list(task.test))
+
+
+@dataclass
+class TrainSettings:
+    """Training hyper-parameters shared by every task and method of a sequence.
+
+    ``replay_seed`` fixes ``gere_seed`` (replay sampling and schedule) independently of the training
+    seed, so runs with different training seeds can share one base-state cache; ``None`` = the
+    training seed.
+    """
+
+    steps_per_task: int = 30
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 128
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    weight_decay: float = 0.0
+    bf16: bool = False
+    replay_size: int = 1000
+    replay_max_length: int = 128
+    replay_per_step: int = 2
+    gere_weight: str = "dynamic"
+    replay_seed: Optional[int] = None
+    state_batch_size: int = 16
+    logging_steps: int = 5
+    eval_batch_size: int = 16
+    general_every_task: bool = True
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) over every parameter and buffer, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_state(folder: Optional[Path]) -> dict[str, Any]:
+    """Existence, mtime and content hash of a state cache's ``meta.json`` (to prove reuse)."""
+    if folder is None:
+        return {"exists": False}
+    meta = Path(folder) / "meta.json"
+    if not meta.is_file():
+        return {"exists": False}
+    return {
+        "exists": True,
+        "mtime_ns": meta.stat().st_mtime_ns,
+        "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()[:16],
+    }
+
+
+def evaluate_stage(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[SequenceTask],
+    general: Optional[GeneralEvalConfig],
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Accuracy on every task's test items and (when ``general`` is given) general ability."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"tasks": {}}
+    for task in tasks:
+        out["tasks"][task.name] = label_accuracy(model, tokenizer, task.test, batch_size=batch_size)["accuracy"]
+    if general is not None:
+        out["general"] = evaluate_general(model, tokenizer, general)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _load_model(model: Union[str, Path, torch.nn.Module]) -> torch.nn.Module:
+    if isinstance(model, torch.nn.Module):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+
+
+def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) -> Any:
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    src = tokenizer if tokenizer is not None else model
+    if isinstance(src, torch.nn.Module):
+        raise ValueError("pass tokenizer= when model is an in-memory model")
+    tok = AutoTokenizer.from_pretrained(str(src))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keep = ("step", "loss", "learning_rate", "gere/replay_ce", "gere/reg_loss", "gere/weight",
+            "gere/out_of_state", "gere/replay_rows", "train_runtime", "train_loss")
+    return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
+
+
+def _build_trainer(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: SequenceTask,
+    method: MethodSpec,
+    task_index: int,
+    settings: TrainSettings,
+    replay: Optional[str],
+    state_cache: Optional[Path],
+    output_dir: Path,
+    seed: int,
+    ref_model: Optional[torch.nn.Module],
+) -> Any:
+    from datasets import Dataset
+
+    from .config import GeReArguments
+    from .sft import GeReSFTConfig, GeReSFTTrainer
+    from .trainer import setup_gere
+
+    gere = method.gere_kwargs(task_index)
+    if method.replay:
+        if replay is None:
+            raise ValueError(f"method {method.name!r} replays general samples: pass replay=PATH")
+        gere.update(
+            gere_replay=str(replay),
+            gere_replay_size=settings.replay_size,
+            gere_replay_max_length=settings.replay_max_length,
+            gere_replay_per_step=settings.replay_per_step,
+            gere_weight=settings.gere_weight,
+            gere_state_cache=str(state_cache) if state_cache is not None else None,
+            gere_state_batch_size=settings.state_batch_size,
+            gere_seed=settings.replay_seed if settings.replay_seed is not None else seed,
+        )
+    cfg = GeReSFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        max_steps=settings.steps_per_task,
+        logging_steps=settings.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        bf16=settings.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        max_length=settings.max_length,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **gere,
+        **settings.extra_config,
+    )
+    ds = Dataset.from_list(task.train)
+    needs_base_ref = method.replay and method.regularizer in ("l1", "l2", "kl") and ref_model is not None
+    if not needs_base_ref:
+        return GeReSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer)
+    # l1/l2/kl: the reference must be the ORIGINAL base model, not this task's starting weights, so
+    # the trainer is built without replay and GeRe is attached with the shared frozen base copy.
+    trainer = GeReSFTTrainer(
+        model=model, args=cfg, train_dataset=ds, processing_class=tokenizer,
+        gere_args=GeReArguments(gere_replay=None),
+    )
+    setup_gere(trainer, cfg, ref_model=ref_model)
+    return trainer
+
+
+def run_sequence(
+    model: Union[str, Path, torch.nn.Module],
+    tasks: Sequence[SequenceTask],
+    method: Union[str, MethodSpec],
+    output_dir: Union[str, Path],
+    tokenizer: Any = None,
+    settings: Optional[TrainSettings] = None,
+    replay: Optional[Union[str, Path]] = None,
+    state_cache: Optional[Union[str, Path]] = None,
+    seed: int = 42,
+    general: Optional[GeneralEvalConfig] = None,
+    base_eval: Optional[dict[str, Any]] = None,
+    result_path: Optional[Union[str, Path]] = None,
+    save_final_model: bool = False,
+    on_stage: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> dict[str, Any]:
+    """Fine-tune ``tasks`` in order with ``method``, evaluating after every task.
+
+    Args:
+        model: base model folder or an in-memory causal LM (trained in place and carried forward).
+        tasks: the sequence; each has TRL SFT ``train`` rows and label-word ``test`` items.
+        method: a key of :data:`METHODS` or a :class:`MethodSpec`.
+        output_dir: trainer output folders go to ``output_dir/task_<k>_<name>``.
+        tokenizer: tokenizer object or folder (defaults to the model folder).
+        settings: shared hyper-parameters (:class:`TrainSettings`).
+        replay: replay source for replay methods (e.g. a ``.jsonl`` with a ``text`` field).
+        state_cache: GeRe base-state cache folder, shared by all tasks (and by runs with the same
+            replay set and ``seed``). Default ``output_dir/gere_states``.
+        seed: training seed (data order, replay schedule ``gere_seed``).
+        general: what general-ability evaluation to run (``None`` = task accuracies only).
+        base_eval: a previous :func:`evaluate_stage` of the untrained base model, to skip re-running it.
+        result_path: where to write the result JSON (also written after every stage).
+        save_final_model: also ``save_pretrained`` the final model to ``output_dir/final``.
+        on_stage: callback receiving each stage record as soon as it is finished.
+
+    Returns:
+        The result dict: ``method``, ``seed``, ``tasks``, ``matrix`` (``R[i][j]``), ``base_row``,
+        ``base``, ``stages`` (per task: fingerprints, state-cache reuse, train history, evaluation),
+        ``final`` and ``summary`` (AA/AP/BWT/FWT/FM/F1).
+    """
+    settings = settings or TrainSettings()
+    spec = METHODS[method] if isinstance(method, str) else method
+    if not tasks:
+        raise ValueError("run_sequence needs at least one task")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(state_cache) if state_cache is not None else out_dir / "gere_states"
+    tok = _load_tokenizer(tokenizer, model)
+    net = _load_model(model)
+    eval_general = general if settings.general_every_task else None
+
+    t_start = time.perf_counter()
+    base = base_eval if base_eval is not None else evaluate_stage(net, tok, tasks, general, settings.eval_batch_size)
+    ref_model = None
+    if spec.replay and spec.regularizer in ("l1", "l2", "kl"):
+        from .trainer import frozen_copy
+
+        ref_model = frozen_copy(net)
+
+    result: dict[str, Any] = {
+        "method": spec.name,
+        "method_spec": dataclasses.asdict(spec),
+        "seed": seed,
+        "tasks": names,
+        "settings": dataclasses.asdict(settings),
+        "replay": str(replay) if replay is not None else None,
+        "state_cache": str(cache) if spec.replay else None,
+        "base": base,
+        "base_row": [base["tasks"][n] for n in names],
+        "stages": [],
+        "matrix": [],
+    }
+
+    def write() -> None:
+        if result_path is not None:
+            path = Path(result_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
+            os.replace(tmp, path)
+
+    for k, task in enumerate(tasks):
+        stage: dict[str, Any] = {"task": task.name, "index": k}
+        stage["start_fingerprint"] = model_fingerprint(net)
+        stage["state_cache_before"] = _cache_state(cache) if spec.replay else None
+        trainer = _build_trainer(
+            net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
+            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model,
+        )
+        stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        t0 = time.perf_counter()
+        train_out = trainer.train()
+        stage["train_seconds"] = time.perf_counter() - t0
+        stage["train_loss"] = float(train_out.training_loss)
+        stage["steps"] = int(trainer.state.global_step)
+        stage["history"] = _train_history(trainer.state.log_history)
+        stage["state_cache_after"] = _cache_state(cache) if spec.replay else None
+        before, after = stage["state_cache_before"], stage["state_cache_after"]
+        stage["state_cache_reused"] = bool(before and before.get("exists") and before == after)
+        net = trainer.model
+        del trainer  # frees the optimizer state before evaluating
+        gc.collect()
+        stage["end_fingerprint"] = model_fingerprint(net)
+        is_last = k == len(tasks) - 1
+        stage["eval"] = evaluate_stage(net, tok, tasks, eval_general if not is_last else general,
+                                       settings.eval_batch_size)
+        result["matrix"].append([stage["eval"]["tasks"][n] for n in names])
+        result["stages"].append(stage)
+        logger.info("continual %s seed %d: after %s -> %s", spec.name, seed, task.name, stage["eval"]["tasks"])
+        if on_stage is not None:
+            on_stage(stage)
+        write()
+
+    result["final"] = result["stages"][-1]["eval"]
+    general_score = result["final"].get("general", {}).get("general_score")
+    result["summary"] = continual_summary(result["matrix"], result["base_row"], general_score)
+    result["seconds"] = time.perf_counter() - t_start
+    if save_final_model:
+        net.save_pretrained(str(out_dir / "final"))
+        tok.save_pretrained(str(out_dir / "final"))
+    write()
+    return result

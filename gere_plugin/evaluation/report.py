@@ -1,0 +1,246 @@
+"""Tables and plots from continual-learning result JSON files.
+
+A result file is what :func:`gere_plugin.continual.run_sequence` writes (one method, one seed) or
+what ``benchmarks/forgetting.py`` writes (many). Both are normalised by :func:`load_runs` into a list
+of *run* dicts with at least::
+
+    {"method": str, "seed": int, "tasks": [names], "matrix": [[acc]], "base": {...}, "final": {...}}
+
+where ``base``/``final`` hold ``general`` (perplexities, cloze accuracies, general score) measured
+before the first and after the last task. :func:`summarize_runs` groups runs by method and computes
+mean and spread over seeds; :func:`markdown_table` and :func:`plot_summary` render them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from .metrics import continual_summary, mean_and_spread, relative_change
+
+__all__ = ["load_runs", "markdown_table", "plot_summary", "report_main", "summarize_runs", "write_report"]
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Read result JSON files and return their runs (a file holds one run or ``{"runs": [...]}``)."""
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        found = data["runs"] if isinstance(data, dict) and "runs" in data else [data]
+        for run in found:
+            if "matrix" not in run or "method" not in run:
+                raise ValueError(f"{path}: a run needs 'method' and 'matrix' keys")
+            runs.append(run)
+    if not runs:
+        raise ValueError("no runs found in the given files")
+    return runs
+
+
+def _run_metrics(run: dict[str, Any], ppl_key: str) -> dict[str, Optional[float]]:
+    """Scalar metrics of one run: continual metrics, final general score and perplexity rise."""
+    base_row = run.get("base_row")
+    final_general = run.get("final", {}).get("general", {})
+    base_general = run.get("base", {}).get("general", {})
+    general = final_general.get("general_score")
+    out: dict[str, Optional[float]] = dict(continual_summary(run["matrix"], base_row, general))
+    out["general_score"] = general
+    ppl = final_general.get("ppl", {}).get(ppl_key)
+    base_ppl = base_general.get("ppl", {}).get(ppl_key)
+    out["ppl"] = ppl
+    out["ppl_rise"] = relative_change(ppl, base_ppl) if ppl is not None and base_ppl else None
+    for name, value in final_general.get("ppl", {}).items():
+        out[f"ppl/{name}"] = value
+        b = base_general.get("ppl", {}).get(name)
+        out[f"ppl_rise/{name}"] = relative_change(value, b) if b else None
+    for name, value in final_general.get("cloze", {}).items():
+        out[f"cloze/{name}"] = value
+    for j, task in enumerate(run.get("tasks", [])):
+        out[f"final/{task}"] = run["matrix"][-1][j]
+    return out
+
+
+def summarize_runs(runs: Sequence[dict[str, Any]], ppl_key: str = "wiki") -> dict[str, dict[str, Any]]:
+    """Group runs by method; for every scalar metric return ``mean_and_spread`` over seeds.
+
+    Also returns the per-method mean accuracy matrix (``matrix_mean``) for the sequence plot and the
+    base model's values (``"base"`` entry) when the runs carry them.
+    """
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault(run["method"], []).append(run)
+    summary: dict[str, dict[str, Any]] = {}
+    for method, group in by_method.items():
+        per_run = [_run_metrics(r, ppl_key) for r in group]
+        keys = sorted({k for m in per_run for k in m})
+        stats = {}
+        for key in keys:
+            vals = [m[key] for m in per_run if m.get(key) is not None]
+            if vals:
+                stats[key] = mean_and_spread(vals)
+        T = len(group[0]["matrix"])
+        matrix_mean = [
+            [sum(r["matrix"][i][j] for r in group) / len(group) for j in range(len(group[0]["matrix"][i]))]
+            for i in range(T)
+        ]
+        summary[method] = {
+            "metrics": stats,
+            "seeds": sorted({r.get("seed") for r in group if r.get("seed") is not None}),
+            "tasks": group[0].get("tasks", []),
+            "matrix_mean": matrix_mean,
+        }
+    first = runs[0]
+    base_general = first.get("base", {}).get("general")
+    if base_general:
+        summary["base"] = {
+            "metrics": {
+                "general_score": mean_and_spread([base_general.get("general_score") or 0.0]),
+                "ppl": mean_and_spread([base_general.get("ppl", {}).get(ppl_key, math.nan)]),
+                **{f"ppl/{k}": mean_and_spread([v]) for k, v in base_general.get("ppl", {}).items()},
+                **{f"cloze/{k}": mean_and_spread([v]) for k, v in base_general.get("cloze", {}).items()},
+                **({"AP": mean_and_spread([sum(first["base_row"]) / len(first["base_row"])])}
+                   if first.get("base_row") else {}),
+                **(
+                    {f"final/{t}": mean_and_spread([v]) for t, v in zip(first.get("tasks", []), first["base_row"])}
+                    if first.get("base_row")
+                    else {}
+                ),
+            },
+            "seeds": [],
+            "tasks": first.get("tasks", []),
+            "matrix_mean": [],
+        }
+    return summary
+
+
+def _fmt(stat: Optional[dict[str, float]], pct: bool = False, digits: int = 2) -> str:
+    if stat is None or stat.get("mean") is None or (isinstance(stat["mean"], float) and math.isnan(stat["mean"])):
+        return "-"
+    scale = 100.0 if pct else 1.0
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    if stat.get("n", 1) > 1:
+        text += f" ± {stat['std'] * scale:.{digits}f}"
+    return text
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], ppl_key: str = "wiki") -> str:
+    """A Markdown table: one row per method (base first), general ability next to task metrics.
+
+    Accuracies are in percent; ``±`` is the sample standard deviation over seeds.
+    """
+    methods = [m for m in summary if m == "base"] + [m for m in summary if m != "base"]
+    any_method = next((summary[m] for m in methods if m != "base"), summary[methods[0]])
+    tasks = any_method.get("tasks", [])
+    ppl_names = sorted({k.split("/", 1)[1] for m in methods for k in summary[m]["metrics"] if k.startswith("ppl/")})
+    cloze_names = sorted(
+        {k.split("/", 1)[1] for m in methods for k in summary[m]["metrics"] if k.startswith("cloze/")}
+    )
+    header = ["method", "seeds"] + [h for n in ppl_names for h in (f"ppl {n}", f"Δppl {n}")]
+    header += [f"{n} acc" for n in cloze_names] + ["general"]
+    header += [f"{t} (final)" for t in tasks] + ["AP", "BWT", "FM", "F1"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        st = summary[method]["metrics"]
+        row = [method, str(len(summary[method]["seeds"])) if method != "base" else "-"]
+        for n in ppl_names:
+            rise = st.get(f"ppl_rise/{n}")
+            row += [_fmt(st.get(f"ppl/{n}")), _fmt(rise, pct=True, digits=1) + ("%" if rise else "")]
+        row += [_fmt(st.get(f"cloze/{n}"), pct=True, digits=1) for n in cloze_names]
+        row += [_fmt(st.get("general_score"), pct=True, digits=1)]
+        row += [_fmt(st.get(f"final/{t}"), pct=True, digits=1) for t in tasks]
+        row += [_fmt(st.get(k), pct=True, digits=1) for k in ("AP", "BWT", "FM", "F1")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: dict[str, dict[str, Any]], out_png: str | Path, ppl_key: str = "wiki") -> Path:
+    """One scatter per held-out perplexity set (perplexity rise vs AP per method, error bars = sd over
+    seeds; the dashed line is the base model's mean task accuracy), then a panel with the mean accuracy
+    of every task after each training stage (one colour per method, one line style per task)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in summary if m != "base"]
+    ppl_names = sorted({k.split("/", 1)[1] for m in methods for k in summary[m]["metrics"]
+                        if k.startswith("ppl_rise/")}) or [ppl_key]
+    ppl_names = ([ppl_key] if ppl_key in ppl_names else []) + [n for n in ppl_names if n != ppl_key]
+    fig, axes = plt.subplots(1, len(ppl_names) + 1, figsize=(6 * (len(ppl_names) + 1), 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax1, name in zip(axes, ppl_names):
+        for k, method in enumerate(methods):
+            st = summary[method]["metrics"]
+            x, y = st.get(f"ppl_rise/{name}"), st.get("AP")
+            if x is None or y is None:
+                continue
+            ax1.errorbar(
+                x["mean"] * 100, y["mean"] * 100, xerr=x["std"] * 100, yerr=y["std"] * 100,
+                fmt="o", capsize=4, color=colors[k % len(colors)], label=method,
+            )
+            ax1.annotate(method, (x["mean"] * 100, y["mean"] * 100), textcoords="offset points", xytext=(5, 5))
+        ax1.axvline(0, color="grey", linestyle=":", linewidth=1, label="base model")
+        if "base" in summary and summary["base"]["metrics"].get("AP") is not None:
+            ax1.axhline(summary["base"]["metrics"]["AP"]["mean"] * 100, color="grey", linestyle="--", linewidth=1,
+                        label="base model AP")
+        ax1.set_xlabel(f"perplexity rise over base on {name} (%)  ← better")
+        ax1.set_ylabel("AP: mean final task accuracy (%)  ↑ better")
+        ax1.set_title(f"General ability ({name}) vs task performance", fontsize=10)
+        ax1.grid(alpha=0.3)
+        ax1.legend(fontsize=8)
+    ax2 = axes[-1]
+    styles = ["-", "--", ":", "-."]
+    for k, method in enumerate(methods):
+        mat = summary[method]["matrix_mean"]
+        tasks = summary[method]["tasks"]
+        for j, task in enumerate(tasks):
+            xs = list(range(j, len(mat)))
+            ys = [mat[i][j] * 100 for i in xs]
+            ax2.plot(
+                xs, ys, styles[j % len(styles)], marker="o", color=colors[k % len(colors)],
+                label=f"{method}: {task}",
+            )
+    if methods:
+        tasks = summary[methods[0]]["tasks"]
+        ax2.set_xticks(range(len(tasks)))
+        ax2.set_xticklabels([f"after {t}" for t in tasks])
+    ax2.set_ylabel("task accuracy (%)")
+    ax2.set_title("Per-task accuracy over the sequence")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(
+    paths: Sequence[str | Path], out_md: Optional[str | Path] = None, out_png: Optional[str | Path] = None,
+    ppl_key: str = "wiki",
+) -> str:
+    """Load ``paths``, print-ready Markdown table as the return value; optionally write it and a PNG."""
+    summary = summarize_runs(load_runs(paths), ppl_key=ppl_key)
+    table = markdown_table(summary, ppl_key=ppl_key)
+    if out_md is not None:
+        Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_md).write_text(table, encoding="utf-8")
+    if out_png is not None:
+        plot_summary(summary, out_png, ppl_key=ppl_key)
+    return table
+
+
+def report_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``gere report RESULT.json [...] [--md OUT.md] [--png OUT.png]``: table to stdout (+ files)."""
+    parser = argparse.ArgumentParser(prog="gere report", description="Summarise continual-learning result files.")
+    parser.add_argument("results", nargs="+", help="result JSON files (run_sequence or benchmark output)")
+    parser.add_argument("--md", help="also write the Markdown table here")
+    parser.add_argument("--png", help="also write the plot here")
+    parser.add_argument("--ppl-key", default="wiki", help="held-out set whose perplexity rise is plotted")
+    args = parser.parse_args(argv)
+    print(write_report(args.results, args.md, args.png, ppl_key=args.ppl_key), end="")
+    return 0

@@ -1,0 +1,107 @@
+"""run_sequence: a 2-task sequence on the tiny random model (2-3 steps per task)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from gere_plugin.continual import METHODS, SequenceTask, TrainSettings, model_fingerprint, run_sequence
+from gere_plugin.evaluation.general import GeneralEvalConfig
+from gere_plugin.evaluation.tasks import ClassificationItem, MCItem
+
+WORDS = "the river city music film team water light energy market school garden forest ocean planet".split()
+
+
+def _task(name: str, labels: tuple[str, str], seed: int, n_train: int = 16, n_test: int = 6) -> SequenceTask:
+    rng = random.Random(seed)
+
+    def item() -> ClassificationItem:
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+        return ClassificationItem(f"{name}: {text}\nAnswer:", labels, rng.randint(0, 1))
+
+    train = [item().as_prompt_completion() for _ in range(n_train)]
+    return SequenceTask(name=name, train=train, test=[item() for _ in range(n_test)])
+
+
+TASKS = [_task("sentiment", (" positive", " negative"), 1), _task("question", (" yes", " no"), 2)]
+SETTINGS = TrainSettings(
+    steps_per_task=2, batch_size=4, max_length=48, learning_rate=1e-3, replay_size=24, replay_max_length=24,
+    replay_per_step=2, state_batch_size=8, logging_steps=1, eval_batch_size=8,
+)
+GENERAL = GeneralEvalConfig(
+    ppl_sets={"held": ["the river was lovely and the city was great.", "a film about the ocean and planet."]},
+    mc_items={"toy": [MCItem("the river was", (" great", " ocean planet"), 0)]},
+    ppl_max_length=32,
+)
+
+
+def _check_structure(result: dict, method: str) -> None:
+    assert result["method"] == method
+    assert result["tasks"] == ["sentiment", "question"]
+    assert len(result["matrix"]) == 2 and all(len(row) == 2 for row in result["matrix"])
+    assert all(0.0 <= v <= 1.0 for row in result["matrix"] for v in row)
+    assert len(result["base_row"]) == 2
+    assert [s["task"] for s in result["stages"]] == ["sentiment", "question"]
+    assert all(s["steps"] == 2 for s in result["stages"])
+    for key in ("AA", "AP", "BWT", "FWT", "FM", "F1"):
+        assert result["summary"][key] is not None
+    general = result["final"]["general"]
+    assert set(general["ppl"]) == {"held"} and general["ppl"]["held"] > 1.0
+    assert general["n"]["cloze/toy"] == 1
+
+
+def test_run_sequence_gere_carries_weights_and_reuses_state_cache(tiny_dir, replay_file, tmp_path):
+    cache = tmp_path / "states"
+    out_json = tmp_path / "result.json"
+    result = run_sequence(
+        str(tiny_dir), TASKS, "gere", tmp_path / "run", settings=SETTINGS, replay=replay_file,
+        state_cache=cache, seed=3, general=GENERAL, result_path=out_json,
+    )
+    _check_structure(result, "gere")
+    on_disk = json.loads(out_json.read_text())
+    assert on_disk["matrix"] == result["matrix"] and on_disk["summary"] == result["summary"]
+
+    s0, s1 = result["stages"]
+    # task 2 starts exactly where task 1 ended, and training changed the weights
+    assert s1["start_fingerprint"] == s0["end_fingerprint"]
+    assert s0["start_fingerprint"] != s0["end_fingerprint"]
+    assert s1["start_fingerprint"] != s1["end_fingerprint"]
+    # the state cache was built by task 1 (from the base model) and reused untouched by task 2
+    assert s0["state_cache_before"] == {"exists": False}
+    assert s0["state_cache_after"]["exists"] and not s0["state_cache_reused"]
+    assert s1["state_cache_reused"] and s1["state_cache_before"] == s0["state_cache_after"]
+    assert (cache / "meta.json").is_file()
+    # GeRe metrics were logged during training
+    assert any("gere/reg_loss" in rec for rec in s1["history"])
+
+
+def test_run_sequence_plain_and_freeze_preset(tiny_dir, tiny_tokenizer, replay_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")
+    base_fp = model_fingerprint(model)
+    plain = run_sequence(model, TASKS, "plain", tmp_path / "plain", tokenizer=tiny_tokenizer, settings=SETTINGS,
+                         seed=3, general=GENERAL)
+    _check_structure(plain, "plain")
+    assert plain["stages"][0]["start_fingerprint"] == base_fp
+    assert plain["state_cache"] is None
+    assert not any("gere/reg_loss" in rec for s in plain["stages"] for rec in s["history"])
+
+    spec = METHODS["gere_freeze"]
+    assert spec.gere_kwargs(0)["gere_freeze_layers"] == 0 and spec.gere_kwargs(1)["gere_freeze_layers"] == 3
+    frozen = run_sequence(str(tiny_dir), TASKS, "gere_freeze", tmp_path / "frz", settings=SETTINGS,
+                          replay=replay_file, state_cache=tmp_path / "states", seed=3, general=None)
+    first, second = frozen["stages"]
+    assert second["trainable_params"] < first["trainable_params"]
+    assert "general" not in frozen["final"] and frozen["summary"]["F1"] is None
+
+
+def test_run_sequence_rejects_bad_input(tiny_dir, tmp_path):
+    with pytest.raises(ValueError):
+        run_sequence(str(tiny_dir), [], "plain", tmp_path)
+    with pytest.raises(ValueError):
+        run_sequence(str(tiny_dir), [TASKS[0], TASKS[0]], "plain", tmp_path)
+    with pytest.raises(KeyError):
+        run_sequence(str(tiny_dir), TASKS, "no-such-method", tmp_path)
