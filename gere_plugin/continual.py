@@ -119,6 +119,7 @@ class TrainSettings:
     logging_steps: int = 5
     eval_batch_size: int = 16
     general_every_task: bool = True
+    print_logs: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,11 +153,19 @@ def evaluate_stage(
     general: Optional[GeneralEvalConfig],
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Accuracy on every task's test items and (when ``general`` is given) general ability."""
+    """Accuracy on every task's test items and (when ``general`` is given) general ability.
+
+    ``majority_share[task]`` is the share of the most frequent predicted label (1.0 = the model
+    answers every item with the same label word, i.e. it learned the label prior, not the task).
+    """
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"tasks": {}}
+    out: dict[str, Any] = {"tasks": {}, "majority_share": {}}
     for task in tasks:
-        out["tasks"][task.name] = label_accuracy(model, tokenizer, task.test, batch_size=batch_size)["accuracy"]
+        res = label_accuracy(model, tokenizer, task.test, batch_size=batch_size)
+        out["tasks"][task.name] = res["accuracy"]
+        # share of the most frequent prediction: near 1.0 means the model collapsed onto one label
+        counts = [res["predictions"].count(k) for k in set(res["predictions"])]
+        out["majority_share"][task.name] = max(counts) / len(res["predictions"])
     if general is not None:
         out["general"] = evaluate_general(model, tokenizer, general)
     out["seconds"] = time.perf_counter() - t0
@@ -206,9 +215,7 @@ def _build_trainer(
 ) -> Any:
     from datasets import Dataset
 
-    from .config import GeReArguments
-    from .sft import GeReSFTConfig, GeReSFTTrainer
-    from .trainer import setup_gere
+    from .sft import GeReSFTConfig
 
     gere = method.gere_kwargs(task_index)
     if method.replay:
@@ -247,6 +254,20 @@ def _build_trainer(
         **settings.extra_config,
     )
     ds = Dataset.from_list(task.train)
+    trainer = _make_trainer(model, tokenizer, cfg, ds, method, ref_model)
+    if not settings.print_logs:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _make_trainer(model: torch.nn.Module, tokenizer: Any, cfg: Any, ds: Any, method: MethodSpec,
+                  ref_model: Optional[torch.nn.Module]) -> Any:
+    from .config import GeReArguments
+    from .sft import GeReSFTTrainer
+    from .trainer import setup_gere
+
     needs_base_ref = method.replay and method.regularizer in ("l1", "l2", "kl") and ref_model is not None
     if not needs_base_ref:
         return GeReSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer)

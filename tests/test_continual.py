@@ -77,6 +77,7 @@ def test_run_sequence_gere_carries_weights_and_reuses_state_cache(tiny_dir, repl
     assert any("gere/reg_loss" in rec for rec in s1["history"])
 
 
+@pytest.mark.slow
 def test_run_sequence_plain_and_freeze_preset(tiny_dir, tiny_tokenizer, replay_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -105,3 +106,16 @@ def test_run_sequence_rejects_bad_input(tiny_dir, tmp_path):
         run_sequence(str(tiny_dir), [TASKS[0], TASKS[0]], "plain", tmp_path)
     with pytest.raises(KeyError):
         run_sequence(str(tiny_dir), TASKS, "no-such-method", tmp_path)
+
+
+@pytest.mark.slow
+def test_feature_regularizer_compares_with_the_original_base(tiny_dir, replay_file, tmp_path):
+    # l2 against the ORIGINAL base: at the first step of task 2 the model already differs from it,
+    # so the regularizer is > 0 (a copy of task 2's starting weights would give exactly 0 there).
+    settings = TrainSettings(**{**SETTINGS.__dict__, "print_logs": False})
+    result = run_sequence(str(tiny_dir), TASKS, "l2", tmp_path / "l2", settings=settings, replay=replay_file,
+                          seed=3, general=None)
+    first_logged = [rec for rec in result["stages"][1]["history"] if "gere/reg_loss" in rec][0]
+    assert first_logged["step"] == 1
+    assert first_logged["gere/reg_loss"] > 0
+    assert result["state_cache"] is not None and not (tmp_path / "l2" / "gere_states" / "meta.json").exists()
