@@ -7,6 +7,7 @@ outside it) and 0-shot cloze accuracy (ARC-Easy, PIQA, ...); task performance by
     python benchmarks/forgetting.py --preset cpu-small            # plain, replay, gere; ~30-40 min per seed
     python benchmarks/forgetting.py --preset full                 # all 7 methods, 3 seeds (GPU advised)
     python benchmarks/forgetting.py --preset cpu-small --seeds 1 2 --resume
+    python benchmarks/forgetting.py --preset cpu-medium --resume --seeds 1 --methods kl l1   # add methods
 
 Writes ``benchmarks/results/forgetting_<preset>.json`` (environment, settings, per-seed runs, mean and
 spread per method, verdicts), ``.md`` (table) and ``.png`` (plot). The JSON is rewritten after every
@@ -51,6 +52,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ["plain", "gere", "replay"], "seeds": [1], "steps": 12, "batch_size": 6, "lr": 3e-4,
         "n_train": {"sst2": 400, "boolq": 400, "wiki_topic": 400}, "n_test": 100, "clip_chars": 200,
         "wiki_texts": 80, "sciq_texts": 48, "ppl_max_length": 96, "cloze": {"arc_easy": 150},
+        "replay_size": 1000, "replay_max_length": 48, "general_every_task": False,
+    },
+    # Session-2 setting: longer tasks (30 steps, so the label words are learned), a milder lr, and twice
+    # the cloze items (300) so the general score's sampling noise (~2.8 points sd) is below the effects.
+    "cpu-medium": {
+        "methods": ["plain", "replay", "gere"], "seeds": [1, 2], "steps": 30, "batch_size": 6, "lr": 2e-4,
+        "n_train": {"sst2": 400, "boolq": 400, "wiki_topic": 400}, "n_test": 100, "clip_chars": 200,
+        "wiki_texts": 80, "sciq_texts": 48, "ppl_max_length": 96, "cloze": {"arc_easy": 300},
         "replay_size": 1000, "replay_max_length": 48, "general_every_task": False,
     },
     "full": {
@@ -195,10 +204,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
-        if old.get("settings", {}).get("n_test") == doc["settings"]["n_test"]:
-            doc["runs"] = [r for r in old.get("runs", []) if r["method"] in methods]
-            doc["base"] = old.get("base")
-            doc["timings"] = old.get("timings", {})
+        prev = old.get("settings", {})
+        differ = sorted(k for k in set(prev) | set(doc["settings"]) if k not in ("methods", "seeds")
+                        and json.dumps(prev.get(k), default=float) != json.dumps(doc["settings"].get(k), default=float))
+        if differ:
+            raise SystemExit(f"--resume: {out_json} was made with other settings ({', '.join(differ)}); "
+                             "rerun with the same options, or drop --resume / pass another --out-dir")
+        doc["runs"] = list(old.get("runs", []))  # runs of every method stay in the file
+        doc["base"] = old.get("base")
+        doc["timings"] = old.get("timings", {})
+        doc["settings"]["methods"] = list(dict.fromkeys(prev.get("methods", []) + methods))
+        doc["settings"]["seeds"] = sorted(set(prev.get("seeds", [])) | set(seeds))
     logging.info("setup took %.0fs; %d tasks, methods %s, seeds %s", time.perf_counter() - t0, len(tasks),
                  methods, seeds)
 

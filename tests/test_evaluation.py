@@ -297,3 +297,20 @@ def test_label_accuracy_single_token_fast_path_equals_pair_scoring(tiny_model, t
     slow = label_accuracy(tiny_model, tiny_tokenizer, items, fast=False)
     assert fast["predictions"] == slow["predictions"]
     assert fast["scores"] == [pytest.approx(s, abs=1e-4) for s in slow["scores"]]
+
+
+def test_evaluate_cli_writes_perplexity_json(tiny_dir, tmp_path, capsys):
+    from gere_plugin.evaluation.cli import evaluate_main
+
+    texts = tmp_path / "held.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(tiny_dir), "--ppl", str(texts), "--max-length", "128", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["general"]["n"]["ppl/held"] == 3
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    expected = perplexity(model, AutoTokenizer.from_pretrained(str(tiny_dir)), TEXTS, max_length=128)["ppl"]
+    assert doc["general"]["ppl"]["held"] == pytest.approx(expected, rel=1e-5)
+    assert json.loads(capsys.readouterr().out)["general"]["ppl"]["held"] == doc["general"]["ppl"]["held"]
