@@ -264,21 +264,12 @@ def _build_trainer(
 
 def _make_trainer(model: torch.nn.Module, tokenizer: Any, cfg: Any, ds: Any, method: MethodSpec,
                   ref_model: Optional[torch.nn.Module]) -> Any:
-    from .config import GeReArguments
     from .sft import GeReSFTTrainer
-    from .trainer import setup_gere
 
-    needs_base_ref = method.replay and method.regularizer in ("l1", "l2", "kl") and ref_model is not None
-    if not needs_base_ref:
-        return GeReSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer)
-    # l1/l2/kl: the reference must be the ORIGINAL base model, not this task's starting weights, so
-    # the trainer is built without replay and GeRe is attached with the shared frozen base copy.
-    trainer = GeReSFTTrainer(
-        model=model, args=cfg, train_dataset=ds, processing_class=tokenizer,
-        gere_args=GeReArguments(gere_replay=None),
-    )
-    setup_gere(trainer, cfg, ref_model=ref_model)
-    return trainer
+    # l1/l2/kl: the reference is the ORIGINAL base model, not this task's starting weights.
+    needs_base_ref = method.replay and method.regularizer in ("l1", "l2", "kl")
+    return GeReSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer,
+                          gere_ref_model=ref_model if needs_base_ref else None)
 
 
 def run_sequence(

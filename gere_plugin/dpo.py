@@ -21,7 +21,9 @@ class GeReDPOTrainer(GeReTrainerMixin, DPOTrainer):
     The dynamic weight matches the regularizer to the DPO loss. For ``l1``/``l2``/``kl`` the base
     activations come from TRL's reference: the ``ref_model`` of a full fine-tune, or the
     adapter-disabled model for LoRA/QLoRA; with ``precompute_ref_log_probs`` and no reference model a
-    frozen copy is kept. The replay step is the same code as :class:`~gere_plugin.GeReSFTTrainer`'s.
+    frozen copy is kept; ``gere_ref_model=`` overrides it (e.g. the original base on a later task of a
+    sequence, while DPO keeps its own ``ref_model``). The replay step is the same code as
+    :class:`~gere_plugin.GeReSFTTrainer`'s.
     """
 
     gere_combine = "sum"

@@ -26,7 +26,8 @@ class GeReSFTTrainer(GeReTrainerMixin, SFTTrainer):
     gradient accumulation and ranks); they go through one extra forward with hidden states and the
     loss becomes ``mean(CE_task, CE_replay) + w * regularizer``. Same constructor as ``SFTTrainer``
     (``args`` must be a :class:`GeReSFTConfig`, or pass ``gere_args=GeReArguments(...)``). With
-    ``gere_replay=None`` it is exactly an ``SFTTrainer``.
+    ``gere_replay=None`` it is exactly an ``SFTTrainer``. ``gere_ref_model=`` sets the frozen model
+    that ``l1``/``l2``/``kl`` compare against (default: a copy of ``model`` as given).
     """
 
     gere_combine = "mean"

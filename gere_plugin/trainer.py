@@ -119,6 +119,25 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval().requires_grad_(False)
 
 
+def _check_ref_model(ref: torch.nn.Module, model: torch.nn.Module, regularizer: str) -> torch.nn.Module:
+    """Validate a user-given l1/l2/kl reference and put it, frozen, on the model's device."""
+    if not isinstance(ref, torch.nn.Module):
+        raise GeReConfigError(f"gere_ref_model must be a torch.nn.Module (a loaded model), got {type(ref).__name__}.")
+    want, got = hidden_size_of(model), hidden_size_of(ref)
+    if want is not None and got is not None and want != got:
+        raise GeReConfigError(
+            f"gere_ref_model has hidden size {got} but the trained model has {want}: the reference must be the "
+            "same architecture (normally the original base model the sequence started from)."
+        )
+    if regularizer not in ("l1", "l2", "kl"):
+        logger.warning("gere: gere_ref_model is only read by gere_regularizer l1/l2/kl (this run uses %s); "
+                       "TM reads the base states of the state cache instead.", regularizer)
+    device = next(model.parameters()).device
+    if next(ref.parameters()).device != device:
+        ref = ref.to(device)
+    return ref.eval().requires_grad_(False)
+
+
 class ReplayStep:
     """GeRe's replay work for one trainer. Built once; called from ``compute_loss`` every micro-batch.
 
@@ -127,7 +146,9 @@ class ReplayStep:
         gere_args: object with the ``gere_*`` attributes (a GeRe config or :class:`GeReArguments`).
         combine: ``"mean"`` (SFT: ``mean(task, replay CE)``) or ``"sum"`` (DPO: ``task + replay CE``).
         tokenizer: tokenizer of the model (defaults to the trainer's processing class).
-        ref_model: frozen reference model for l1/l2/kl (DPO's reference when it has one).
+        ref_model: frozen reference model for l1/l2/kl (the ``gere_ref_model`` trainer argument, else
+            DPO's reference when it has one, else a frozen copy of the model at trainer init, or for a
+            PEFT model the base with adapters disabled).
     """
 
     def __init__(
@@ -172,6 +193,8 @@ class ReplayStep:
         self.states: Optional[StateCache] = None
         if self.regularizer == "tm":
             self.states = self._get_states(trainer, model)
+        if ref_model is not None:
+            ref_model = _check_ref_model(ref_model, model, self.regularizer)
         self.ref_model = ref_model
         self._own_ref: Optional[torch.nn.Module] = None
         if self.regularizer in ("l1", "l2", "kl") and ref_model is None and not _is_peft(model):
@@ -398,13 +421,24 @@ class GeReTrainerMixin:
     this micro-batch. ``gere_args`` defaults to ``self.args`` (the GeRe configs carry the keys);
     pass a :class:`~gere_plugin.GeReArguments` to use it with any other ``TrainingArguments``.
     With ``gere_replay=None`` the trainer behaves exactly like its parent.
+
+    ``gere_ref_model`` is the frozen model that l1/l2/kl compare against. Without it that is the
+    model as it is when the trainer is built (DPO: TRL's reference), which on the second task of a
+    sequence is the first task's result; pass the original base model to keep every task anchored
+    to it. TM does not read it: its anchor is the base-state cache (``gere_state_cache``).
     """
 
     gere_combine = "mean"
 
-    def __init__(self, *args: Any, gere_args: Optional[GeReArguments] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        gere_args: Optional[GeReArguments] = None,
+        gere_ref_model: Optional[torch.nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        setup_gere(self, gere_args)
+        setup_gere(self, gere_args, ref_model=gere_ref_model)
 
     def _gere_refreeze(self) -> None:
         # PEFT's disable_adapter() (TRL's DPO reference, our l1/l2/kl base) sets requires_grad=True on
@@ -487,10 +521,15 @@ def with_gere(trainer_cls: type, combine: str = "mean") -> type:
     return _GERE_CLASSES[key]
 
 
-def enable_gere(trainer: Any, gere_args: Any, combine: Optional[str] = None) -> Optional[ReplayStep]:
-    """Turn an already built trainer into a GeRe trainer in place (class swap + :func:`setup_gere`)."""
+def enable_gere(
+    trainer: Any, gere_args: Any, combine: Optional[str] = None, ref_model: Optional[torch.nn.Module] = None
+) -> Optional[ReplayStep]:
+    """Turn an already built trainer into a GeRe trainer in place (class swap + :func:`setup_gere`).
+
+    ``ref_model``: the l1/l2/kl reference (see :class:`GeReTrainerMixin`, ``gere_ref_model``).
+    """
     if not isinstance(trainer, GeReTrainerMixin):
         trainer.__class__ = with_gere(type(trainer), combine or "mean")
     elif combine:
         trainer.gere_combine = combine
-    return setup_gere(trainer, gere_args)
+    return setup_gere(trainer, gere_args, ref_model=ref_model)

@@ -127,6 +127,26 @@ def test_precompute_ref_log_probs_with_l2_uses_a_frozen_copy(tmp_path, tiny_dir,
     assert regs[0] == pytest.approx(0.0, abs=1e-7) and regs[1] > 0
 
 
+def test_gere_ref_model_overrides_the_feature_reference_but_not_dpos(tmp_path, tiny_dir, tiny_tokenizer, pref_dataset,
+                                                                     replay_file):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    with torch.no_grad():  # a later task's starting point: already moved away from the base
+        g = torch.Generator().manual_seed(2)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trainer = GeReDPOTrainer(
+        model=model, args=dpo_config(tmp_path, replay_file, gere_regularizer="l2", max_steps=1),
+        train_dataset=pref_dataset, processing_class=tiny_tokenizer, gere_ref_model=base,
+    )
+    assert trainer.gere_step.ref_model is base and trainer.ref_model is not base and trainer.ref_model is not None
+    trainer.train()
+    first = [h["gere/reg_loss"] for h in trainer.state.log_history if "gere/reg_loss" in h][0]
+    assert first > 1e-4  # measured against the base, not against the moved start (which would read 0)
+
+
 def test_preference_data_as_replay_is_refused(tmp_path, tiny_dir, tiny_tokenizer, pref_dataset):
     from transformers import AutoModelForCausalLM
 

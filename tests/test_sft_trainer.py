@@ -364,3 +364,50 @@ def test_qlora_trains_with_gere(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset,
     t.train()
     tm = [h["gere/reg_loss"] for h in t.state.log_history if "gere/reg_loss" in h]
     assert tm[0] < 1e-3 and len(tm) == 3
+
+
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+def test_reference_model_argument_anchors_feature_regularizers(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset,
+                                                               replay_file, reg):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    _perturb(model)  # the model handed to the trainer already differs from the original base (a task-2 start)
+    kw = dict(FAST, gere_replay=str(replay_file), gere_state_cache=str(tmp_path / "cache"),
+              gere_regularizer=reg, gere_weight=1.0, gere_replay_per_step=2)
+
+    def first_reg(**extra):
+        cfg = sft_config(tmp_path / f"out-{len(extra)}", **kw)
+        trainer = GeReSFTTrainer(model=model, args=cfg, train_dataset=sft_dataset, processing_class=tiny_tokenizer,
+                                 **extra)
+        model.train()
+        (b,) = _batches(trainer, 1)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.state.global_step = 0
+        trainer.compute_loss(model, dict(b), num_items_in_batch=(b["labels"][:, 1:] != -100).sum())
+        return trainer, trainer._metrics["train"]["gere/reg_loss"][-1]
+
+    trainer, anchored = first_reg(gere_ref_model=base)
+    assert trainer.gere_step.ref_model is base and not any(p.requires_grad for p in base.parameters())
+    with torch.no_grad():
+        rows = trainer.gere_step.schedule.rows_for_step(0)
+        expected = float(_independent_reg(reg, model, base, trainer.gere_step.replay, rows))
+    assert expected > 1e-4
+    assert anchored == pytest.approx(expected, rel=2e-4, abs=1e-6)
+    # without the argument the reference is a copy of the model as given: step 0 reads exactly 0
+    _, unanchored = first_reg()
+    assert unanchored == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_model_of_another_width_is_refused(tmp_path, tiny_model, tiny_tokenizer, sft_dataset, replay_file):
+    from gere_plugin.config import GeReConfigError
+
+    from .conftest import build_model
+
+    other = build_model(tmp_path / "wide", tiny_tokenizer, hidden=48)
+    cfg = sft_config(tmp_path / "out", **FAST, gere_replay=str(replay_file), gere_regularizer="l2",
+                     gere_state_cache=str(tmp_path / "cache"))
+    with pytest.raises(GeReConfigError, match="gere_ref_model has hidden size 48"):
+        GeReSFTTrainer(model=tiny_model, args=cfg, train_dataset=sft_dataset, processing_class=tiny_tokenizer,
+                       gere_ref_model=other)
