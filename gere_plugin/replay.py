@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import GeReConfigError
+from .padding import pad_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -345,13 +346,7 @@ class ReplaySet:
 
     def collate(self, indices: Sequence[int], pad_token_id: int, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` (-100 on padding) for ``indices``."""
-        rows = [self.input_ids[i] for i in indices]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-            mask[j, : len(r)] = 1
+        ids, mask = pad_sequences([self.input_ids[i] for i in indices], pad_token_id)
         labels = ids.masked_fill(mask == 0, -100)
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if device is not None:

@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..padding import pad_sequences
+
 __all__ = [
     "ContinuationScore",
     "continuation_logprobs",
@@ -105,12 +107,7 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     with eval_mode(model):
         for idx in _batches(order, batch_size):
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
+            ids, mask = pad_sequences([seqs[i] for i in idx], pad)
             ids, mask = ids.to(device), mask.to(device)
             lp = _token_logprobs(model, ids, mask)
             target_mask = mask[:, 1:].float()
@@ -166,13 +163,7 @@ def continuation_logprobs(
     results: list[Optional[ContinuationScore]] = [None] * len(encoded)
     with eval_mode(model):
         for idx in _batches(order, batch_size):
-            width = max(len(encoded[i][0]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i][0]
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
+            ids, mask = pad_sequences([encoded[i][0] for i in idx], pad)
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             for row, i in enumerate(idx):
@@ -211,12 +202,7 @@ def next_token_logprobs(
     out = torch.empty((len(seqs), len(token_ids)), dtype=torch.float32)
     with eval_mode(model):
         for idx in _batches(order, batch_size):
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
+            ids, mask = pad_sequences([seqs[i] for i in idx], pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             for row, i in enumerate(idx):
                 logp = torch.log_softmax(logits[row, len(seqs[i]) - 1].float(), dim=-1)
@@ -241,13 +227,8 @@ def greedy_generate(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     with eval_mode(model):
         for idx in _batches(order, batch_size):
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+            ids, mask = pad_sequences([encoded[i] for i in idx], pad, left=True)
+            width = ids.shape[1]
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
