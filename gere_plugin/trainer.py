@@ -201,9 +201,10 @@ class ReplayStep:
             # Full fine-tune without a reference: keep a frozen copy of the base model.
             self._own_ref = frozen_copy(model)
         self._cur_step = -1
+        self._step_targets = 0
         self._micro = 0
         self._step_rows = 0
-        self._pending: dict[str, list[float]] = defaultdict(list)
+        self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.history: list[dict] = []
         self._log_path = os.environ.get("GERE_REPLAY_LOG")
         logger.info(
@@ -256,6 +257,8 @@ class ReplayStep:
         step = int(trainer.state.global_step)
         if step != self._cur_step:
             self._cur_step, self._micro, self._step_rows = step, 0, 0
+            # target tokens of the whole step's replay rows (host ints: no device sync), for CE shares
+            self._step_targets = sum(int(self.replay.lengths[i]) - 1 for i in self.schedule.rows_for_step(step))
         micro = self._micro
         self._micro += 1
         if micro >= accumulation:
@@ -310,9 +313,8 @@ class ReplayStep:
         logits, hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits=True)
         ce_sum, ce_count = token_ce(logits, batch["input_ids"], batch["attention_mask"])
         ce_micro = ce_sum / ce_count.clamp_min(1)
-        step_rows = self.schedule.rows_for_step(step)
-        step_targets = int(sum(int(self.replay.lengths[i]) - 1 for i in step_rows))
-        ce_share = float(ce_count) / max(step_targets, 1)
+        # rows are right-padded without special tokens: a row of n tokens has n - 1 targets
+        ce_share = sum(int(self.replay.lengths[i]) - 1 for i in rows) / max(self._step_targets, 1)
         reg_share = len(rows) / self.per_step
         reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden)
         task_micro = task_loss.detach().float() * scaling.task_unscale
@@ -336,23 +338,29 @@ class ReplayStep:
     METRIC_KEYS = ("gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state")
 
     def _metric(self, trainer: Any, key: str, value: torch.Tensor) -> None:
-        # Kept until the end of the optimizer step, then averaged over ranks (see _flush_metrics).
-        self._pending[key].append(float(value.detach().float().item()))
+        # Kept on the device until the end of the optimizer step (no host sync per micro-batch), then
+        # averaged over ranks in one all-reduce (see _flush_metrics).
+        self._pending[key].append(value.detach().float().reshape(()))
 
     def _flush_metrics(self, trainer: Any) -> None:
         """Once per optimizer step on every rank (the same number of calls everywhere, rows or not):
         one all-reduce turns this rank's gere/* values into means over all replay micro-batches of the
         step, and gere/replay_rows into the step's rows over all ranks."""
-        local: list[float] = []
+        acc = getattr(trainer, "accelerator", None)
+        device = next((v[0].device for v in self._pending.values() if v), torch.device("cpu"))
+        if acc is not None and acc.num_processes > 1:
+            device = acc.device
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        local: list[torch.Tensor] = []
         for key in self.METRIC_KEYS:
             vals = self._pending.get(key, [])
-            local += [sum(vals), float(len(vals))]
-        local.append(float(self._step_rows))
+            local += [torch.stack(vals).to(device).sum() if vals else zero, zero + len(vals)]
+        local.append(zero + self._step_rows)
         self._pending.clear()
-        totals = torch.tensor(local, dtype=torch.float32)
-        acc = getattr(trainer, "accelerator", None)
+        totals = torch.stack(local)
         if acc is not None and acc.num_processes > 1:
-            totals = acc.reduce(totals.to(acc.device), reduction="sum").cpu()
+            totals = acc.reduce(totals, reduction="sum")
+        totals = totals.cpu()  # the one host sync of the step
         store = getattr(trainer, "_metrics", None)
         if store is None:
             return

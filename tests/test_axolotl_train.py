@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .scripts import runner
+
 pytest.importorskip("axolotl")
 
 pytestmark = pytest.mark.slow
@@ -48,19 +50,8 @@ def prepare_recipe(name: str, tmp_path: Path, model_dir: Path) -> tuple[Path, di
 
 
 def run(cmd: list[str], cwd: Path, replay_log: Path) -> str:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        AXOLOTL_DO_NOT_TRACK="1",
-        WANDB_MODE="disabled",
-        TOKENIZERS_PARALLELISM="false",
-        # tiny matrices: several BLAS threads per process only fight over the 2 shared cores
-        OMP_NUM_THREADS="1",
-        GERE_REPLAY_LOG=str(replay_log),
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
+    env = runner.child_env(replay_log)  # offline, 1 thread, no leaked ACCELERATE_LOG_LEVEL / rank vars
+    env.update(AXOLOTL_DO_NOT_TRACK="1", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
