@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -152,6 +153,46 @@ def forward_hidden(
 # ---------------------------------------------------------------------------------------------
 # The cache object
 # ---------------------------------------------------------------------------------------------
+def _owner_tag() -> str:
+    """``<host>-<pid>`` of this process, for the names of temporary cache folders."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete ``.<name>.tmp-*`` / ``.old-*`` siblings of ``folder`` left by a killed save.
+
+    Only folders written by a process of this host that no longer runs are removed (the name carries
+    host and pid); a save in progress elsewhere, or on another node of a shared file system, is left
+    alone. Returns the removed paths.
+    """
+    folder = Path(folder)
+    host = _owner_tag().rsplit("-", 1)[0]
+    removed: list[Path] = []
+    if not folder.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for path in folder.parent.glob(f".{folder.name}.{kind}-{host}-*-*"):
+            pid_text = path.name[len(f".{folder.name}.{kind}-{host}-"):].split("-", 1)[0]
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    if removed:
+        logger.info("gere: removed %d temporary cache folder(s) left by killed saves: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
 @dataclass
 class StateCache:
     """Thresholds and packed state labels of the base model on a replay set."""
@@ -207,7 +248,8 @@ class StateCache:
 
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_temporaries(folder)
+        tmp = folder.parent / f".{folder.name}.tmp-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             labels_path = tmp / LABELS
@@ -229,7 +271,7 @@ class StateCache:
                 os.fsync(fh.fileno())
             _fsync_dir(tmp)
             if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+                old = folder.parent / f".{folder.name}.old-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
                 os.replace(folder, old)
                 os.replace(tmp, folder)
                 shutil.rmtree(old, ignore_errors=True)

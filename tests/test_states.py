@@ -1,6 +1,7 @@
 """Base-model states: thresholds and labels recomputed independently, cache format, errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,30 @@ def test_save_load_round_trip_and_reported_size(tmp_path, tiny_model, replay):
     # overwrite keeps exactly one cache
     cache.save(tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_save_removes_temporaries_of_dead_processes_only(tmp_path, tiny_model, replay):
+    import subprocess
+    import sys
+
+    from gere_plugin.states import _owner_tag
+
+    host = _owner_tag().rsplit("-", 1)[0]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is no longer running
+    killed = tmp_path / f".c.tmp-{host}-{dead.pid}-deadbeef"
+    killed_old = tmp_path / f".c.old-{host}-{dead.pid}-deadbeef"
+    running = tmp_path / f".c.tmp-{host}-{os.getppid()}-0badcafe"  # a live process: a save in progress
+    other_node = tmp_path / f".c.tmp-anotherhost-{dead.pid}-12345678"  # cannot check another host's pids
+    legacy = tmp_path / ".c.tmp-1234abcd"  # written before names carried host and pid
+    for d in (killed, killed_old, running, other_node, legacy):
+        d.mkdir()
+        (d / "labels.bin").write_bytes(b"partial")
+    cache = build_state_cache(tiny_model, replay, progress=False)
+    cache.save(tmp_path / "c")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["c", running.name, other_node.name, legacy.name])
+    assert StateCache.load(tmp_path / "c").meta["replay_fingerprint"] == replay.fingerprint
 
 
 def test_format_is_at_most_one_sixteenth_of_fp32():
