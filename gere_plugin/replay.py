@@ -276,22 +276,30 @@ class ReplaySet:
         source: str = "",
         dropped_empty: int = 0,
     ) -> ReplaySet:
-        """Shuffle ``texts`` with ``seed`` and keep the first ``size`` that tokenize to >= ``min_tokens``."""
+        """Shuffle ``texts`` with ``seed`` and keep the first ``size`` that tokenize to >= ``min_tokens``.
+
+        The kept samples are stored in their source order, so the set (and its fingerprint, the key
+        of the state cache) depends on the seed only through *which* texts are drawn: a replay file
+        used whole gives the same set, and can share one cache, under every ``gere_seed``. The seed
+        still orders the replay schedule.
+        """
         order = np.random.default_rng(seed).permutation(len(texts))
         ids_out: list[list[int]] = []
         kept: list[str] = []
+        source_index: list[int] = []
         short = 0
         chunk = 256
         for start in range(0, len(order), chunk):
             idx = order[start : start + chunk]
             batch = [texts[i] for i in idx]
             enc = tokenizer(batch, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-            for t, ids in zip(batch, enc):
+            for i, t, ids in zip(idx, batch, enc):
                 if len(ids) < min_tokens:
                     short += 1
                     continue
                 ids_out.append(list(ids))
                 kept.append(t)
+                source_index.append(int(i))
                 if len(ids_out) == size:
                     break
             if len(ids_out) == size:
@@ -309,6 +317,8 @@ class ReplaySet:
                 f"({dropped_empty} empty and {short} shorter than {min_tokens} tokens were dropped). Lower "
                 f"gere_replay_size to {len(ids_out)} or add more general text."
             )
+        by_source = sorted(range(len(ids_out)), key=source_index.__getitem__)
+        ids_out, kept = [ids_out[j] for j in by_source], [kept[j] for j in by_source]
         tok_fp = tokenizer_fingerprint(tokenizer)
         return cls(
             input_ids=ids_out,

@@ -58,6 +58,21 @@ def test_sampling_is_seeded_and_tokenized_without_special_tokens(tiny_tokenizer,
     assert a.input_ids[0] == tiny_tokenizer(a.texts[0], add_special_tokens=False)["input_ids"][:8]
 
 
+def test_whole_file_gives_one_set_under_every_seed(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"text": t} for t in TEXTS])
+    sets = [ReplaySet.from_args(GeReArguments(gere_replay=str(path), gere_replay_size=len(TEXTS), gere_seed=s),
+                                tiny_tokenizer) for s in (0, 1, 7)]
+    assert all(r.texts == TEXTS for r in sets)  # source order, whatever the seed
+    assert len({r.fingerprint for r in sets}) == 1  # so one state cache serves every seed
+    # a subset depends on the seed, and is still kept in source order
+    sub = [ReplaySet.from_args(GeReArguments(gere_replay=str(path), gere_replay_size=8, gere_seed=s), tiny_tokenizer)
+           for s in (0, 1)]
+    assert sub[0].texts != sub[1].texts and sub[0].fingerprint != sub[1].fingerprint
+    for r in sub:
+        pos = [TEXTS.index(t) for t in r.texts]
+        assert pos == sorted(pos)
+
+
 def test_fingerprint_depends_on_max_length(tiny_tokenizer, replay_file):
     a = ReplaySet.from_args(GeReArguments(gere_replay=str(replay_file), gere_replay_size=10, gere_replay_max_length=8), tiny_tokenizer)
     b = ReplaySet.from_args(GeReArguments(gere_replay=str(replay_file), gere_replay_size=10, gere_replay_max_length=9), tiny_tokenizer)
