@@ -5,6 +5,8 @@ Subcommands:
     gere cache-states --model DIR --gere_replay replay.jsonl ...   build the base-model state cache
     gere keys [--check README.md]                                  the table of every gere_* key
     gere evaluate ... / gere report ...                            evaluation (see docs/evaluation.md)
+    gere sequence --model DIR --task NAME TRAIN TEST ... --method gere --replay R --out DIR
+                                                                   fine-tune a task sequence, evaluate each stage
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ COMMANDS = {
     "keys": _keys,
     "evaluate": lambda argv: _delegate("gere_plugin.evaluation.cli", "evaluate_main", argv),
     "report": lambda argv: _delegate("gere_plugin.evaluation.cli", "report_main", argv),
+    "sequence": lambda argv: _delegate("gere_plugin.sequence_cli", "sequence_main", argv),
 }
 
 

@@ -119,3 +119,54 @@ def test_feature_regularizer_compares_with_the_original_base(tiny_dir, replay_fi
     assert first_logged["step"] == 1
     assert first_logged["gere/reg_loss"] > 0
     assert result["state_cache"] is not None and not (tmp_path / "l2" / "gere_states" / "meta.json").exists()
+
+
+def _write_task_files(tmp_path, task: SequenceTask) -> tuple[str, str]:
+    train = tmp_path / f"{task.name}_train.jsonl"
+    test = tmp_path / f"{task.name}_test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in task.train))
+    # one item uses "answer" instead of "gold": both spellings are accepted
+    rows = [{"prompt": it.prompt, "label_words": list(it.label_words), "gold": it.gold} for it in task.test]
+    rows[0] = {"prompt": rows[0]["prompt"], "label_words": rows[0]["label_words"],
+               "answer": rows[0]["label_words"][rows[0]["gold"]]}
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(train), str(test)
+
+
+@pytest.mark.slow
+def test_gere_sequence_cli_matches_the_library_run(tiny_dir, replay_file, tmp_path, capsys):
+    from gere_plugin.cli import main
+
+    args = ["sequence", "--model", str(tiny_dir), "--method", "gere", "--replay", str(replay_file),
+            "--out", str(tmp_path / "cli"), "--seed", "3", "--steps", "2", "--batch-size", "4", "--max-length", "48",
+            "--lr", "1e-3", "--replay-size", "24", "--replay-max-length", "24", "--replay-per-step", "2"]
+    for task in TASKS:
+        args += ["--task", task.name, *_write_task_files(tmp_path, task)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    cli = json.loads((tmp_path / "cli" / "result.json").read_text())
+    settings = TrainSettings(**{**SETTINGS.__dict__, "logging_steps": 5, "state_batch_size": 16,
+                                "eval_batch_size": 16})
+    lib = run_sequence(str(tiny_dir), TASKS, "gere", tmp_path / "lib", settings=settings, replay=replay_file,
+                       seed=3, general=None)
+    assert cli["tasks"] == ["sentiment", "question"]
+    assert cli["matrix"] == lib["matrix"] and cli["base_row"] == lib["base_row"]
+    assert [s["end_fingerprint"] for s in cli["stages"]] == [s["end_fingerprint"] for s in lib["stages"]]
+    assert "sentiment" in printed and "result:" in printed
+
+
+def test_gere_sequence_cli_bad_input_names_file_and_line(tiny_dir, replay_file, tmp_path, capsys):
+    from gere_plugin.cli import main
+
+    train, test = _write_task_files(tmp_path, TASKS[0])
+    bad = tmp_path / "bad_test.jsonl"
+    bad.write_text('{"prompt": "x", "label_words": [" a", " b"], "gold": 0}\n{"prompt": "y", "label_words": [" a", " b"], "answer": " c"}\n')
+    base = ["sequence", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--replay", str(replay_file)]
+    assert main([*base, "--task", "t", train, str(bad)]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+    assert main([*base, "--task", "t", train, str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sequence", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--task", "t", train, test]) == 2
+    assert "--replay" in capsys.readouterr().err
+    assert main([*base, "--task", "t", train, test, "--task", "t", train, test]) == 2
+    assert "unique" in capsys.readouterr().err

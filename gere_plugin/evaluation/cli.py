@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from .report import report_main
 
-__all__ = ["evaluate_main", "read_texts", "report_main"]
+__all__ = ["evaluate_main", "general_config", "read_texts", "report_main"]
 
 
 def read_texts(path: str | Path, field: str = "text", limit: Optional[int] = None) -> list[str]:
@@ -35,6 +35,22 @@ def read_texts(path: str | Path, field: str = "text", limit: Optional[int] = Non
     if not texts:
         raise ValueError(f"{p} holds no texts")
     return texts
+
+
+def general_config(ppl: Sequence[str], cloze: Sequence[str], limit: int, max_length: int, batch_size: int) -> Any:
+    """A :class:`~.general.GeneralEvalConfig` from ``--ppl`` sources (files or ``wiki``) and ``--cloze`` tasks."""
+    from .general import GeneralEvalConfig, load_mc_items
+
+    ppl_sets: dict[str, list[str]] = {}
+    for src in ppl:
+        if src == "wiki":
+            from ..assets import wikipedia_splits
+
+            ppl_sets["wiki"] = [a.text for a in wikipedia_splits().heldout[:limit]]
+        else:
+            ppl_sets[Path(src).stem] = read_texts(src, limit=limit)
+    items = {name: load_mc_items(name, limit=limit) for name in cloze}
+    return GeneralEvalConfig(ppl_sets=ppl_sets, mc_items=items, ppl_max_length=max_length, batch_size=batch_size)
 
 
 def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,23 +72,13 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .general import GeneralEvalConfig, evaluate_general, load_mc_items
+    from .general import evaluate_general
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    ppl_sets: dict[str, list[str]] = {}
-    for src in args.ppl:
-        if src == "wiki":
-            from ..assets import wikipedia_splits
-
-            ppl_sets["wiki"] = [a.text for a in wikipedia_splits().heldout[: args.limit]]
-        else:
-            ppl_sets[Path(src).stem] = read_texts(src, limit=args.limit)
-    items = {name: load_mc_items(name, limit=args.limit) for name in args.cloze}
-    config = GeneralEvalConfig(ppl_sets=ppl_sets, mc_items=items, ppl_max_length=args.max_length,
-                               batch_size=args.batch_size)
+    config = general_config(args.ppl, args.cloze, args.limit, args.max_length, args.batch_size)
     result: dict[str, Any] = {"model": args.model, "general": evaluate_general(model, tok, config)}
     if args.lm_eval_tasks:
         from .lm_eval_adapter import lm_eval_available, run_lm_eval
