@@ -122,13 +122,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         print_logs=args.verbose,
     )
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gere-demo-"))
-    state_cache = assets.cache_dir() / f"demo-states-{args.replay_size}x48"
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print("Evaluating the base model ...", flush=True)
+    from .config import GeReArguments
+    from .replay import ReplaySet
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
+    # The cache folder is named after the replay fingerprint, so a cache left by an older version
+    # (another replay order or tokenization) is never mistaken for this one.
+    fingerprint = ReplaySet.from_args(
+        GeReArguments(gere_replay=str(replay), gere_replay_size=args.replay_size, gere_replay_max_length=48,
+                      gere_seed=0), tok,
+    ).fingerprint
+    state_cache = assets.cache_dir() / f"demo-states-{args.replay_size}x48-{fingerprint[:12]}"
+
+    print("Evaluating the base model ...", flush=True)
     base_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     base = evaluate_stage(base_model, tok, [sst2], general)
     del base_model
