@@ -69,7 +69,7 @@ bench-throughput: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/throughput.py
 
 bench-forgetting: $(VENV)/.installed
-	$(VENV)/bin/python benchmarks/forgetting.py --preset cpu-small
+	$(VENV)/bin/python benchmarks/forgetting.py --preset cpu-medium
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache .ruff_cache

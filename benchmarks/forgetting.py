@@ -4,7 +4,8 @@ Every method sees the same data, task order and seeds; each run starts from the 
 General ability is measured by held-out perplexity (Wikipedia = the replay source, SciQ passages =
 outside it) and 0-shot cloze accuracy (ARC-Easy, PIQA, ...); task performance by label-word accuracy.
 
-    python benchmarks/forgetting.py --preset cpu-small            # plain, replay, gere; ~30-40 min per seed
+    python benchmarks/forgetting.py --preset cpu-medium           # plain, replay, gere; 2 seeds, ~35 min each
+    python benchmarks/forgetting.py --preset cpu-small            # 12 steps per task; ~20 min per seed
     python benchmarks/forgetting.py --preset full                 # all 7 methods, 3 seeds (GPU advised)
     python benchmarks/forgetting.py --preset cpu-small --seeds 1 2 --resume
     python benchmarks/forgetting.py --preset cpu-medium --resume --seeds 1 --methods kl l1   # add methods
@@ -182,7 +183,7 @@ def write_outputs(doc: dict[str, Any], preset: str, out_dir: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-medium")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="override the preset's methods")
     p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
     p.add_argument("--steps", type=int, help="optimizer steps per task")
