@@ -25,6 +25,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -193,8 +194,6 @@ class ReplayStep:
         self.states: Optional[StateCache] = None
         if self.regularizer == "tm":
             self.states = self._get_states(trainer, model)
-        if ref_model is not None:
-            ref_model = _check_ref_model(ref_model, model, self.regularizer)
         self.ref_model = ref_model
         self._own_ref: Optional[torch.nn.Module] = None
         if self.regularizer in ("l1", "l2", "kl") and ref_model is None and not _is_peft(model):
@@ -252,13 +251,17 @@ class ReplayStep:
         acc = int(getattr(trainer, "current_gradient_accumulation_steps", 0) or trainer.args.gradient_accumulation_steps)
         return StepScaling(acc, self.world_size, trainer_divides_by_accumulation(trainer, num_items_in_batch))
 
+    def _target_count(self, rows: Sequence[int]) -> int:
+        """Predicted tokens of replay ``rows`` (host ints, no device sync): n - 1 for a row of n tokens."""
+        return sum(int(self.replay.lengths[i]) - 1 for i in rows)
+
     def rows_now(self, trainer: Any, accumulation: int) -> tuple[int, int, list[int]]:
         """Advance the micro-batch counter; return ``(step, micro, replay indices)`` for this call."""
         step = int(trainer.state.global_step)
         if step != self._cur_step:
             self._cur_step, self._micro, self._step_rows = step, 0, 0
             # target tokens of the whole step's replay rows (host ints: no device sync), for CE shares
-            self._step_targets = sum(int(self.replay.lengths[i]) - 1 for i in self.schedule.rows_for_step(step))
+            self._step_targets = self._target_count(self.schedule.rows_for_step(step))
         micro = self._micro
         self._micro += 1
         if micro >= accumulation:
@@ -313,8 +316,7 @@ class ReplayStep:
         logits, hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits=True)
         ce_sum, ce_count = token_ce(logits, batch["input_ids"], batch["attention_mask"])
         ce_micro = ce_sum / ce_count.clamp_min(1)
-        # rows are right-padded without special tokens: a row of n tokens has n - 1 targets
-        ce_share = sum(int(self.replay.lengths[i]) - 1 for i in rows) / max(self._step_targets, 1)
+        ce_share = self._target_count(rows) / max(self._step_targets, 1)
         reg_share = len(rows) / self.per_step
         reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden)
         task_micro = task_loss.detach().float() * scaling.task_unscale
@@ -499,7 +501,9 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
     if gere_args.gere_replay is None:
         logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
     else:
-        if ref_model is None:
+        if ref_model is not None:  # the user's gere_ref_model (a DPO reference needs no check)
+            ref_model = _check_ref_model(ref_model, model, gere_args.gere_regularizer)
+        else:
             ref_model = getattr(trainer, "ref_model", None)
         # Built BEFORE freezing: PEFT's disable_adapter() (used for the base states) re-enables
         # requires_grad on adapter weights when it exits.

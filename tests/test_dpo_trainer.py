@@ -147,6 +147,18 @@ def test_gere_ref_model_overrides_the_feature_reference_but_not_dpos(tmp_path, t
     assert first > 1e-4  # measured against the base, not against the moved start (which would read 0)
 
 
+def test_dpos_own_reference_with_tm_raises_no_gere_ref_model_warning(tmp_path, tiny_dir, tiny_tokenizer, pref_dataset,
+                                                                     replay_file, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    with caplog.at_level("WARNING", logger="gere_plugin.trainer"):
+        trainer = GeReDPOTrainer(model=model, args=dpo_config(tmp_path, replay_file, gere_regularizer="tm"),
+                                 train_dataset=pref_dataset, processing_class=tiny_tokenizer)
+    assert trainer.gere_step.ref_model is trainer.ref_model is not None
+    assert "gere_ref_model" not in caplog.text
+
+
 def test_preference_data_as_replay_is_refused(tmp_path, tiny_dir, tiny_tokenizer, pref_dataset):
     from transformers import AutoModelForCausalLM
 
