@@ -35,8 +35,15 @@ class ReplayError(GeReConfigError):
 # ---------------------------------------------------------------------------------------------
 # Loading raw records
 # ---------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
+def read_jsonl_objects(
+    path: Path, owner: str, example: str, error: type[GeReConfigError] = GeReConfigError
+) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSON-lines file (UTF-8, BOM allowed).
+
+    Invalid JSON, a line that is not an object, or non-UTF-8 bytes raise ``error`` with a message that
+    starts with ``owner`` (the key or option that named the file), gives the line, and shows ``example``.
+    """
+    records: list[tuple[int, dict]] = []
     try:
         with open(path, encoding="utf-8-sig") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -45,22 +52,26 @@ def _read_jsonl(path: Path) -> list[dict]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ReplayError(
-                        f"gere_replay: {path} line {lineno} is not valid JSON ({e.msg}). Each line of a .jsonl "
-                        "replay file must be one JSON object such as {\"text\": \"...\"}."
+                    raise error(
+                        f"{owner}: {path} line {lineno} is not valid JSON ({e.msg}). Each line of a .jsonl "
+                        f"file must be one JSON object such as {example}."
                     ) from None
                 if not isinstance(obj, dict):
-                    raise ReplayError(
-                        f"gere_replay: {path} line {lineno} is a {type(obj).__name__}, not a JSON object. "
-                        "Write one object per line, e.g. {\"text\": \"...\"}."
+                    raise error(
+                        f"{owner}: {path} line {lineno} is a {type(obj).__name__}, not a JSON object. "
+                        f"Write one object per line, e.g. {example}."
                     )
-                records.append(obj)
+                records.append((lineno, obj))
     except UnicodeDecodeError as e:
-        raise ReplayError(
-            f"gere_replay: {path} is not UTF-8 text (byte {e.start}: {e.reason}). Re-encode it as UTF-8, "
+        raise error(
+            f"{owner}: {path} is not UTF-8 text (byte {e.start}: {e.reason}). Re-encode it as UTF-8, "
             "e.g. `iconv -f latin1 -t utf-8`."
         ) from None
     return records
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [obj for _, obj in read_jsonl_objects(path, "gere_replay", '{"text": "..."}', ReplayError)]
 
 
 def _read_json(path: Path) -> list[dict]:

@@ -22,25 +22,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import GeReConfigError
+from .replay import read_jsonl_objects
 
 __all__ = ["load_test_items", "load_train_rows", "sequence_main"]
 
 
-def _jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
+def _jsonl(path: Path, what: str, example: str) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise GeReConfigError(f"{what} file {str(path)!r} does not exist.")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GeReConfigError(f"{path}:{n}: not valid JSON ({e.msg}); {what} files are JSON lines.") from None
-            if not isinstance(row, dict):
-                raise GeReConfigError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}.")
-            rows.append((n, row))
+    rows = read_jsonl_objects(path, f"--task ({what} file)", example)
     if not rows:
         raise GeReConfigError(f"{what} file {str(path)!r} is empty.")
     return rows
@@ -49,14 +39,14 @@ def _jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
 def load_train_rows(path: str | os.PathLike) -> list[dict[str, str]]:
     """TRL SFT rows of a ``.jsonl``: ``prompt`` + ``completion``, or ``text``."""
     out = []
-    for n, row in _jsonl(Path(path), "training"):
+    for n, row in _jsonl(Path(path), "training", '{"prompt": "...", "completion": "..."}'):
         if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
             out.append({"prompt": row["prompt"], "completion": row["completion"]})
         elif isinstance(row.get("text"), str):
             out.append({"text": row["text"]})
         else:
             raise GeReConfigError(
-                f"{path}:{n}: a training row needs string fields 'prompt' and 'completion', or 'text' "
+                f"{path} line {n}: a training row needs string fields 'prompt' and 'completion', or 'text' "
                 f"(found {sorted(row)})."
             )
     return out
@@ -67,11 +57,11 @@ def load_test_items(path: str | os.PathLike) -> list[Any]:
     from .evaluation.tasks import ClassificationItem
 
     items = []
-    for n, row in _jsonl(Path(path), "test"):
+    for n, row in _jsonl(Path(path), "test", '{"prompt": "...", "label_words": [" yes", " no"], "gold": 0}'):
         words = row.get("label_words")
         if not isinstance(row.get("prompt"), str) or not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise GeReConfigError(
-                f"{path}:{n}: a test item needs 'prompt' (string) and 'label_words' (list of strings), found {sorted(row)}."
+                f"{path} line {n}: a test item needs 'prompt' (string) and 'label_words' (list of strings), found {sorted(row)}."
             )
         if "gold" in row:
             gold = row["gold"]
@@ -79,12 +69,12 @@ def load_test_items(path: str | os.PathLike) -> list[Any]:
             gold = words.index(row["answer"])
         else:
             raise GeReConfigError(
-                f"{path}:{n}: give 'gold' (index into label_words) or 'answer' (one of {words}), found {row.get('answer')!r}."
+                f"{path} line {n}: give 'gold' (index into label_words) or 'answer' (one of {words}), found {row.get('answer')!r}."
             )
         try:
             items.append(ClassificationItem(row["prompt"], tuple(words), int(gold)))
         except ValueError as e:
-            raise GeReConfigError(f"{path}:{n}: {e}.") from None
+            raise GeReConfigError(f"{path} line {n}: {e}.") from None
     return items
 
 

@@ -163,7 +163,7 @@ def test_gere_sequence_cli_bad_input_names_file_and_line(tiny_dir, replay_file, 
     bad.write_text('{"prompt": "x", "label_words": [" a", " b"], "gold": 0}\n{"prompt": "y", "label_words": [" a", " b"], "answer": " c"}\n')
     base = ["sequence", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--replay", str(replay_file)]
     assert main([*base, "--task", "t", train, str(bad)]) == 2
-    assert f"{bad}:2" in capsys.readouterr().err
+    assert f"{bad} line 2" in capsys.readouterr().err
     assert main([*base, "--task", "t", train, str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["sequence", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--task", "t", train, test]) == 2
