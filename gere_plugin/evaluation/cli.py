@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -66,8 +65,9 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="lm-evaluation-harness tasks (optional)")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args(argv)
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(key, "1")
+    from ..assets import offline_env
+
+    offline_env()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
