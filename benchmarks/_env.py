@@ -17,26 +17,26 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _ram_gib() -> float | None:
+def _proc_value(path: str, key: str) -> str | None:
+    """The text after ``key:`` on the first matching line of a ``/proc`` file (None if absent)."""
     try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             for line in fh:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024**2, 1)
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
     return None
 
 
+def _ram_gib() -> float | None:
+    total = _proc_value("/proc/meminfo", "MemTotal")  # e.g. "24641300 kB"
+    return round(int(total.split()[0]) / 1024**2, 1) if total else None
+
+
 def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+    return _proc_value("/proc/cpuinfo", "model name") or platform.processor() or None
 
 
 def environment_info() -> dict[str, Any]:

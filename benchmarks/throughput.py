@@ -724,6 +724,17 @@ def check_targets(result: dict) -> dict[str, dict]:
     return checks
 
 
+def _paired_bars(ax, names: list[str], left: list[float], left_label: str, right: list[float], right_label: str,
+                 target: float, target_label: str, title: str) -> None:
+    """Two bars per configuration with a dashed target line."""
+    ax.bar([i - 0.2 for i in range(len(names))], left, 0.4, label=left_label)
+    ax.bar([i + 0.2 for i in range(len(names))], right, 0.4, label=right_label)
+    ax.axhline(target, color="k", ls="--", lw=1, label=target_label)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def plot(result: dict, path: Path) -> None:
     """Bar chart of the ratios, with the target lines."""
     import matplotlib
@@ -746,35 +757,20 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([i + 1.5 * width for i in range(len(names))], names, fontsize=8)
     ax.set_title("step time ratio (same rows)")
     ax.legend(fontsize=7)
-    ax = axes[1]
     mem_names = [n for n in names if "tm_vs_vanilla_peak_memory" in cfgs[n]["ratios"]]
-    ax.bar([i - 0.2 for i in range(len(mem_names))], [cfgs[n]["ratios"]["tm_vs_vanilla_peak_memory"] for n in mem_names], 0.4,
-           label="GeRe TM / vanilla")
-    ax.bar([i + 0.2 for i in range(len(mem_names))], [cfgs[n]["ratios"]["l2_vs_vanilla_peak_memory"] for n in mem_names], 0.4,
-           label="L2 / vanilla")
-    ax.axhline(1.05, color="k", ls="--", lw=1, label="target 1.05")
-    ax.set_xticks(range(len(mem_names)), mem_names, fontsize=8)
-    ax.set_title("peak memory ratio")
-    ax.legend(fontsize=7)
+    _paired_bars(axes[1], mem_names,
+                 [cfgs[n]["ratios"]["tm_vs_vanilla_peak_memory"] for n in mem_names], "GeRe TM / vanilla",
+                 [cfgs[n]["ratios"]["l2_vs_vanilla_peak_memory"] for n in mem_names], "L2 / vanilla",
+                 1.05, "target 1.05", "peak memory ratio")
     builds = [n for n in names if "build" in cfgs[n]]
-    ax = axes[2]
-    ax.bar([i - 0.2 for i in range(len(builds))], [cfgs[n]["build"]["build_vs_inference_backbone"] for n in builds], 0.4,
-           label="vs decoder-only inference")
-    ax.bar([i + 0.2 for i in range(len(builds))], [cfgs[n]["build"]["build_vs_inference_full"] for n in builds], 0.4,
-           label="vs full-logits inference")
-    ax.axhline(0.8, color="k", ls="--", lw=1, label="target 0.8")
-    ax.set_xticks(range(len(builds)), builds, fontsize=8)
-    ax.set_title("state-cache build tokens/s ratio")
-    ax.legend(fontsize=7)
-    ax = axes[3]
-    ax.bar([i - 0.2 for i in range(len(builds))], [cfgs[n]["build"]["cache"]["cache_vs_fp32_raw"] for n in builds], 0.4,
-           label="vs raw fp32 bytes")
-    ax.bar([i + 0.2 for i in range(len(builds))], [cfgs[n]["build"]["cache"]["cache_vs_reference_layout"] for n in builds], 0.4,
-           label="vs reference .pt files")
-    ax.axhline(1 / 16, color="k", ls="--", lw=1, label="target 1/16")
-    ax.set_xticks(range(len(builds)), builds, fontsize=8)
-    ax.set_title("cache bytes on disk / fp32 hidden states")
-    ax.legend(fontsize=7)
+    _paired_bars(axes[2], builds,
+                 [cfgs[n]["build"]["build_vs_inference_backbone"] for n in builds], "vs decoder-only inference",
+                 [cfgs[n]["build"]["build_vs_inference_full"] for n in builds], "vs full-logits inference",
+                 0.8, "target 0.8", "state-cache build tokens/s ratio")
+    _paired_bars(axes[3], builds,
+                 [cfgs[n]["build"]["cache"]["cache_vs_fp32_raw"] for n in builds], "vs raw fp32 bytes",
+                 [cfgs[n]["build"]["cache"]["cache_vs_reference_layout"] for n in builds], "vs reference .pt files",
+                 1 / 16, "target 1/16", "cache bytes on disk / fp32 hidden states")
     fig.suptitle(f"gere-plugin throughput ({result['preset']['name']}; ratios, medians of alternating rounds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
