@@ -11,8 +11,9 @@ Validation (same messages as the TRL configs, each naming the key):
 * ``before``: a ``gere_*`` key the schema does not know (a typo) is an error with the closest valid
   name, instead of being dropped like any other unknown Axolotl key;
 * ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
-  config lists the GeRe plugin, ``gere_replay`` is required and the training mode must be one
-  GeRe supports (SFT, ``rl: dpo`` or ``rl: ipo``).
+  config asks for GeRe (lists the plugin, or sets any ``gere_*`` key: :func:`gere_requested`),
+  ``gere_replay`` is required and the training mode must be one GeRe supports (SFT, ``rl: dpo`` or
+  ``rl: ipo``), so GeRe never runs half-configured or silently off.
 
 This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
 """
@@ -32,8 +33,12 @@ PLUGIN_PATHS = (
     "gere_plugin.axolotl.GeRePlugin",
     "gere_plugin.axolotl.plugin.GeRePlugin",
 )
-#: The form the docs and recipes use.
+#: The form the docs and recipes use (it works on every supported Axolotl version).
 PLUGIN_PATH = PLUGIN_PATHS[0]
+#: The ``module:Class`` spellings of the same paths (understood by Axolotl >= 0.21 only).
+PLUGIN_COLON_PATHS = tuple(":".join(p.rsplit(".", 1)) for p in PLUGIN_PATHS)
+#: The target of this package's ``axolotl.plugins`` entry point (see pyproject.toml), dotted.
+ENTRY_POINT_PATH = "gere_plugin.axolotl.plugin.GeRePlugin"
 
 #: ``rl:`` values GeRe supports (they use Axolotl's DPO trainer); ``None`` = SFT.
 SUPPORTED_RL = ("dpo", "ipo")
@@ -46,13 +51,57 @@ _TYPE_OVERRIDES: dict[str, Any] = {
 }
 
 
+def normalize_plugin_entry(entry: Any) -> Optional[str]:
+    """A ``plugins:`` entry in dotted form (``module:Class`` -> ``module.Class``), or ``None`` if not a string."""
+    if not isinstance(entry, str):
+        return None
+    module, sep, cls = entry.strip().partition(":")
+    return f"{module}.{cls}" if sep else entry.strip()
+
+
 def is_gere_plugin_entry(entry: Any) -> bool:
-    """Whether a ``plugins:`` entry loads the GeRe plugin."""
-    return isinstance(entry, str) and entry.strip() in PLUGIN_PATHS
+    """Whether a ``plugins:`` entry names the GeRe plugin (dotted or ``module:Class`` form)."""
+    return normalize_plugin_entry(entry) in PLUGIN_PATHS
 
 
 def lists_gere_plugin(plugins: Any) -> bool:
     return isinstance(plugins, (list, tuple)) and any(is_gere_plugin_entry(p) for p in plugins)
+
+
+def gere_keys_set(values: Any) -> list[str]:
+    """The ``gere_*`` keys of a config mapping that hold a value (``None`` = not set)."""
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    return [f.name for f in gere_fields() if getter(f.name) is not None]
+
+
+def gere_requested(values: Any) -> bool:
+    """Whether a config asks for GeRe: ``plugins:`` names the plugin, or any ``gere_*`` key is set.
+
+    Axolotl >= 0.21 loads the plugin through its entry point for every config, so the keys alone must
+    turn GeRe on; on older versions the plugin only runs when ``plugins:`` loads it, and then the same
+    rule holds for that config.
+    """
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    return lists_gere_plugin(getter("plugins")) or bool(gere_keys_set(values))
+
+
+def check_gere_request(values: Any) -> None:
+    """Raise :class:`GeReConfigError` when a config asks for GeRe but cannot run it (no ``gere_replay``,
+    or a training mode GeRe does not wrap). A config that does not ask for GeRe passes untouched."""
+    if not gere_requested(values):
+        return
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    if getter("gere_replay") in (None, ""):
+        why = (
+            f"plugins: lists {PLUGIN_PATH}"
+            if lists_gere_plugin(getter("plugins"))
+            else f"the config sets {', '.join(gere_keys_set(values))}"
+        )
+        raise GeReConfigError(
+            f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
+            "file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the gere_* keys and the plugin line."
+        )
+    check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model")})
 
 
 def _rl_name(rl: Any) -> Optional[str]:
@@ -102,15 +151,7 @@ class _GeReArgsBase(BaseModel):
             if value != given[key]:
                 # plain attribute write: the schema's validate_assignment (if any) must not re-run us
                 self.__dict__[key] = value
-        if lists_gere_plugin(getattr(self, "plugins", None)):
-            if values.get("gere_replay") is None:
-                raise GeReConfigError(
-                    f"gere_replay is not set, but plugins: lists {PLUGIN_PATH}. Point gere_replay at a general-text "
-                    "replay file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the plugin line."
-                )
-            check_training_mode(
-                {k: getattr(self, k, None) for k in ("rl", "reward_model", "process_reward_model")}
-            )
+        check_gere_request(self)
         return self
 
 
