@@ -39,7 +39,10 @@ class GeReArguments:
             gradient accumulation and ranks. ``None`` = a quarter of the global batch (at least 1).
         gere_regularizer: ``tm`` (GeRe), ``l1``/``l2`` (hidden-state distance to the base model),
             ``kl`` (logit KL to the base model) or ``none`` (vanilla replay, CE only).
-        gere_weight: ``dynamic`` (weight = CE / regularizer, both detached) or a fixed number.
+        gere_weight: ``dynamic`` (weight = CE / regularizer, both detached: the paper's rule) or a
+            fixed number.
+        gere_weight_max: Upper bound of the dynamic weight, ``w = min(CE / R, gere_weight_max)``;
+            ``None`` = no bound (the paper). Ignored with a fixed ``gere_weight``.
         gere_sigma: Threshold multiplier k in ``mu +- k * sigma``.
         gere_tm_reduction: ``violations`` (sum / number of non-zero elements, the reference) or
             ``mean`` (sum / number of elements).
@@ -88,6 +91,13 @@ class GeReArguments:
     gere_weight: str = field(
         default="dynamic",
         metadata={"help": "'dynamic' (CE / regularizer, detached) or a fixed non-negative number."},
+    )
+    gere_weight_max: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Upper bound of the dynamic weight: w = min(CE / R, gere_weight_max). null = unbounded (the "
+            "paper). Ignored with a fixed gere_weight."
+        },
     )
     gere_sigma: float = field(
         default=1.0, metadata={"help": "Threshold multiplier k: states split at mu +- k*sigma."}
@@ -220,6 +230,13 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
     parse_weight(weight)
     if not isinstance(weight, str):
         out["gere_weight"] = str(float(weight)) if "gere_weight" in out else weight
+    cap = get("gere_weight_max")
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(float(cap)) or cap <= 0:
+            raise GeReConfigError(
+                f"gere_weight_max={cap!r} must be a number > 0 (an upper bound of the dynamic weight) or null for no bound."
+            )
+        out["gere_weight_max"] = float(cap) if "gere_weight_max" in out else cap
     sigma = get("gere_sigma")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise GeReConfigError(f"gere_sigma={sigma!r} must be a number > 0 (the paper uses 1.0).")

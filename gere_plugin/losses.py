@@ -116,8 +116,12 @@ def dynamic_weight(primary: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
     return primary.detach() / (reg.detach() + EPS)
 
 
-def resolve_weight(fixed: Optional[float], primary: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
-    """The regularizer weight: the fixed number, or the dynamic weight when ``fixed is None``."""
+def resolve_weight(
+    fixed: Optional[float], primary: torch.Tensor, reg: torch.Tensor, cap: Optional[float] = None
+) -> torch.Tensor:
+    """The regularizer weight: the fixed number, or the dynamic weight when ``fixed is None``, bounded
+    above by ``cap`` when given (``min(primary / reg, cap)``)."""
     if fixed is None:
-        return dynamic_weight(primary, reg)
+        w = dynamic_weight(primary, reg)
+        return w if cap is None else w.clamp(max=float(cap))
     return torch.tensor(float(fixed), device=reg.device, dtype=torch.float32)

@@ -166,6 +166,10 @@ class ReplayStep:
         self.combine = combine
         self.regularizer = gere_args.gere_regularizer
         self.fixed_weight = parse_weight(gere_args.gere_weight)
+        self.weight_cap: Optional[float] = getattr(gere_args, "gere_weight_max", None)
+        #: diagnostic mode (off by default; costs two extra backward passes per replay micro-batch):
+        #: log the gradient norms of the task/CE part and of the regularizer part, see grad_balance()
+        self.grad_diagnostics = bool(os.environ.get("GERE_GRAD_DIAGNOSTICS"))
         self.layers = list(gere_args.gere_layers)
         tok = _tokenizer_of(tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None))
         if tok is None:
@@ -324,10 +328,15 @@ class ReplayStep:
         if self.regularizer == "none":
             weight = torch.zeros((), device=reg.device)
         else:
-            weight = resolve_weight(self.fixed_weight, primary, reg)
+            weight = resolve_weight(self.fixed_weight, primary, reg, self.weight_cap)
         ce_factor = 0.5 if self.combine == "mean" else 1.0
-        extra = scaling.extra_factor * (ce_factor * ce_share * ce_micro + reg_share * weight * reg)
-        loss = task_factor * task_loss + extra.to(task_loss.dtype)
+        ce_part = scaling.extra_factor * ce_factor * ce_share * ce_micro
+        reg_part = scaling.extra_factor * reg_share * weight * reg
+        if self.grad_diagnostics and torch.is_grad_enabled() and self.regularizer != "none":
+            for key, value in grad_balance(model, task_factor * task_loss + ce_part, reg_part,
+                                           getattr(trainer.args, "max_grad_norm", None)).items():
+                self._metric(trainer, key, value)
+        loss = task_factor * task_loss + (ce_part + reg_part).to(task_loss.dtype)
         self._metric(trainer, "gere/replay_ce", ce_micro)
         self._metric(trainer, "gere/reg_loss", reg)
         self._metric(trainer, "gere/weight", weight)
@@ -337,7 +346,9 @@ class ReplayStep:
         return loss
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    METRIC_KEYS = ("gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state")
+    METRIC_KEYS = ("gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state",
+                   "gere/grad_norm_ce", "gere/grad_norm_reg", "gere/grad_norm_total", "gere/clip_coef",
+                   "gere/grad_cosine")
 
     def _metric(self, trainer: Any, key: str, value: torch.Tensor) -> None:
         # Kept on the device until the end of the optimizer step (no host sync per micro-batch), then
@@ -389,6 +400,46 @@ class ReplayStep:
             "regularizer": self.regularizer,
             "cache_meta": {k: (self.states.meta.get(k) if self.states else None) for k in ("replay_fingerprint", "base_model", "sigma")},
         }
+
+
+def grad_balance(
+    model: torch.nn.Module, ce_term: torch.Tensor, reg_term: torch.Tensor, max_grad_norm: Optional[float]
+) -> dict[str, torch.Tensor]:
+    """Gradient norms of the CE part (task + replay CE) and of the regularizer part of one micro-batch.
+
+    Diagnostic only: two extra backward passes through the retained graph. Returns ``gere/grad_norm_ce``,
+    ``gere/grad_norm_reg``, ``gere/grad_norm_total`` (of their sum), ``gere/grad_cosine`` (between the two)
+    and ``gere/clip_coef``, the factor gradient clipping at ``max_grad_norm`` would apply to this
+    micro-batch's gradient (1 = no clipping): after clipping the CE part's norm is ``clip_coef x
+    grad_norm_ce``. With gradient accumulation these are per micro-batch (the benchmark uses none).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero = torch.zeros((), device=ce_term.device)
+    if not params:
+        return {}
+
+    def grads(term: torch.Tensor) -> list[torch.Tensor]:
+        if not term.requires_grad:
+            return [torch.zeros_like(p) for p in params]
+        got = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(got, params)]
+
+    g_ce, g_reg = grads(ce_term), grads(reg_term)
+    ce_sq = sum(((g.float() ** 2).sum() for g in g_ce), zero)
+    reg_sq = sum(((g.float() ** 2).sum() for g in g_reg), zero)
+    dot = sum(((a.float() * b.float()).sum() for a, b in zip(g_ce, g_reg)), zero)
+    total = (ce_sq + reg_sq + 2 * dot).clamp_min(0).sqrt()
+    ce_n, reg_n = ce_sq.sqrt(), reg_sq.sqrt()
+    clip = torch.ones((), device=total.device)
+    if max_grad_norm:
+        clip = (float(max_grad_norm) / (total + 1e-6)).clamp(max=1.0)
+    return {
+        "gere/grad_norm_ce": ce_n,
+        "gere/grad_norm_reg": reg_n,
+        "gere/grad_norm_total": total,
+        "gere/grad_cosine": dot / (ce_n * reg_n + 1e-12),
+        "gere/clip_coef": clip,
+    }
 
 
 class GeReCheckpointCallback(TrainerCallback):

@@ -100,3 +100,13 @@ def test_dynamic_weight_matches_primary_and_is_detached():
     w = dynamic_weight(ce, reg)
     assert not w.requires_grad
     assert (w * reg).item() == pytest.approx(2.0)
+
+
+def test_weight_cap_bounds_only_the_dynamic_weight():
+    from gere_plugin.losses import resolve_weight
+
+    ce, small, large = torch.tensor(2.0), torch.tensor(1e-4), torch.tensor(0.5)
+    assert resolve_weight(None, ce, small).item() == pytest.approx(2e4, rel=1e-4)  # the paper: unbounded
+    assert resolve_weight(None, ce, small, cap=10.0).item() == pytest.approx(10.0)  # bounded
+    assert resolve_weight(None, ce, large, cap=10.0).item() == pytest.approx(4.0)  # below the bound: CE / R
+    assert resolve_weight(3.0, ce, small, cap=1.0).item() == pytest.approx(3.0)  # fixed weight ignores the cap

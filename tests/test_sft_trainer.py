@@ -411,3 +411,44 @@ def test_reference_model_of_another_width_is_refused(tmp_path, tiny_model, tiny_
     with pytest.raises(GeReConfigError, match="gere_ref_model has hidden size 48"):
         GeReSFTTrainer(model=tiny_model, args=cfg, train_dataset=sft_dataset, processing_class=tiny_tokenizer,
                        gere_ref_model=other)
+
+
+def test_gradient_balance_diagnostic_matches_separate_backward_passes(
+    tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file
+):
+    """The diagnostic's CE / regularizer gradient norms equal two independent backward passes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    trainer = make_trainer(tmp_path, model, tiny_tokenizer, sft_dataset, replay_file, gere_regularizer="l2",
+                           gere_weight="3.0", max_grad_norm=1.0)
+    _perturb(model)
+    model.train()
+    (b,) = _batches(trainer, 1)
+    n = (b["labels"][:, 1:] != -100).sum()
+    trainer.current_gradient_accumulation_steps = 1
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def norm_of(fn):
+        model.zero_grad()
+        trainer._metrics["train"].clear()
+        fn().backward()
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+
+    step = trainer.gere_step
+    total = norm_of(lambda: trainer.compute_loss(model, dict(b), num_items_in_batch=n))
+    step.regularizer = "none"  # CE part only (the weight is fixed, so nothing else changes)
+    step._cur_step = -1
+    ce_only = norm_of(lambda: trainer.compute_loss(model, dict(b), num_items_in_batch=n))
+    step.regularizer = "l2"
+    step._cur_step = -1
+    step.grad_diagnostics = True
+    trainer._metrics["train"].clear()
+    model.zero_grad()
+    trainer.compute_loss(model, dict(b), num_items_in_batch=n).backward()
+    got = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("gere/grad") or k == "gere/clip_coef"}
+    assert got["gere/grad_norm_total"] == pytest.approx(float(total), rel=1e-4)
+    assert got["gere/grad_norm_ce"] == pytest.approx(float(ce_only), rel=1e-4)
+    assert got["gere/grad_norm_reg"] > 0
+    assert got["gere/clip_coef"] == pytest.approx(min(1.0, 1.0 / float(total)), rel=1e-4)
+    assert -1.0 <= got["gere/grad_cosine"] <= 1.0
