@@ -15,7 +15,8 @@ Method presets (:data:`METHODS`):
 ``replay``      vanilla GeRe replay: replay CE only (``gere_regularizer="none"``)
 ``kl``          replay + logit KL to the base model
 ``l1`` / ``l2`` replay + L1 / L2 distance of hidden states to the base model
-``gere``        replay + threshold-margin loss on the base model's 3-way state labels
+``gere``        replay + threshold-margin loss on the base model's 3-way state labels (package defaults)
+``gere_paper``  ``gere`` with the paper's exact weighting (:data:`PAPER_WEIGHTING`)
 ``gere_freeze`` ``gere`` + frozen embeddings and bottom layers from the second task on
 =============== ===================================================================================
 """
@@ -48,7 +49,8 @@ __all__ = ["METHODS", "MethodSpec", "SequenceTask", "TrainSettings", "evaluate_s
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How one method trains. ``freeze_from`` is the 0-based task index where freezing starts."""
+    """How one method trains. ``freeze_from`` is the 0-based task index where freezing starts;
+    ``gere`` holds extra ``gere_*`` keys of the method (e.g. its weighting), as ``(key, value)`` pairs."""
 
     name: str
     replay: bool
@@ -56,16 +58,25 @@ class MethodSpec:
     freeze_layers: int = 0
     freeze_embeddings: bool = False
     freeze_from: int = 1
+    gere: tuple[tuple[str, Any], ...] = ()
 
     def gere_kwargs(self, task_index: int) -> dict[str, Any]:
         """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
         freeze = task_index >= self.freeze_from
-        return {
+        out = {
             "gere_regularizer": self.regularizer if self.replay else "none",
             "gere_freeze_layers": self.freeze_layers if freeze else 0,
             "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
         }
+        if self.replay:
+            out.update(dict(self.gere))
+        return out
 
+
+#: The paper's exact TM weighting: w = CE / TM, unbounded, TM reduced over its non-zero elements.
+PAPER_WEIGHTING: tuple[tuple[str, Any], ...] = (
+    ("gere_tm_reduction", "violations"), ("gere_weight", "dynamic"), ("gere_weight_max", None),
+)
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
@@ -74,22 +85,27 @@ METHODS: dict[str, MethodSpec] = {
     "l1": MethodSpec("l1", replay=True, regularizer="l1"),
     "l2": MethodSpec("l2", replay=True, regularizer="l2"),
     "gere": MethodSpec("gere", replay=True, regularizer="tm"),
+    "gere_paper": MethodSpec("gere_paper", replay=True, regularizer="tm", gere=PAPER_WEIGHTING),
     "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
 }
 
 
 @dataclass
 class SequenceTask:
-    """One task of the sequence: TRL SFT rows (prompt/completion or text) and label-word test items."""
+    """One task of the sequence: TRL SFT rows (prompt/completion or text) and label-word test items.
+
+    ``dev`` holds held-out items for choosing hyper-parameters (never the test items); may be empty.
+    """
 
     name: str
     train: list[dict[str, str]]
     test: list[ClassificationItem]
+    dev: list[ClassificationItem] = field(default_factory=list)
 
     @classmethod
     def from_label_task(cls, task: Any) -> SequenceTask:
-        """From an :class:`gere_plugin.assets.LabelTask` (or anything with name/train/test)."""
-        return cls(name=task.name, train=list(task.train), test=list(task.test))
+        """From an :class:`gere_plugin.assets.LabelTask` (or anything with name/train/test[/dev])."""
+        return cls(name=task.name, train=list(task.train), test=list(task.test), dev=list(getattr(task, "dev", [])))
 
 
 @dataclass
@@ -120,6 +136,7 @@ class TrainSettings:
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
+    grad_diagnostics: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,8 +212,9 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 
 
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keep = ("step", "loss", "learning_rate", "gere/replay_ce", "gere/reg_loss", "gere/weight",
-            "gere/out_of_state", "gere/replay_rows", "train_runtime", "train_loss")
+    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/replay_ce", "gere/reg_loss", "gere/weight",
+            "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "train_runtime", "train_loss")
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
 
 
@@ -217,7 +235,7 @@ def _build_trainer(
 
     from .sft import GeReSFTConfig
 
-    gere = method.gere_kwargs(task_index)
+    gere: dict[str, Any] = {}
     if method.replay:
         if replay is None:
             raise ValueError(f"method {method.name!r} replays general samples: pass replay=PATH")
@@ -231,6 +249,7 @@ def _build_trainer(
             gere_state_batch_size=settings.state_batch_size,
             gere_seed=settings.replay_seed if settings.replay_seed is not None else seed,
         )
+    gere.update(method.gere_kwargs(task_index))  # the method's own keys win over the shared settings
     cfg = GeReSFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -255,6 +274,8 @@ def _build_trainer(
     )
     ds = Dataset.from_list(task.train)
     trainer = _make_trainer(model, tokenizer, cfg, ds, method, ref_model)
+    if settings.grad_diagnostics and getattr(trainer, "gere_step", None) is not None:
+        trainer.gere_step.grad_diagnostics = True
     if not settings.print_logs:
         from transformers.trainer_callback import PrinterCallback
 
