@@ -235,9 +235,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     general = assets.general_eval_config(splits, cfg["wiki_texts"], cfg["sciq_texts"], cfg["cloze"],
                                          ppl_max_length=cfg["ppl_max_length"])
     settings = TrainSettings(
-        steps_per_task=steps, learning_rate=args.lr or cfg["lr"], batch_size=args.batch_size or cfg["batch_size"],
-        max_length=args.max_length, replay_size=cfg["replay_size"], replay_max_length=cfg["replay_max_length"],
-        replay_per_step=args.replay_per_step, replay_seed=args.data_seed, bf16=args.bf16,
+        max_steps=steps, learning_rate=args.lr or cfg["lr"],
+        per_device_train_batch_size=args.batch_size or cfg["batch_size"], max_length=args.max_length,
+        gere_replay_size=cfg["replay_size"], gere_replay_max_length=cfg["replay_max_length"],
+        gere_replay_per_step=args.replay_per_step, gere_seed=args.data_seed, bf16=args.bf16,
         general_every_task=cfg["general_every_task"], logging_steps=5,
         lr_scheduler_type="constant_with_warmup", warmup_steps=3,
     )
@@ -260,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
-        prev = old.get("settings", {})
+        prev = TrainSettings.upgrade_dict(old.get("settings", {}))  # files written before the renames too
         differ = sorted(k for k in set(prev) | set(doc["settings"]) if k not in ("methods", "seeds")
                         and json.dumps(prev.get(k), default=float) != json.dumps(doc["settings"].get(k), default=float))
         if differ:
