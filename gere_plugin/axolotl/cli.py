@@ -88,11 +88,17 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
     """
     import torch
 
+    from ..commands import check_model_source
     from ..replay import ReplaySet
     from ..states import build_state_cache, check_layer_indices, ensure_state_cache
     from ..trainer import _is_peft, _tokenizer_of
     from .args import gere_arguments_from_cfg
+    from .check import _load
 
+    raw = {**_load(config)[1], **(overrides or {})}
+    model_key = "base_model_config" if raw.get("base_model_config") else "base_model"
+    if raw.get(model_key):  # before Axolotl's loader turns a missing folder into a hub-id error
+        check_model_source(str(raw[model_key]), f"{model_key}:")
     cfg = _load_axolotl_cfg(config, overrides)
     gere_args = gere_arguments_from_cfg(cfg)
     if gere_args.gere_replay is None:
@@ -104,9 +110,6 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
             f"{config}: gere_regularizer={gere_args.gere_regularizer!r} needs no state cache (only 'tm' does)."
         )
     folder = state_cache_dir(cfg)
-    from ..commands import check_model_source
-
-    check_model_source(str(cfg.get("base_model_config") or cfg.get("base_model")), "base_model:")
 
     from axolotl.loaders import ModelLoader, load_tokenizer
 
@@ -256,7 +259,7 @@ def build_cache_cmd(config: str, force: bool) -> None:
         build_cache(config, force=force)
     except GeReConfigError as e:
         raise click.ClickException(str(e)) from None
-    except ValueError as e:  # Axolotl's own config validation (pydantic) on bad input: a message, no traceback
+    except (ValueError, OSError) as e:  # Axolotl's own validation and loaders on bad input: a message, no traceback
         raise click.ClickException(f"{config}: {e}") from None
 
 
