@@ -78,8 +78,23 @@ def test_resume_with_changed_replay_settings_is_refused(
     assert _checkpoint_files(out) == before
 
 
+@pytest.fixture
+def default_logging(monkeypatch: Any) -> None:
+    """gere_plugin's loggers as in a plain TRL script (an earlier Axolotl test may have routed them)."""
+    import logging
+
+    root = logging.getLogger("gere_plugin")
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "propagate", True)
+    monkeypatch.setattr(root, "level", logging.NOTSET)
+    logging.Logger.manager._clear_cache()
+    yield
+    logging.Logger.manager._clear_cache()
+
+
 def test_resume_true_with_the_same_settings_continues_from_the_newest(
-    trained: Path, tiny_model: Any, tiny_tokenizer: Any, sft_dataset: Any, replay_file: Path, capfd: Any
+    trained: Path, tiny_model: Any, tiny_tokenizer: Any, sft_dataset: Any, replay_file: Path, capfd: Any,
+    default_logging: None,
 ) -> None:
     import shutil
 
