@@ -406,3 +406,38 @@ def test_every_gere_key_is_in_a_bad_input_table() -> None:
 
     assert set(BAD_VALUES) == {f.name for f in gere_fields()}
     assert set(CLI_BAD_VALUES) <= set(BAD_VALUES)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "procs", "says"),
+    [
+        ({"fsdp_config": {"fsdp_version": 2}, "gradient_accumulation_steps": 2, "gere_replay_per_step": 3}, 2,
+         "(2 x 2 = 4) under FSDP"),
+        ({"deepspeed": "deepspeed_configs/zero3_bf16.json", "gradient_accumulation_steps": 4,
+          "gere_replay_per_step": 6}, None, "(1 x 4 = 4) under DeepSpeed ZeRO-3"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}, "batch_size": 8, "micro_batch_size": 2,
+          "gere_replay_per_step": 2}, 1, "(1 x 4 = 4) under DeepSpeed ZeRO-3"),
+        ({"micro_batch_size": 2, "gradient_accumulation_steps": 1, "gere_replay_per_step": 4}, 2,
+         "must be smaller than the global batch (4"),
+    ],
+    ids=["fsdp", "zero3-by-name-no-process-count", "zero3-dict-batch-size", "not-below-global-batch"],
+)
+def test_axolotl_check_batch_layout(cfg: dict, procs: Any, says: str, monkeypatch: Any) -> None:
+    from gere_plugin.axolotl.check import batch_problems
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    problems = batch_problems(cfg, procs)
+    assert len(problems) == 1 and says in problems[0], problems
+    assert "gere_replay_per_step" in problems[0]
+
+
+def test_axolotl_check_batch_layout_accepts_good_layouts(monkeypatch: Any) -> None:
+    from gere_plugin.axolotl.check import batch_problems
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert batch_problems({"deepspeed": {"zero_optimization": {"stage": 3}}, "gradient_accumulation_steps": 2,
+                           "micro_batch_size": 4, "gere_replay_per_step": 4}, 2) == []
+    assert batch_problems({"deepspeed": {"zero_optimization": {"stage": 2}}, "gradient_accumulation_steps": 2,
+                           "gere_replay_per_step": 3}, 2) == []  # ZeRO-2: any value
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert "(4 x 1 = 4)" in batch_problems({"fsdp": ["full_shard"], "micro_batch_size": 4, "gere_replay_per_step": 2})[0]
