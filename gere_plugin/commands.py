@@ -96,8 +96,9 @@ def add_field_flags(
         if f.metadata.get("choices"):
             kwargs["choices"] = list(f.metadata["choices"])
             kwargs.pop("metavar", None)
-        if default is not None and "default" not in help_text.lower():
-            help_text = f"{help_text} (default: {_shown(default)})"
+        if default is not None:  # the help may describe the key's own default: then name this command's
+            label = "this command's default" if "default" in help_text.lower() else "default"
+            help_text = f"{help_text} ({label}: {_shown(default)})"
         kwargs["help"] = help_text.replace("%", "%%")
         parser.add_argument(f"--{name}", **kwargs)
 
