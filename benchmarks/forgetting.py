@@ -488,9 +488,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         schedule = {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 3}
         default_lr = args.lr or cfg["lr"]
     settings = TrainSettings(
-        steps_per_task=steps, learning_rate=default_lr, batch_size=args.batch_size or cfg["batch_size"],
-        max_length=args.max_length, replay_size=cfg["replay_size"], replay_max_length=cfg["replay_max_length"],
-        replay_per_step=args.replay_per_step, replay_seed=args.data_seed, bf16=args.bf16,
+        max_steps=steps, learning_rate=default_lr,
+        per_device_train_batch_size=args.batch_size or cfg["batch_size"], max_length=args.max_length,
+        gere_replay_size=cfg["replay_size"], gere_replay_max_length=cfg["replay_max_length"],
+        gere_replay_per_step=args.replay_per_step, gere_seed=args.data_seed, bf16=args.bf16,
         general_every_task=cfg["general_every_task"], logging_steps=5, **schedule,
     )
     if args.diagnose_gradients:
@@ -516,7 +517,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
-        prev = old.get("settings", {})
+        prev = TrainSettings.upgrade_dict(old.get("settings", {}))  # files written before the renames too
         differ = sorted(k for k in set(prev) | set(doc["settings"]) if k not in ("methods", "seeds")
                         and json.dumps(prev.get(k), default=float) != json.dumps(doc["settings"].get(k), default=float))
         differ = [k for k in differ if k != "method_specs"]

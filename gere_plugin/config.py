@@ -10,12 +10,18 @@ identical everywhere. The Markdown table in the README is generated from it too 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 REGULARIZERS = ("tm", "l1", "l2", "kl", "none")
+#: Replay samples drawn when ``gere_replay_size`` is not set (the paper's 1,000), or fewer when the
+#: source has fewer usable texts.
+DEFAULT_REPLAY_SIZE = 1000
 TM_REDUCTIONS = ("violations", "mean")
+
+logger = logging.getLogger(__name__)
 
 
 class GeReConfigError(ValueError):
@@ -32,7 +38,9 @@ class GeReArguments:
             (must be in the local cache when offline).
         gere_replay_split: Split to read when the source is a ``datasets`` folder or id.
         gere_replay_text_field: Column that holds the general text.
-        gere_replay_size: Number of replay samples drawn (seeded) from the source.
+        gere_replay_size: Number of replay samples drawn (seeded) from the source. ``None`` = every
+            usable text, at most 1,000 (the paper's size); a number is a requirement (an error when
+            the source has fewer usable texts).
         gere_replay_max_length: Replay samples are truncated to this many tokens.
         gere_replay_min_tokens: Samples with fewer tokens are dropped (counted and logged).
         gere_replay_per_step: Replay rows added to every optimizer step, spread over micro-batches,
@@ -65,8 +73,12 @@ class GeReArguments:
     gere_replay_text_field: str = field(
         default="text", metadata={"help": "Column holding the general text."}
     )
-    gere_replay_size: int = field(
-        default=1000, metadata={"help": "Replay samples drawn (seeded) from the source."}
+    gere_replay_size: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Replay samples drawn (seeded) from the source. Default: every usable text, at most 1000 "
+            "(a number set here is required: fewer usable texts is an error)."
+        },
     )
     gere_replay_max_length: int = field(
         default=512, metadata={"help": "Replay samples are truncated to this many tokens."}
@@ -129,6 +141,7 @@ class GeReArguments:
     gere_seed: int = field(default=42, metadata={"help": "Seed of replay sampling and the replay schedule."})
 
     def __post_init__(self) -> None:
+        _fp32_where_bf16_is_unsupported(self)
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
@@ -142,6 +155,22 @@ class GeReArguments:
     def gere_weight_value(self) -> Optional[float]:
         """The fixed weight as a float, or ``None`` for the dynamic weight."""
         return parse_weight(self.gere_weight)
+
+
+def _fp32_where_bf16_is_unsupported(args: Any) -> None:
+    """TRL turns an unset ``bf16`` into ``True``, and transformers then refuses to run on a machine
+    without a bf16 device (a CPU-only laptop). The GeRe configs train in fp32 there instead, saying so;
+    an explicit ``bf16`` / ``fp16`` / ``use_cpu`` is left as given."""
+    if getattr(args, "bf16", False) is not None or getattr(args, "fp16", False) or getattr(args, "use_cpu", False):
+        return
+    try:
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+    except ImportError:
+        return
+    if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+        logger.warning("gere: bf16 is not set and this machine has no bf16 accelerator: training in fp32 "
+                       "(set bf16=True with use_cpu=True for bf16 on the CPU).")
+        args.bf16 = False
 
 
 def gere_fields() -> list[dataclasses.Field]:
@@ -217,7 +246,8 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
         v = get(name)
         if not isinstance(v, str) or not v:
             raise GeReConfigError(f"{name}={v!r} must be a non-empty string.")
-    _check_int("gere_replay_size", get("gere_replay_size"), 1, "The paper uses 1000.")
+    if get("gere_replay_size") is not None:
+        _check_int("gere_replay_size", get("gere_replay_size"), 1, "The paper uses 1000; null/None = every usable text, at most 1000.")
     _check_int("gere_replay_max_length", get("gere_replay_max_length"), 2, "The reference uses 563.")
     _check_int("gere_replay_min_tokens", get("gere_replay_min_tokens"), 2, "A sample needs 2 tokens for a CE target.")
     per_step = get("gere_replay_per_step")
@@ -262,6 +292,21 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
         raise GeReConfigError(f"gere_freeze_embeddings={get('gere_freeze_embeddings')!r} must be true or false.")
     _check_int("gere_seed", get("gere_seed"), 0, "")
     return out
+
+
+def gere_value_problems(values: dict[str, Any]) -> list[str]:
+    """Every problem of a mapping of ``gere_*`` values, one message per key (not only the first).
+
+    Each key is validated on its own (the others at their defaults), so one bad key does not hide
+    another; ``axolotl gere check`` lists them all in one run.
+    """
+    problems = []
+    for key, value in values.items():
+        try:
+            validate_gere_values({key: value})
+        except GeReConfigError as e:
+            problems.append(str(e))
+    return problems
 
 
 def validate_gere_args(args: Any) -> None:

@@ -108,36 +108,110 @@ class SequenceTask:
         return cls(name=task.name, train=list(task.train), test=list(task.test), dev=list(getattr(task, "dev", [])))
 
 
+def _gere_field(name: str, default: Any) -> Any:
+    """A ``TrainSettings`` field for the ``gere_*`` key ``name``: help text and validation come from
+    :class:`~gere_plugin.GeReArguments` (the one definition); only the default is the sequence's own."""
+    from .config import gere_fields
+
+    source = next(f for f in gere_fields() if f.name == name)
+    return field(default=default, metadata=dict(source.metadata))
+
+
+def _train_field(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass
 class TrainSettings:
     """Training hyper-parameters shared by every task and method of a sequence.
 
-    ``replay_seed`` fixes ``gere_seed`` (replay sampling and schedule) independently of the training
-    seed, so runs with different training seeds can share one base-state cache; ``None`` = the
-    training seed.
+    Every field is spelled as the setting it feeds: TRL / transformers training arguments
+    (``max_steps``, ``learning_rate``, ``per_device_train_batch_size``, ...) and ``gere_*`` keys of
+    :class:`~gere_plugin.GeReArguments` (help and validation from there; only the defaults suit short
+    sequences). ``gere_seed=None`` uses the training seed; fixing it lets runs with different training
+    seeds share one base-state cache. ``gere sequence`` generates its flags from these fields.
+    The old names (``steps_per_task``, ``batch_size``, ``replay_size``, ``replay_max_length``,
+    ``replay_per_step``, ``replay_seed``, ``state_batch_size``) still work, with a deprecation warning.
     """
 
-    steps_per_task: int = 30
-    learning_rate: float = 2e-4
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 128
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"
-    weight_decay: float = 0.0
-    bf16: bool = False
-    replay_size: int = 1000
-    replay_max_length: int = 128
-    replay_per_step: int = 2
-    gere_weight: str = "dynamic"
-    replay_seed: Optional[int] = None
-    state_batch_size: int = 16
-    logging_steps: int = 5
+    max_steps: int = _train_field(30, "Optimizer steps per task.")
+    learning_rate: float = _train_field(2e-4, "Peak learning rate.")
+    per_device_train_batch_size: int = _train_field(8, "Task rows per micro-batch and process.")
+    gradient_accumulation_steps: int = _train_field(1, "Micro-batches per optimizer step.")
+    max_length: int = _train_field(128, "Task rows are truncated to this many tokens.")
+    warmup_steps: int = _train_field(0, "Linear warm-up steps.")
+    lr_scheduler_type: str = _train_field("constant", "transformers scheduler name (constant, linear, cosine, ...).")
+    weight_decay: float = _train_field(0.0, "AdamW weight decay.")
+    bf16: bool = _train_field(False, "Train in bf16 mixed precision.")
+    logging_steps: int = _train_field(5, "Log every this many optimizer steps.")
+    gere_replay_size: Optional[int] = _gere_field("gere_replay_size", None)
+    gere_replay_max_length: int = _gere_field("gere_replay_max_length", 128)
+    gere_replay_per_step: int = _gere_field("gere_replay_per_step", 2)
+    gere_weight: str = _gere_field("gere_weight", "dynamic")
+    gere_seed: Optional[int] = _gere_field("gere_seed", None)
+    gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
     grad_diagnostics: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .config import GeReConfigError, validate_gere_values
+
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name.startswith("gere_") and getattr(self, f.name) is not None}
+        validate_gere_values(given)  # the keys' own checks, naming the key
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                     "logging_steps", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GeReConfigError(f"{name}={value!r} must be an integer >= 1.")
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
+            raise GeReConfigError(f"learning_rate={self.learning_rate!r} must be a number > 0.")
+
+    def __getattr__(self, name: str) -> Any:  # old attribute names (read) keep working
+        new = _RENAMED_SETTINGS.get(name)
+        if new is None:
+            raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+        return getattr(self, new)
+
+    @classmethod
+    def upgrade_dict(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A settings dict (e.g. from an older result file) with the old field names renamed."""
+        return {_RENAMED_SETTINGS.get(k, k): v for k, v in values.items()}
+
+
+#: Old TrainSettings names -> the names of the settings they feed.
+_RENAMED_SETTINGS = {
+    "steps_per_task": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "replay_size": "gere_replay_size",
+    "replay_max_length": "gere_replay_max_length",
+    "replay_per_step": "gere_replay_per_step",
+    "replay_seed": "gere_seed",
+    "state_batch_size": "gere_state_batch_size",
+}
+_settings_init = TrainSettings.__init__
+
+
+def _settings_init_with_old_names(self: TrainSettings, *args: Any, **kwargs: Any) -> None:
+    old = sorted(k for k in kwargs if k in _RENAMED_SETTINGS)
+    if old:
+        import warnings
+
+        warnings.warn(
+            "TrainSettings(" + ", ".join(f"{k}=" for k in old) + ") is deprecated: use "
+            + ", ".join(f"{_RENAMED_SETTINGS[k]}=" for k in old) + " (the names of the settings they feed).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        for k in old:
+            kwargs[_RENAMED_SETTINGS[k]] = kwargs.pop(k)
+    _settings_init(self, *args, **kwargs)
+
+
+TrainSettings.__init__ = _settings_init_with_old_names  # type: ignore[method-assign]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -241,24 +315,24 @@ def _build_trainer(
             raise ValueError(f"method {method.name!r} replays general samples: pass replay=PATH")
         gere.update(
             gere_replay=str(replay),
-            gere_replay_size=settings.replay_size,
-            gere_replay_max_length=settings.replay_max_length,
-            gere_replay_per_step=settings.replay_per_step,
+            gere_replay_size=settings.gere_replay_size,
+            gere_replay_max_length=settings.gere_replay_max_length,
+            gere_replay_per_step=settings.gere_replay_per_step,
             gere_weight=settings.gere_weight,
             gere_state_cache=str(state_cache) if state_cache is not None else None,
-            gere_state_batch_size=settings.state_batch_size,
-            gere_seed=settings.replay_seed if settings.replay_seed is not None else seed,
+            gere_state_batch_size=settings.gere_state_batch_size,
+            gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
         )
     gere.update(method.gere_kwargs(task_index))  # the method's own keys win over the shared settings
     cfg = GeReSFTConfig(
         output_dir=str(output_dir),
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler_type,
         warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay,
-        max_steps=settings.steps_per_task,
+        max_steps=settings.max_steps,
         logging_steps=settings.logging_steps,
         save_strategy="no",
         report_to=[],
@@ -342,7 +416,9 @@ def run_sequence(
         raise ValueError(f"task names must be unique, got {names}")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = Path(state_cache) if state_cache is not None else out_dir / "gere_states"
+    from .cache_folder import state_cache_folder
+
+    cache = state_cache_folder(state_cache, out_dir)  # the trainers' default-folder rule
     tok = _load_tokenizer(tokenizer, model)
     net = _load_model(model)
     eval_general = general if settings.general_every_task else None

@@ -76,17 +76,22 @@ def demo_table(base: dict[str, Any], plain: dict[str, Any], gere: dict[str, Any]
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gere_plugin.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each fine-tune (default 40)")
+    p.add_argument("--max_steps", type=int, default=40, help="optimizer steps of each fine-tune (default 40)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="also write the numbers as JSON here")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--learning_rate", type=float, default=2e-4, help="(default 2e-4)")
+    p.add_argument("--per_device_train_batch_size", type=int, default=8, help="task rows per step (default 8)")
     p.add_argument("--n-test", type=int, default=100, help="SST-2 test sentences")
     p.add_argument("--n-ppl", type=int, default=40, help="held-out texts per perplexity set")
     p.add_argument("--n-cloze", type=int, default=60, help="ARC-Easy items (few: the demo's cloze is noisy)")
-    p.add_argument("--replay-size", type=int, default=1000)
+    p.add_argument("--gere_replay_size", type=int, default=1000, help="replay samples (default 1000)")
     p.add_argument("--workdir", help="trainer outputs (default: a temporary folder)")
     p.add_argument("--verbose", action="store_true")
+    from .commands import add_deprecated_flag
+
+    for old, new in (("--replay-size", "--gere_replay_size"), ("--steps", "--max_steps"), ("--lr", "--learning_rate"),
+                     ("--batch-size", "--per_device_train_batch_size")):
+        add_deprecated_flag(p, old, new)
     args = p.parse_args(argv)
 
     from . import assets
@@ -110,15 +115,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     print("Preparing SmolLM2-135M, the Wikipedia replay pool and SST-2 (cached after the first run) ...", flush=True)
     model_dir = assets.prepare_smollm2()
-    splits = assets.wikipedia_splits(replay_size=args.replay_size)
+    splits = assets.wikipedia_splits(replay_size=args.gere_replay_size)
     replay = assets.replay_jsonl(splits)
     sst2 = SequenceTask.from_label_task(assets.sst2_task(n_train=500, n_test=args.n_test))
     general = assets.general_eval_config(splits, wiki_texts=args.n_ppl, sciq_texts=args.n_ppl,
                                          cloze={"arc_easy": args.n_cloze}, ppl_max_length=96)
     settings = TrainSettings(
-        steps_per_task=args.steps, learning_rate=args.lr, batch_size=args.batch_size, max_length=128,
-        replay_size=args.replay_size, replay_max_length=48, replay_per_step=2, replay_seed=0,
-        logging_steps=max(1, args.steps // 4), lr_scheduler_type="constant_with_warmup", warmup_steps=3,
+        max_steps=args.max_steps, learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size, max_length=128,
+        gere_replay_size=args.gere_replay_size, gere_replay_max_length=48, gere_replay_per_step=2, gere_seed=0,
+        logging_steps=max(1, args.max_steps // 4), lr_scheduler_type="constant_with_warmup", warmup_steps=3,
         print_logs=args.verbose,
     )
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gere-demo-"))
@@ -133,10 +139,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The cache folder is named after the replay fingerprint, so a cache left by an older version
     # (another replay order or tokenization) is never mistaken for this one.
     fingerprint = ReplaySet.from_args(
-        GeReArguments(gere_replay=str(replay), gere_replay_size=args.replay_size, gere_replay_max_length=48,
+        GeReArguments(gere_replay=str(replay), gere_replay_size=args.gere_replay_size, gere_replay_max_length=48,
                       gere_seed=0), tok,
     ).fingerprint
-    state_cache = assets.cache_dir() / f"demo-states-{args.replay_size}x48-{fingerprint[:12]}"
+    state_cache = assets.cache_dir() / f"demo-states-{args.gere_replay_size}x48-{fingerprint[:12]}"
 
     print("Evaluating the base model ...", flush=True)
     base_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -146,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, Any] = {}
     for method in ("plain", "gere"):
         print(f"Fine-tuning on SST-2 with {'plain SFT' if method == 'plain' else 'GeRe'} "
-              f"({args.steps} steps) and evaluating ...", flush=True)
+              f"({args.max_steps} steps) and evaluating ...", flush=True)
         results[method] = run_sequence(
             str(model_dir), [sst2], method, work / method, settings=settings, replay=replay,
             state_cache=state_cache, seed=args.seed, general=general, base_eval=base,

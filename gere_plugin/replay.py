@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import GeReConfigError
+from .config import DEFAULT_REPLAY_SIZE, GeReConfigError
 from .padding import pad_sequences
 
 logger = logging.getLogger(__name__)
@@ -286,8 +286,12 @@ class ReplaySet:
         min_tokens: int = 2,
         source: str = "",
         dropped_empty: int = 0,
+        require_size: bool = True,
     ) -> ReplaySet:
         """Shuffle ``texts`` with ``seed`` and keep the first ``size`` that tokenize to >= ``min_tokens``.
+
+        Fewer usable texts than ``size`` is an error, unless ``require_size=False`` (``size`` is then
+        an upper bound: ``gere_replay_size`` not set).
 
         The kept samples are stored in their source order, so the set (and its fingerprint, the key
         of the state cache) depends on the seed only through *which* texts are drawn: a replay file
@@ -322,7 +326,12 @@ class ReplaySet:
                 f"gere_replay={source!r}: no text has at least gere_replay_min_tokens={min_tokens} tokens "
                 f"({short} too short, {dropped_empty} empty). Use longer general texts."
             )
-        if len(ids_out) < size:
+        if len(ids_out) < size and not require_size:
+            logger.warning(
+                "gere: gere_replay_size is not set, so all %d usable texts of %s are the replay set (the default "
+                "is at most %d).", len(ids_out), source, size,
+            )
+        elif len(ids_out) < size:
             raise ReplayError(
                 f"gere_replay_size={size} but gere_replay={source!r} has only {len(ids_out)} usable texts "
                 f"({dropped_empty} empty and {short} shorter than {min_tokens} tokens were dropped). Lower "
@@ -357,7 +366,8 @@ class ReplaySet:
         return cls.from_texts(
             texts,
             tokenizer,
-            size=args.gere_replay_size,
+            size=args.gere_replay_size if args.gere_replay_size is not None else DEFAULT_REPLAY_SIZE,
+            require_size=args.gere_replay_size is not None,
             max_length=args.gere_replay_max_length,
             seed=args.gere_seed,
             min_tokens=args.gere_replay_min_tokens,
@@ -378,25 +388,45 @@ class ReplaySet:
 def build_replay_file(
     corpus: str,
     out: str,
-    size: int = 1000,
+    size: Optional[int] = None,
     seed: int = 42,
     text_field: str = "text",
     split: str = "train",
     min_chars: int = 1,
+    replace: bool = False,
 ) -> int:
     """Sample ``size`` non-empty texts (seeded) from ``corpus`` and write them as ``{"text": ...}`` jsonl.
 
-    The file is written atomically. Returns the number of texts written.
+    ``size=None``: every usable text, at most 1,000 (as ``gere_replay_size``). The file is written
+    atomically; an existing ``out`` is replaced only with ``replace=True`` (``--force``), a folder never.
+    Returns the number of texts written.
     """
-    records = load_records(corpus, split)
-    texts, _ = extract_texts(records, text_field, corpus)
+    out_path = Path(os.path.expanduser(out))
+    if out_path.is_dir():
+        raise ReplayError(
+            f"--out {out!r} is a folder; give the path of the replay file to write, e.g. {str(out_path / 'replay.jsonl')!r}."
+        )
+    if out_path.exists() and not replace:
+        raise ReplayError(
+            f"--out {out!r} already exists and gere never overwrites a file unasked: choose another path, or pass "
+            "--force to replace it (caches built from the old file will then no longer match)."
+        )
+    try:
+        records = load_records(corpus, split)
+        texts, _ = extract_texts(records, text_field, corpus)
+    except ReplayError as e:  # the source of build-replay is --from (gere_replay is what it writes)
+        raise ReplayError(f"--from {corpus!r}: {e}") from None
     texts = [t for t in texts if len(t.strip()) >= min_chars]
+    if size is None:
+        size = min(DEFAULT_REPLAY_SIZE, len(texts))
+    if not texts:
+        raise ReplayError(f"--from {corpus!r} holds no text of at least --min-chars {min_chars} characters.")
     if len(texts) < size:
         raise ReplayError(
-            f"--size {size} is larger than the {len(texts)} usable texts in {corpus!r}: lower --size (gere_replay_size)."
+            f"--gere_replay_size {size} is larger than the {len(texts)} usable texts in {corpus!r}: lower "
+            "--gere_replay_size (or leave it unset to take every usable text, at most 1000)."
         )
     idx = np.random.default_rng(seed).choice(len(texts), size=size, replace=False)
-    out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:

@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,11 +35,20 @@ import torch
 from transformers import TrainerCallback
 
 from .config import GeReArguments, GeReConfigError, parse_weight, resolve_replay_per_step
-from .freeze import freeze_bottom, prepare_for_gradient_checkpointing
+from .freeze import check_freeze_depth, freeze_bottom, prepare_for_gradient_checkpointing
 from .losses import kl_loss, masked_feature_loss, resolve_weight, tm_loss, token_ce
 from .mixing import ReplaySchedule
 from .replay import ReplaySet
-from .states import StateCache, StateCacheError, build_state_cache, forward_hidden, hidden_size_of
+from .resume import resolve_resume_checkpoint
+from .states import (
+    StateCache,
+    build_state_cache,
+    check_layer_indices,
+    ensure_state_cache,
+    forward_hidden,
+    hidden_size_of,
+    state_cache_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +206,7 @@ class ReplayStep:
         self.hidden_size = hidden_size_of(model)
         self.autocast_dtype = torch.bfloat16 if getattr(targs, "bf16", False) else (torch.float16 if getattr(targs, "fp16", False) else None)
         self.states: Optional[StateCache] = None
+        self.cache_action = "not needed"  # TM only: "reused" / "built" / "rebuilt"
         if self.regularizer == "tm":
             self.states = self._get_states(trainer, model)
         self.ref_model = ref_model
@@ -207,7 +218,7 @@ class ReplayStep:
         self._step_targets = 0
         self._micro = 0
         self._step_rows = 0
-        self._pending: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._pending: dict[str, list[tuple[torch.Tensor, Optional[torch.Tensor]]]] = defaultdict(list)
         self.history: list[dict] = []
         self._log_path = os.environ.get("GERE_REPLAY_LOG")
         logger.info(
@@ -217,26 +228,16 @@ class ReplayStep:
 
     # -- base-model states -----------------------------------------------------------------------
     def cache_dir(self, trainer: Any) -> str:
-        return self.args.gere_state_cache or os.path.join(trainer.args.output_dir or ".", "gere_states")
+        return str(state_cache_folder(self.args.gere_state_cache, trainer.args.output_dir))
 
     def _get_states(self, trainer: Any, model: torch.nn.Module) -> StateCache:
         folder = self.cache_dir(trainer)
         sigma = float(self.args.gere_sigma)
-        ctx = trainer.args.main_process_first(desc="gere state cache") if hasattr(trainer.args, "main_process_first") else contextlib.nullcontext()
-        with ctx:
-            if Path(folder, "meta.json").exists():
-                cache = StateCache.load(folder)
-                cache.check_compatible(self.replay, self.hidden_size, self.layers, sigma, folder)
-                logger.info("gere: reusing base-model state cache %s (base model %s)", folder, cache.meta.get("base_model"))
-                return cache
-            if Path(folder).exists() and any(Path(folder).iterdir()):
-                raise StateCacheError(
-                    f"gere_state_cache={folder!r} exists but holds no GeRe cache (no meta.json). Point gere_state_cache "
-                    "at an empty or new folder."
-                )
+
+        def build() -> StateCache:
             base_ctx = model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
             with base_ctx:
-                cache = build_state_cache(
+                return build_state_cache(
                     model,
                     self.replay,
                     self.layers,
@@ -246,9 +247,15 @@ class ReplayStep:
                     autocast_dtype=self.autocast_dtype if next(model.parameters()).dtype == torch.float32 else None,
                     progress=trainer.args.disable_tqdm is not True and trainer.is_world_process_zero(),
                 )
-            if trainer.is_world_process_zero():
-                cache.save(folder)
-            return cache
+
+        ctx = trainer.args.main_process_first(desc="gere state cache") if hasattr(trainer.args, "main_process_first") else contextlib.nullcontext()
+        with ctx:
+            plan = ensure_state_cache(
+                folder, self.replay, self.hidden_size, self.layers, sigma, build, save=trainer.is_world_process_zero()
+            )
+        self.cache_action = {"reuse": "reused", "build": "built", "rebuild": "rebuilt"}[plan.action]
+        assert plan.cache is not None
+        return plan.cache
 
     # -- the per-micro-batch work ---------------------------------------------------------------
     def _scaling(self, trainer: Any, num_items_in_batch: Any) -> StepScaling:
@@ -313,6 +320,7 @@ class ReplayStep:
         scaling = self._scaling(trainer, num_items_in_batch)
         step, micro, rows = self.rows_now(trainer, scaling.accumulation)
         task_factor = 0.5 if self.combine == "mean" else 1.0
+        self._metric(trainer, "gere/task_loss", task_loss.detach().float() * scaling.task_unscale)
         if not rows:
             self._record(trainer, step, micro, rows, scaling)
             return task_factor * task_loss
@@ -339,35 +347,47 @@ class ReplayStep:
         loss = task_factor * task_loss + (ce_part + reg_part).to(task_loss.dtype)
         self._metric(trainer, "gere/replay_ce", ce_micro)
         self._metric(trainer, "gere/reg_loss", reg)
-        self._metric(trainer, "gere/weight", weight)
+        self._metric(trainer, "gere/weight", weight, keep=reg.detach() != 0)  # meaningless where R == 0
         if self.regularizer == "tm":
             self._metric(trainer, "gere/out_of_state", out_of_state)
         self._record(trainer, step, micro, rows, scaling)
         return loss
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    METRIC_KEYS = ("gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state",
+    METRIC_KEYS = ("gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state",
                    "gere/grad_norm_ce", "gere/grad_norm_reg", "gere/grad_norm_total", "gere/clip_coef",
                    "gere/grad_cosine")
 
-    def _metric(self, trainer: Any, key: str, value: torch.Tensor) -> None:
+    def _metric(self, trainer: Any, key: str, value: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
         # Kept on the device until the end of the optimizer step (no host sync per micro-batch), then
-        # averaged over ranks in one all-reduce (see _flush_metrics).
-        self._pending[key].append(value.detach().float().reshape(()))
+        # averaged over ranks in one all-reduce (see _flush_metrics). ``keep`` (a 0-dim bool tensor)
+        # drops the value from the step's mean without a host sync; a step where nothing is kept on any
+        # rank does not log the key at all.
+        v = value.detach().float().reshape(())
+        if keep is None:
+            self._pending[key].append((v, None))
+        else:
+            k = keep.detach().float().reshape(())
+            self._pending[key].append((v * k, k))
 
     def _flush_metrics(self, trainer: Any) -> None:
         """Once per optimizer step on every rank (the same number of calls everywhere, rows or not):
         one all-reduce turns this rank's gere/* values into means over all replay micro-batches of the
         step, and gere/replay_rows into the step's rows over all ranks."""
         acc = getattr(trainer, "accelerator", None)
-        device = next((v[0].device for v in self._pending.values() if v), torch.device("cpu"))
+        device = next((v[0][0].device for v in self._pending.values() if v), torch.device("cpu"))
         if acc is not None and acc.num_processes > 1:
             device = acc.device
         zero = torch.zeros((), dtype=torch.float32, device=device)
         local: list[torch.Tensor] = []
         for key in self.METRIC_KEYS:
             vals = self._pending.get(key, [])
-            local += [torch.stack(vals).to(device).sum() if vals else zero, zero + len(vals)]
+            if not vals:
+                local += [zero, zero]
+                continue
+            total = torch.stack([v for v, _ in vals]).to(device).sum()
+            count = sum((zero + 1 if k is None else k.to(device) for _, k in vals), zero)
+            local += [total, count]
         local.append(zero + self._step_rows)
         self._pending.clear()
         totals = torch.stack(local)
@@ -462,6 +482,8 @@ class GeReCheckpointCallback(TrainerCallback):
 
 def check_resume(step: ReplayStep, checkpoint: str) -> None:
     """Refuse to resume a checkpoint written with another replay set or schedule."""
+    if not Path(checkpoint).is_dir():
+        return  # the Trainer reports a missing checkpoint itself
     path = Path(checkpoint) / GERE_STATE_FILE
     if not path.exists():
         logger.warning("gere: %s has no %s; resuming without checking the replay schedule.", checkpoint, GERE_STATE_FILE)
@@ -521,9 +543,14 @@ class GeReTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        # Every form of resume is checked: a path, True (the newest checkpoint of output_dir), and
+        # Axolotl's resume_from_checkpoint / auto_resume_from_checkpoints (it passes the path here).
         step: Optional[ReplayStep] = getattr(self, "gere_step", None)
-        if step is not None and isinstance(resume_from_checkpoint, str):
-            check_resume(step, resume_from_checkpoint)
+        checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        if step is not None and checkpoint is not None:
+            check_resume(step, checkpoint)
+        if hasattr(self, "gere_frozen") and self.is_world_process_zero():
+            announce(describe_gere(self, checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
@@ -536,6 +563,50 @@ class GeReTrainerMixin:
         super().log(logs, *args, **kwargs)
 
 
+def announce(line: str) -> None:
+    """Show ``line`` once: as an INFO record where ``gere_plugin`` INFO records are shown (the ``gere``
+    command, the Axolotl plugin, a user's logging set-up), else on stderr, so that it is visible at
+    TRL's default log level too."""
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        logger.info(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _describe_frozen(trainer: Any, gere_args: Any) -> str:
+    names = getattr(trainer, "gere_frozen", None) or []
+    if not names:
+        return "nothing frozen"
+    what = []
+    if gere_args.gere_freeze_embeddings:
+        what.append("embeddings")
+    if gere_args.gere_freeze_layers:
+        what.append(f"bottom {gere_args.gere_freeze_layers} decoder layers")
+    return f"frozen: {' + '.join(what)} ({len(names)} tensors)"
+
+
+def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
+    """The one line GeRe prints at train start: what it replays, how it regularizes, what it froze."""
+    gere_args = getattr(trainer, "gere_args", None) or trainer.args
+    step: Optional[ReplayStep] = getattr(trainer, "gere_step", None)
+    frozen = _describe_frozen(trainer, gere_args)
+    if step is None:
+        return f"gere: no replay (gere_replay is not set); {frozen}"
+    parts = [
+        f"gere: {step.per_step} replay rows per optimizer step from {len(step.replay)} samples "
+        f"({step.replay.num_tokens} tokens) of {step.replay.source}",
+        f"regularizer {step.regularizer}" + ("" if step.regularizer == "none" else f" with weight {gere_args.gere_weight}"),
+    ]
+    if step.states is not None:
+        parts.append(f"state cache {step.cache_dir(trainer)} {step.cache_action}")
+    parts.append(frozen)
+    if checkpoint is not None:
+        parts.append(f"resuming {checkpoint} (replay settings checked)")
+    total = "mean(task, replay CE)" if step.combine == "mean" else "task + replay CE"
+    parts.append(f"logged loss = {total}{'' if step.regularizer == 'none' else ' + w*R'}; task term alone: gere/task_loss")
+    return "; ".join(parts)
+
+
 def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optional[torch.nn.Module] = None) -> Optional[ReplayStep]:
     """Attach GeRe to a built trainer: freeze layers, build/load the state cache, create the replay step.
 
@@ -545,6 +616,11 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
     if not hasattr(gere_args, "gere_replay"):
         raise GeReConfigError("GeRe settings missing: use GeReSFTConfig/GeReDPOConfig or pass gere_args=GeReArguments(...).")
     model = _unwrap(trainer, trainer.model)
+    # Every check that needs the model but no forward pass runs here, before the state build.
+    check_freeze_depth(model, gere_args.gere_freeze_layers)
+    if gere_args.gere_replay is not None:
+        check_layer_indices(model, gere_args.gere_layers)
+    trainer.gere_args = gere_args
     if getattr(trainer, "_metrics", None) is None:
         trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         trainer._gere_own_metrics = True

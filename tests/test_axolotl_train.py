@@ -109,13 +109,15 @@ def check_gere_ran(raw: dict, tmp_path: Path) -> list[dict]:
     assert [h["step"] for h in history] == list(range(1, steps + 1))
     for h in history:
         for key in (
+            "gere/task_loss",
             "gere/replay_ce",
             "gere/reg_loss",
-            "gere/weight",
             "gere/out_of_state",
             "gere/replay_rows",
         ):
             assert key in h, f"{key} missing from step {h['step']}: {sorted(h)}"
+        # the weight is logged exactly on the steps whose regularizer is not 0
+        assert ("gere/weight" in h) == (h["gere/reg_loss"] != 0), h
         assert h["gere/replay_rows"] == per_step
         assert h["gere/replay_ce"] > 0
     # step 1 trains the base model itself: every replay hidden state is in its base state

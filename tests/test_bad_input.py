@@ -40,7 +40,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "gere_replay": [123, "", "   ", ["a.jsonl"], True],
     "gere_replay_split": ["", 3, None, ["train"]],
     "gere_replay_text_field": ["", None, 1, ["text"]],
-    "gere_replay_size": [0, -1, 1.5, "10", True, None, NAN],
+    "gere_replay_size": [0, -1, 1.5, "10", True, NAN],
     "gere_replay_max_length": [1, 0, 2.0, "512", None],
     "gere_replay_min_tokens": [1, 0, "2", 2.5, None],
     "gere_replay_per_step": [0, -3, 1.5, "4", True],

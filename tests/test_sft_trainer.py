@@ -157,6 +157,28 @@ def test_dynamic_weight_balances_ce(tmp_path, tiny_dir, tiny_tokenizer, sft_data
     assert ce > 0
 
 
+def test_task_term_is_logged_on_its_own(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file):
+    """gere/task_loss is the parent's task CE alone; the returned loss is mean(task, replay CE) + w*R."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    trainer = make_trainer(tmp_path, model, tiny_tokenizer, sft_dataset, replay_file, gere_regularizer="l2")
+    _perturb(model)
+    model.train()
+    (b,) = _batches(trainer, 1)
+    n = (b["labels"][:, 1:] != -100).sum()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(model, dict(b), num_items_in_batch=n)
+    with torch.no_grad():
+        s, c = _ce(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"])
+    m = trainer._metrics["train"]
+    assert m["gere/task_loss"][-1] == pytest.approx(float(s / c), rel=1e-4)
+    total = 0.5 * (m["gere/task_loss"][-1] + m["gere/replay_ce"][-1]) + m["gere/weight"][-1] * m["gere/reg_loss"][-1]
+    assert float(loss) == pytest.approx(total, rel=1e-4)
+    # the dynamic weight makes w*R equal the CE term, so the logged total is twice mean(task, replay CE)
+    assert float(loss) == pytest.approx(m["gere/task_loss"][-1] + m["gere/replay_ce"][-1], rel=1e-4)
+
+
 def test_tm_is_zero_at_first_step_and_positive_later(tmp_path, tiny_model, tiny_tokenizer, sft_dataset, replay_file):
     trainer = make_trainer(tmp_path, tiny_model, tiny_tokenizer, sft_dataset, replay_file, max_steps=4, learning_rate=5e-3)
     trainer.train()
@@ -166,8 +188,13 @@ def test_tm_is_zero_at_first_step_and_positive_later(tmp_path, tiny_model, tiny_
     assert max(tm[1:]) > 1e-3
     oos = [h["gere/out_of_state"] for h in trainer.state.log_history if "gere/out_of_state" in h]
     assert oos[0] < 1e-6 and oos[-1] > 0
-    for key in ("gere/replay_ce", "gere/weight", "gere/replay_rows"):
-        assert all(key in h for h in trainer.state.log_history[:4])
+    steps = trainer.state.log_history[:4]
+    for key in ("gere/replay_ce", "gere/replay_rows", "gere/task_loss"):
+        assert all(key in h for h in steps), key
+    # the weight of a step whose regularizer is exactly 0 (step 1: the model is the base) is not logged:
+    # with the dynamic weight it would read CE x 1e8 and wreck every plot's scale
+    assert "gere/weight" not in steps[0]
+    assert all("gere/weight" in h and h["gere/weight"] < 1e6 for h in steps[1:] if h["gere/reg_loss"] > 0)
 
 
 def test_exact_replay_rows_per_step_over_epochs(tmp_path, tiny_model, tiny_tokenizer, sft_dataset, replay_file):

@@ -22,11 +22,16 @@ nor torch, lists every problem at once, and catches:
 * GeRe asked for without ``gere_replay``;
 * unknown ``gere_*`` keys (with the closest valid name) and out-of-range values;
 * training modes GeRe does not wrap (``rl`` other than ``dpo``/``ipo``, reward models).
+* what training would only find later (:func:`setup_problems`): ``gere_replay_per_step`` not below
+  the global batch, or not a multiple of processes x accumulation under DeepSpeed ZeRO-3 / FSDP;
+  ``gere_freeze_layers`` / ``gere_layers`` beyond the depth of a local ``base_model``; a
+  ``gere_state_cache`` folder GeRe would refuse (user files, a model folder, ...).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +40,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from ..config import GeReConfigError, validate_gere_values
+from ..config import GeReConfigError, gere_value_problems, resolve_replay_per_step
 from .args import PLUGIN_PATH, PLUGIN_PATHS, check_gere_request, is_gere_plugin_entry
 from .compat import AxolotlFacts, axolotl_facts
 
@@ -163,6 +168,7 @@ def check_config(
     config: Union[str, os.PathLike, Mapping],
     raise_on_error: bool = True,
     axolotl: Optional[AxolotlFacts] = None,
+    num_processes: Optional[int] = None,
 ) -> ConfigCheck:
     """Check an Axolotl config (YAML path or mapping) for GeRe mistakes Axolotl would not report.
 
@@ -172,6 +178,8 @@ def check_config(
         axolotl: judge for this Axolotl version and entry-point state (default: the installed
             Axolotl and gere-plugin metadata, :func:`~gere_plugin.axolotl.compat.axolotl_facts`; when
             Axolotl is not installed the advice holds for every supported version).
+        num_processes: the number of training processes (default ``$WORLD_SIZE`` or 1), for the
+            batch-layout checks.
 
     Returns:
         A :class:`ConfigCheck`.
@@ -209,18 +217,142 @@ def check_config(
             result.problems.append(_no_plugin_message(result.gere_keys, facts))
     if result.gere_keys:
         values = {k: data[k] for k in result.gere_keys if data[k] is not None}
-        try:
-            validate_gere_values(values)
-        except GeReConfigError as e:
-            result.problems.append(str(e))
+        result.problems.extend(gere_value_problems(values))  # one message per bad key, not only the first
     try:
         check_gere_request(dict(data))
     except GeReConfigError as e:
         result.problems.append(str(e))
+    if result.gere_keys:
+        result.problems.extend(setup_problems(data, num_processes))
 
     if result.problems and raise_on_error:
         raise GeReConfigError(result.report())
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of what training would only find later (each a small function; YAML and local files only)
+# ---------------------------------------------------------------------------------------------
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def accumulation_steps(data: Mapping) -> int:
+    """Gradient accumulation as Axolotl derives it: the key, else ``batch_size / micro_batch_size``, else 1."""
+    if data.get("gradient_accumulation_steps"):
+        return _int_or(data.get("gradient_accumulation_steps"), 1)
+    micro = _int_or(data.get("micro_batch_size"), 1)
+    batch = _int_or(data.get("batch_size"), 0)
+    return max(1, batch // micro) if batch else 1
+
+
+def sharding_of(data: Mapping) -> Optional[str]:
+    """``"DeepSpeed ZeRO-3"`` / ``"FSDP"`` when the config shards parameters across ranks, else ``None``."""
+    if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
+        return "FSDP"
+    ds = data.get("deepspeed")
+    if isinstance(ds, Mapping):
+        stage = (ds.get("zero_optimization") or {}).get("stage")
+    elif isinstance(ds, str) and ds:
+        stage = None
+        try:
+            stage = (json.loads(Path(ds).read_text(encoding="utf-8")).get("zero_optimization") or {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            stage = 3 if "zero3" in ds.replace("_", "").lower() else None  # a bundled name such as zero3_bf16.json
+    else:
+        return None
+    return "DeepSpeed ZeRO-3" if stage == 3 else None
+
+
+def batch_problems(data: Mapping, num_processes: Optional[int] = None) -> list[str]:
+    """``gere_replay_per_step`` against the batch layout.
+
+    Under DeepSpeed ZeRO-3 / FSDP it must be a multiple of processes x accumulation (a YAML does not
+    say how many processes will run: ``num_processes``, else ``$WORLD_SIZE``, else 1, which still
+    catches a value that is not a multiple of the accumulation). Against the global batch it is
+    checked only when the number of processes is known (``num_processes`` or ``$WORLD_SIZE``).
+    """
+    per_step = data.get("gere_replay_per_step")
+    if per_step is not None and (not isinstance(per_step, int) or isinstance(per_step, bool) or per_step < 1):
+        return []  # reported by the value checks
+    env_world = os.environ.get("WORLD_SIZE", "")
+    known = num_processes or (int(env_world) if env_world.isdigit() and int(env_world) > 0 else None)
+    procs = known or 1
+    accum = accumulation_steps(data)
+    problems = []
+    if known and isinstance(data.get("micro_batch_size"), int):
+        try:
+            per_step = resolve_replay_per_step(per_step, data["micro_batch_size"] * accum * procs)
+        except GeReConfigError as e:
+            return [f"{e} (micro_batch_size x gradient_accumulation_steps x {procs} process(es))"]
+    sharded = sharding_of(data)
+    slots = procs * accum
+    if sharded and per_step is not None and per_step % slots:
+        fix = slots * max(1, per_step // slots)
+        problems.append(
+            f"gere_replay_per_step={per_step} must be a multiple of processes x gradient_accumulation_steps "
+            f"({procs} x {accum} = {slots}) under {sharded}: every micro-batch of every rank must run the same replay "
+            f"forward or the parameter all-gathers hang. Use e.g. {fix}"
+            + ("." if known else "; pass the number of training processes with --num-processes to check the real layout.")
+        )
+    return problems
+
+
+def _local_model_config(data: Mapping) -> Optional[dict]:
+    src = data.get("base_model_config") or data.get("base_model")
+    if not isinstance(src, str):
+        return None
+    try:
+        cfg = json.loads((Path(os.path.expanduser(src)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a hub id, or unreadable: the model load reports it
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg, **cfg["text_config"]}
+    return cfg if isinstance(cfg, dict) else None
+
+
+def model_problems(data: Mapping) -> list[str]:
+    """``gere_freeze_layers`` and ``gere_layers`` against the depth of a local ``base_model``."""
+    cfg = _local_model_config(data)
+    depth = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None) if cfg else None
+    if depth is None:
+        return []
+    problems = []
+    freeze = data.get("gere_freeze_layers")
+    if isinstance(freeze, int) and not isinstance(freeze, bool) and freeze > depth:
+        problems.append(
+            f"gere_freeze_layers={freeze} but base_model has only {depth} decoder layers: use a value from 0 to {depth}."
+        )
+    layers = data.get("gere_layers")
+    layers = [layers] if isinstance(layers, int) else layers
+    if isinstance(layers, list):
+        bad = [i for i in layers if isinstance(i, int) and not -(depth + 1) <= i <= depth]
+        if bad:
+            problems.append(
+                f"gere_layers contains {bad[0]}, but base_model returns {depth + 1} hidden states "
+                f"(valid: {-(depth + 1)}..{depth})."
+            )
+    return problems
+
+
+def cache_folder_problems(data: Mapping) -> list[str]:
+    """A ``gere_state_cache`` folder (or the default ``<output_dir>/gere_states``) GeRe would refuse.
+
+    (A replay file that does not exist yet is not reported: recipes are checked before the replay
+    file is built, and training names a missing ``gere_replay`` before any model work.)
+    """
+    from ..cache_folder import state_cache_folder, state_cache_problem
+
+    cache = data.get("gere_state_cache")
+    if cache is not None and not (isinstance(cache, str) and cache.strip()):
+        return []  # reported by the value checks
+    problem = state_cache_problem(state_cache_folder(cache, data.get("output_dir")))
+    return [problem] if problem else []
+
+
+def setup_problems(data: Mapping, num_processes: Optional[int] = None) -> list[str]:
+    """Every check of what training would only find later (see the module docstring)."""
+    return batch_problems(data, num_processes) + model_problems(data) + cache_folder_problems(data)
 
 
 def plugin_is_loadable(entry: Any = PLUGIN_PATH) -> bool:

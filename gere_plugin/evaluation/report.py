@@ -27,16 +27,34 @@ __all__ = ["load_runs", "markdown_table", "plot_summary", "report_main", "summar
 
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Read result JSON files and return their runs (a file holds one run or ``{"runs": [...]}``)."""
+    from ..config import GeReConfigError
+
     runs: list[dict[str, Any]] = []
     for path in paths:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise GeReConfigError(f"{path}: no such result file.") from None
+        except IsADirectoryError:
+            raise GeReConfigError(f"{path} is a folder; pass the result JSON files in it (e.g. {path}/*.json).") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise GeReConfigError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}).") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GeReConfigError(
+                f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}). Result files are what "
+                "`gere sequence`, run_sequence or benchmarks/forgetting.py write."
+            ) from None
         found = data["runs"] if isinstance(data, dict) and "runs" in data else [data]
-        for run in found:
-            if "matrix" not in run or "method" not in run:
-                raise ValueError(f"{path}: a run needs 'method' and 'matrix' keys")
+        if not isinstance(found, list):
+            raise GeReConfigError(f"{path}: 'runs' must be a list of runs.")
+        for i, run in enumerate(found):
+            if not isinstance(run, dict) or "matrix" not in run or "method" not in run:
+                raise GeReConfigError(f"{path}: run {i} needs 'method' and 'matrix' keys (is this a result file?).")
             runs.append(run)
     if not runs:
-        raise ValueError("no runs found in the given files")
+        raise GeReConfigError("no runs found in the given files")
     return runs
 
 
@@ -262,5 +280,10 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--png", help="also write the plot here")
     parser.add_argument("--ppl-key", default="wiki", help="held-out set whose perplexity rise is plotted")
     args = parser.parse_args(argv)
+    from ..config import GeReConfigError
+
+    for flag, out in (("--md", args.md), ("--png", args.png)):
+        if out and Path(out).is_dir():
+            raise GeReConfigError(f"{flag} {out!r} is a folder; give the file to write, e.g. {out}/report.{flag[2:]}.")
     print(write_report(args.results, args.md, args.png, ppl_key=args.ppl_key), end="")
     return 0
