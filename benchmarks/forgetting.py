@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -426,6 +425,39 @@ def write_outputs(doc: dict[str, Any], preset: str, out_dir: Path) -> None:
     os.replace(tmp, out_dir / f"forgetting_{preset}.json")
 
 
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """One result document from several of the same preset and settings (methods may differ; a
+    (method, seed) pair must not appear twice). Learning-rate selections and timings are combined."""
+    docs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    first = docs[0]
+    keys = [k for k in first["settings"] if k not in ("methods", "seeds", "method_specs")]
+    for path, doc in zip(paths[1:], docs[1:]):
+        if doc.get("preset") != first.get("preset"):
+            raise SystemExit(f"--merge: {path} is preset {doc.get('preset')}, {paths[0]} is {first.get('preset')}")
+        differ = [k for k in keys if json.dumps(doc["settings"].get(k), default=float)
+                  != json.dumps(first["settings"].get(k), default=float)]
+        if differ:
+            raise SystemExit(f"--merge: {path} has other settings than {paths[0]}: {', '.join(differ)}")
+    merged = {**first, "runs": [], "lr_selection": {}, "timings": {}}
+    merged["settings"] = dict(first["settings"])
+    seen: set[tuple[str, int]] = set()
+    for path, doc in zip(paths, docs):
+        for run in doc.get("runs", []):
+            key = (run["method"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"--merge: {key[0]} seed {key[1]} appears twice (again in {path})")
+            seen.add(key)
+            merged["runs"].append(run)
+        merged["lr_selection"].update(doc.get("lr_selection", {}))
+        merged["timings"].update({f"{path.parent.name}/{k}": v for k, v in doc.get("timings", {}).items()})
+        merged["settings"]["methods"] = list(dict.fromkeys(merged["settings"]["methods"] + doc["settings"]["methods"]))
+        merged["settings"]["seeds"] = sorted(set(merged["settings"]["seeds"]) | set(doc["settings"]["seeds"]))
+        merged["settings"]["method_specs"] = {**merged["settings"].get("method_specs", {}),
+                                              **doc["settings"].get("method_specs", {})}
+    merged["merged_from"] = [str(p) for p in paths]
+    return merged
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
@@ -443,11 +475,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--resume", action="store_true", help="keep finished (method, seed) runs of the output JSON")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine result files of the same preset written by parallel invocations (each with its own "
+                        "--out-dir and disjoint --methods) into --out-dir, then re-render")
     p.add_argument("--report-only", action="store_true",
                    help="re-render the .md/.png/summary/verdicts of the existing JSON without training")
     p.add_argument("--diagnose-gradients", action="store_true",
                    help="gradient balance of each weighting on the first task (writes grad_balance_<preset>.json/.png)")
     args = p.parse_args(argv)
+    if args.merge:
+        doc = merge_results([Path(f) for f in args.merge])
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_outputs(doc, args.preset, out_dir)
+        print(markdown_table(doc["summary"]))
+        print(json.dumps(doc["verdicts"], indent=2, default=float))
+        return 0
     if args.report_only:
         out_json = Path(args.out_dir) / f"forgetting_{args.preset}.json"
         if not out_json.is_file():
@@ -482,7 +525,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     general = assets.general_eval_config(splits, cfg["wiki_texts"], cfg["sciq_texts"], cfg["cloze"],
                                          ppl_max_length=cfg["ppl_max_length"])
     if "lr_grid" in cfg:  # the fair protocol: warm-up ratio + decay, lr chosen per method
-        schedule = {"lr_scheduler_type": cfg["scheduler"], "warmup_steps": max(1, math.ceil(cfg["warmup_ratio"] * steps))}
+        schedule = {"lr_scheduler_type": cfg["scheduler"], "warmup_ratio": cfg["warmup_ratio"]}
         default_lr = args.lr or cfg["lr_grid"][len(cfg["lr_grid"]) // 2]
     else:  # legacy presets
         schedule = {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 3}

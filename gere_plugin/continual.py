@@ -28,6 +28,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -139,10 +140,14 @@ class TrainSettings:
     per_device_train_batch_size: int = _train_field(8, "Task rows per micro-batch and process.")
     gradient_accumulation_steps: int = _train_field(1, "Micro-batches per optimizer step.")
     max_length: int = _train_field(128, "Task rows are truncated to this many tokens.")
-    warmup_steps: int = _train_field(0, "Linear warm-up steps.")
-    lr_scheduler_type: str = _train_field("constant", "transformers scheduler name (constant, linear, cosine, ...).")
+    warmup_ratio: float = _train_field(0.1, "Linear warm-up over this share of max_steps (0.1 = 10%).")
+    warmup_steps: int = _train_field(0, "Linear warm-up steps; > 0 overrides warmup_ratio.")
+    lr_scheduler_type: str = _train_field("cosine", "transformers scheduler name (cosine, linear, constant, ...).")
     weight_decay: float = _train_field(0.0, "AdamW weight decay.")
     bf16: bool = _train_field(False, "Train in bf16 mixed precision.")
+    completion_eos: bool = _train_field(
+        True, "Append EOS to prompt/completion rows (TRL's default); false = the loss is on the completion's own "
+        "tokens only (for label-word tasks: the label).")
     logging_steps: int = _train_field(5, "Log every this many optimizer steps.")
     gere_replay_size: Optional[int] = _gere_field("gere_replay_size", None)
     gere_replay_max_length: int = _gere_field("gere_replay_max_length", 128)
@@ -167,8 +172,15 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise GeReConfigError(f"{name}={value!r} must be an integer >= 1.")
+        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
+            raise GeReConfigError(f"warmup_ratio={self.warmup_ratio!r} must be a number in [0, 1).")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise GeReConfigError(f"learning_rate={self.learning_rate!r} must be a number > 0.")
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """``warmup_steps`` when set, else ``ceil(warmup_ratio x max_steps)``."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
 
     def __getattr__(self, name: str) -> Any:  # old attribute names (read) keep working
         new = _RENAMED_SETTINGS.get(name)
@@ -292,6 +304,23 @@ def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
 
 
+def _tokenized_without_eos(rows: Sequence[dict[str, str]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Prompt/completion rows as TRL's pre-tokenized format (``input_ids`` + ``completion_mask``) without the
+    EOS that TRL would append, so the loss falls on the completion's tokens only; ``text`` rows unchanged
+    apart from tokenization. Tokenized exactly as TRL does (prompt, then prompt + completion)."""
+    out = []
+    for row in rows:
+        if "prompt" in row:
+            prompt_ids = tokenizer(row["prompt"])["input_ids"]
+            ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+            if ids[: len(prompt_ids)] != prompt_ids:
+                raise ValueError(f"prompt tokens change when the completion is appended: {row['prompt']!r}")
+            out.append({"input_ids": ids, "completion_mask": [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))})
+        else:
+            out.append({"input_ids": tokenizer(row["text"])["input_ids"]})
+    return out
+
+
 def _build_trainer(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -330,7 +359,7 @@ def _build_trainer(
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.warmup_steps,
+        warmup_steps=settings.resolved_warmup_steps,
         weight_decay=settings.weight_decay,
         max_steps=settings.max_steps,
         logging_steps=settings.logging_steps,
@@ -346,7 +375,10 @@ def _build_trainer(
         **gere,
         **settings.extra_config,
     )
-    ds = Dataset.from_list(task.train)
+    rows = task.train if settings.completion_eos else _tokenized_without_eos(task.train, tokenizer)
+    if not settings.completion_eos and any("completion_mask" in r for r in rows):
+        cfg.completion_only_loss = True  # TRL infers it only from prompt/completion columns
+    ds = Dataset.from_list(rows)
     trainer = _make_trainer(model, tokenizer, cfg, ds, method, ref_model)
     if settings.grad_diagnostics and getattr(trainer, "gere_step", None) is not None:
         trainer.gere_step.grad_diagnostics = True

@@ -81,7 +81,7 @@ def load_test_items(path: str | os.PathLike) -> list[Any]:
 #: TrainSettings fields that become flags (spelled as the TRL / gere_* settings they feed).
 TRAIN_FLAGS = (
     "max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-    "warmup_steps", "lr_scheduler_type", "weight_decay", "bf16", "logging_steps",
+    "warmup_ratio", "warmup_steps", "lr_scheduler_type", "weight_decay", "bf16", "completion_eos", "logging_steps",
 )  # fmt: skip
 GERE_SETTING_FLAGS = (
     "gere_replay_size", "gere_replay_max_length", "gere_replay_per_step", "gere_weight", "gere_seed",
