@@ -339,46 +339,71 @@ def paired_differences(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, 
     return out
 
 
-# Weightings compared by --diagnose-gradients (GeRe's TM regularizer, first task only).
-GRADIENT_VARIANTS: dict[str, dict[str, Any]] = {
-    "paper: dynamic, violations": {"gere_weight": "dynamic", "gere_weight_max": None, "gere_tm_reduction": "violations"},
-    "dynamic capped at 100, mean": {"gere_weight": "dynamic", "gere_weight_max": 100.0, "gere_tm_reduction": "mean"},
-    "dynamic capped at 1000, mean": {"gere_weight": "dynamic", "gere_weight_max": 1000.0, "gere_tm_reduction": "mean"},
-    "fixed 100, mean": {"gere_weight": "100", "gere_weight_max": None, "gere_tm_reduction": "mean"},
+# Weightings compared by --diagnose-gradients (first task only): GeRe's TM under several weight rules,
+# and the feature-distillation regularizers under the paper's dynamic weight.
+GRADIENT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "TM, paper: dynamic, violations": ("tm", {"gere_weight": "dynamic", "gere_weight_max": None,
+                                              "gere_tm_reduction": "violations"}),
+    "TM, dynamic <= 100, mean": ("tm", {"gere_weight": "dynamic", "gere_weight_max": 100.0, "gere_tm_reduction": "mean"}),
+    "TM, dynamic <= 1000, mean": ("tm", {"gere_weight": "dynamic", "gere_weight_max": 1000.0,
+                                         "gere_tm_reduction": "mean"}),
+    "L2, dynamic": ("l2", {"gere_weight": "dynamic", "gere_weight_max": None}),
+    "KL, dynamic": ("kl", {"gere_weight": "dynamic", "gere_weight_max": None}),
 }
+PLAIN_VARIANT = "plain SFT (no replay)"
 
 
 def diagnose_gradients(args: Any, cfg: dict[str, Any], model_dir: Path, tasks: list[SequenceTask], replay: Path,
-                       work: Path, settings: TrainSettings, out_dir: Path) -> int:
+                       work: Path, settings: TrainSettings, out_dir: Path, general: Any) -> int:
     """Train the first task once per weighting with the gradient-balance diagnostic on; record per step
-    the gradient norms of the CE part and of the regularizer part, before and after clipping, and the
-    dev accuracy reached (plasticity). Writes ``grad_balance_<preset>.json`` and ``.png``."""
+    the gradient norms of the CE part and of the regularizer part, before and after clipping, the dev
+    accuracy reached (plasticity) and held-out perplexity after the task (general ability). Writes
+    ``grad_balance_<preset>.json`` and ``.png``; several invocations (``--variants``) may fill one file."""
+    import fcntl
+
     from gere_plugin.continual import MethodSpec
 
     first = tasks[0]
     dev_task = SequenceTask(first.name, first.train, test=first.dev or first.test)
     diag = dataclasses.replace(settings, grad_diagnostics=True, logging_steps=1)
-    out: dict[str, Any] = {"environment": environment_info(), "task": first.name, "eval": "dev" if first.dev else "test",
-                           "settings": dataclasses.asdict(diag), "variants": {}}
-    variants = {"plain SFT (no replay)": None, **GRADIENT_VARIANTS}
-    for label, keys in variants.items():
-        spec = METHODS["plain"] if keys is None else MethodSpec("gere", replay=True, regularizer="tm",
-                                                                gere=tuple(sorted(keys.items())))
-        t0 = time.perf_counter()
-        run = run_sequence(str(model_dir), [dev_task], spec, work / "grad_balance" / label.replace(" ", "_"),
-                           settings=diag, replay=replay, state_cache=work / "states", seed=cfg.get("lr_seed", 1))
-        hist = [h for h in run["stages"][0]["history"] if "loss" in h]
-        out["variants"][label] = {
-            "gere": keys, "accuracy": run["matrix"][0][0], "base_accuracy": run["base_row"][0],
-            "majority_share": run["stages"][0]["eval"]["majority_share"][first.name],
-            "seconds": time.perf_counter() - t0, "steps": hist,
-        }
-        logging.info("gradient balance %s: accuracy %.3f", label, run["matrix"][0][0])
+    ppl_only = dataclasses.replace(general, mc_items={}, general_score_tasks=())
+    names = args.variants or [PLAIN_VARIANT, *GRADIENT_VARIANTS]
+    unknown = [n for n in names if n != PLAIN_VARIANT and n not in GRADIENT_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {[PLAIN_VARIANT, *GRADIENT_VARIANTS]}")
     path = out_dir / f"grad_balance_{args.preset}.json"
-    path.write_text(json.dumps(out, indent=1, default=float), encoding="utf-8")
-    plot_gradient_balance(out, out_dir / f"grad_balance_{args.preset}.png")
-    for label, v in out["variants"].items():
-        print(f"{label:34s} accuracy {100 * v['accuracy']:.1f} (majority {v['majority_share']:.2f})")
+    for label in names:
+        if label == PLAIN_VARIANT:
+            spec, keys, reg = METHODS["plain"], None, None
+        else:
+            reg, keys = GRADIENT_VARIANTS[label]
+            spec = MethodSpec("diagnostic", replay=True, regularizer=reg, gere=tuple(sorted(keys.items())))
+        lr = float(args.lr or settings.learning_rate)
+        t0 = time.perf_counter()
+        run = run_sequence(str(model_dir), [dev_task], spec, work / "grad_balance" / "".join(
+            c if c.isalnum() else "_" for c in label), settings=dataclasses.replace(diag, learning_rate=lr),
+            replay=replay, state_cache=work / "states", seed=cfg.get("lr_seed", 1), general=ppl_only)
+        stage = run["stages"][0]
+        record = {
+            "regularizer": reg, "gere": keys, "learning_rate": lr, "accuracy": run["matrix"][0][0],
+            "base_accuracy": run["base_row"][0], "majority_share": stage["eval"]["majority_share"][first.name],
+            "ppl": stage["eval"]["general"]["ppl"], "base_ppl": run["base"]["general"]["ppl"],
+            "seconds": time.perf_counter() - t0, "steps": [h for h in stage["history"] if "loss" in h],
+        }
+        logging.info("gradient balance %s: accuracy %.3f", label, record["accuracy"])
+        with open(out_dir / f".grad_balance_{args.preset}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # parallel invocations add their variants to one file
+            doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {
+                "environment": environment_info(), "task": first.name, "eval": "dev" if first.dev else "test",
+                "settings": dataclasses.asdict(diag), "variants": {}}
+            doc["variants"][label] = record
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(doc, indent=1, default=float), encoding="utf-8")
+            os.replace(tmp, path)
+            plot_gradient_balance(doc, out_dir / f"grad_balance_{args.preset}.png")
+    for label, v in json.loads(path.read_text(encoding="utf-8"))["variants"].items():
+        rise = {k: f"{100 * (v['ppl'][k] / v['base_ppl'][k] - 1):+.1f}%" for k in v["ppl"]}
+        print(f"{label:34s} accuracy {100 * v['accuracy']:.1f} (majority {v['majority_share']:.2f}) ppl rise {rise}")
     return 0
 
 
@@ -389,7 +414,7 @@ def plot_gradient_balance(doc: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = {k: v for k, v in doc["variants"].items() if v["gere"] is not None}
+    variants = {k: v for k, v in doc["variants"].items() if v.get("regularizer")}
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.8), sharey=True, squeeze=False)
     for ax, (label, v) in zip(axes[0], variants.items()):
         steps = [h["step"] for h in v["steps"] if "gere/grad_norm_ce" in h]
@@ -397,7 +422,7 @@ def plot_gradient_balance(doc: dict[str, Any], png: Path) -> None:
         ce = [c * h["gere/grad_norm_ce"] for c, h in zip(clip, [h for h in v["steps"] if "gere/grad_norm_ce" in h])]
         reg = [c * h["gere/grad_norm_reg"] for c, h in zip(clip, [h for h in v["steps"] if "gere/grad_norm_ce" in h])]
         ax.semilogy(steps, ce, label="task + replay CE")
-        ax.semilogy(steps, reg, label="w x TM")
+        ax.semilogy(steps, reg, label=f"w x {v['regularizer'].upper()}")
         ax.set_title(f"{label}\n{doc['task']} {doc['eval']} acc {100 * v['accuracy']:.0f}%", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -482,6 +507,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="re-render the .md/.png/summary/verdicts of the existing JSON without training")
     p.add_argument("--diagnose-gradients", action="store_true",
                    help="gradient balance of each weighting on the first task (writes grad_balance_<preset>.json/.png)")
+    p.add_argument("--variants", nargs="+", help="with --diagnose-gradients: only these variants (by label)")
     args = p.parse_args(argv)
     if args.merge:
         doc = merge_results([Path(f) for f in args.merge])
@@ -538,7 +564,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         general_every_task=cfg["general_every_task"], logging_steps=5, **schedule,
     )
     if args.diagnose_gradients:
-        return diagnose_gradients(args, cfg, model_dir, tasks, replay, work, settings, out_dir)
+        return diagnose_gradients(args, cfg, model_dir, tasks, replay, work, settings, out_dir, general)
     out_json = out_dir / f"forgetting_{args.preset}.json"
     doc: dict[str, Any] = {
         "preset": args.preset,

@@ -79,12 +79,15 @@ PAPER_WEIGHTING: tuple[tuple[str, Any], ...] = (
     ("gere_tm_reduction", "violations"), ("gere_weight", "dynamic"), ("gere_weight_max", None),
 )
 
+#: The feature-distillation baselines keep the paper's dynamic weight whatever the package default is.
+FD_WEIGHTING: tuple[tuple[str, Any], ...] = (("gere_weight", "dynamic"), ("gere_weight_max", None))
+
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
     "replay": MethodSpec("replay", replay=True, regularizer="none"),
-    "kl": MethodSpec("kl", replay=True, regularizer="kl"),
-    "l1": MethodSpec("l1", replay=True, regularizer="l1"),
-    "l2": MethodSpec("l2", replay=True, regularizer="l2"),
+    "kl": MethodSpec("kl", replay=True, regularizer="kl", gere=FD_WEIGHTING),
+    "l1": MethodSpec("l1", replay=True, regularizer="l1", gere=FD_WEIGHTING),
+    "l2": MethodSpec("l2", replay=True, regularizer="l2", gere=FD_WEIGHTING),
     "gere": MethodSpec("gere", replay=True, regularizer="tm"),
     "gere_paper": MethodSpec("gere_paper", replay=True, regularizer="tm", gere=PAPER_WEIGHTING),
     "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
@@ -146,8 +149,8 @@ class TrainSettings:
     weight_decay: float = _train_field(0.0, "AdamW weight decay.")
     bf16: bool = _train_field(False, "Train in bf16 mixed precision.")
     completion_eos: bool = _train_field(
-        True, "Append EOS to prompt/completion rows (TRL's default); false = the loss is on the completion's own "
-        "tokens only (for label-word tasks: the label).")
+        False, "Append EOS to prompt/completion rows (TRL's default) and train on it; false (default) = the loss "
+        "is on the completion's own tokens only (for label-word tasks: the label).")
     logging_steps: int = _train_field(5, "Log every this many optimizer steps.")
     gere_replay_size: Optional[int] = _gere_field("gere_replay_size", None)
     gere_replay_max_length: int = _gere_field("gere_replay_max_length", 128)
