@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,11 +32,46 @@ class StateCacheError(GeReConfigError):
     """The state cache does not match this run or is damaged; the message says how to rebuild it."""
 
 
+@dataclass(frozen=True)
+class CacheKind:
+    """One kind of folder GeRe writes (the state cache, FLOW's base losses, an EWC state) and the rules
+    that say whether a folder IS one: a ``meta.json`` whose ``identity`` keys are present (and, for the
+    newer kinds, whose ``kind`` field names it) and no file other than ``files``."""
+
+    key: str  # the config key naming the folder, used in every message
+    files: tuple[str, ...]  # every file the folder may hold (``meta.json`` included)
+    identity: tuple[str, ...]  # meta.json keys that mark a folder written by GeRe
+    what: str  # "a GeRe cache", in messages
+    label: str = ""  # the ``kind`` field of meta.json ("" = none: the state cache predates it)
+
+    def owns(self, meta: Optional[dict]) -> bool:
+        """Whether ``meta`` (a parsed ``meta.json``) was written by GeRe for this kind of folder."""
+        if not (isinstance(meta, dict) and isinstance(meta.get("format_version"), int)):
+            return False
+        if self.label and meta.get("kind") != self.label:
+            return False
+        return all(k in meta for k in self.identity)
+
+
+#: The base-model state cache (``gere_state_cache``).
+STATE_CACHE = CacheKind(
+    key="gere_state_cache",
+    files=(META, THRESHOLDS, LABELS),
+    identity=("replay_fingerprint", "tokenizer_fingerprint", "hidden_size", "layers"),
+    what="GeRe cache",
+)
+
+
+def run_folder(value: Optional[str | os.PathLike], output_dir: Optional[str | os.PathLike], name: str) -> Path:
+    """The one default-folder rule of every folder GeRe writes: ``value`` when set, else ``<output_dir>/<name>``."""
+    if value:
+        return Path(os.path.expanduser(str(value)))
+    return Path(os.path.expanduser(str(output_dir or "."))) / name
+
+
 def state_cache_folder(gere_state_cache: Optional[str | os.PathLike], output_dir: Optional[str | os.PathLike]) -> Path:
     """The one default-folder rule: ``gere_state_cache`` when set, else ``<output_dir>/gere_states``."""
-    if gere_state_cache:
-        return Path(os.path.expanduser(str(gere_state_cache)))
-    return Path(os.path.expanduser(str(output_dir or "."))) / DEFAULT_CACHE_NAME
+    return run_folder(gere_state_cache, output_dir, DEFAULT_CACHE_NAME)
 
 
 def _read_meta(folder: Path) -> Optional[dict]:
@@ -46,9 +82,8 @@ def _read_meta(folder: Path) -> Optional[dict]:
     return meta if isinstance(meta, dict) else None
 
 
-def _is_gere_meta(meta: Optional[dict]) -> bool:
-    keys = ("replay_fingerprint", "tokenizer_fingerprint", "hidden_size", "layers")
-    return isinstance(meta, dict) and isinstance(meta.get("format_version"), int) and all(k in meta for k in keys)
+def _is_gere_meta(meta: Optional[dict], kind: CacheKind = STATE_CACHE) -> bool:
+    return kind.owns(meta)
 
 
 def _entries(folder: Path) -> list[str]:
@@ -60,63 +95,64 @@ def _listing(names: Sequence[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
 
 
-def is_state_cache(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` IS a GeRe state cache: a real folder whose ``meta.json`` was written by GeRe
-    (format version and fingerprints) and that holds nothing but the cache's own files. Only such a
-    folder is ever replaced."""
+def is_state_cache(folder: str | os.PathLike, kind: CacheKind = STATE_CACHE) -> bool:
+    """Whether ``folder`` IS a GeRe state cache (or another ``kind`` of GeRe folder): a real folder whose
+    ``meta.json`` was written by GeRe (format version and fingerprints) and that holds nothing but the
+    folder's own files. Only such a folder is ever replaced."""
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
         return False
     names = set(_entries(folder))
-    return META in names and names <= set(CACHE_FILES) and _is_gere_meta(_read_meta(folder))
+    return META in names and names <= set(kind.files) and kind.owns(_read_meta(folder))
 
 
-def _foreign_error(folder: Path) -> StateCacheError:
-    where = str(folder)
+def _foreign_error(folder: Path, kind: CacheKind = STATE_CACHE) -> StateCacheError:
+    where, key = str(folder), kind.key
     if not folder.is_dir():
         return StateCacheError(
-            f"gere_state_cache={where!r} is a file, not a folder. GeRe never replaces what it did not create: "
-            "point gere_state_cache at a new folder."
+            f"{key}={where!r} is a file, not a folder. GeRe never replaces what it did not create: "
+            f"point {key} at a new folder."
         )
     names = _entries(folder)
     if folder.is_symlink():
         return StateCacheError(
-            f"gere_state_cache={where!r} is a symbolic link; GeRe replaces only a real cache folder. Point "
-            "gere_state_cache at the folder itself or at a new one."
+            f"{key}={where!r} is a symbolic link; GeRe replaces only a real cache folder. Point "
+            f"{key} at the folder itself or at a new one."
         )
     meta = _read_meta(folder)
-    if META in names and meta is None and set(names) <= set(CACHE_FILES):
+    if META in names and meta is None and set(names) <= set(kind.files):
         return StateCacheError(
-            f"gere_state_cache={where!r}: its {META} is unreadable, so GeRe cannot tell that the folder is a cache "
-            "and will not remove it. If it is a GeRe cache, delete it yourself; otherwise point gere_state_cache at "
+            f"{key}={where!r}: its {META} is unreadable, so GeRe cannot tell that the folder is a cache "
+            f"and will not remove it. If it is a {kind.what}, delete it yourself; otherwise point {key} at "
             "a new folder."
         )
-    if _is_gere_meta(meta):
-        extra = [n for n in names if n not in CACHE_FILES]
+    if kind.owns(meta):
+        extra = [n for n in names if n not in kind.files]
         return StateCacheError(
-            f"gere_state_cache={where!r} holds a GeRe cache together with other files ({_listing(extra)}). GeRe "
-            "only removes what it created: move those files out, or point gere_state_cache at a new folder."
+            f"{key}={where!r} holds a {kind.what} together with other files ({_listing(extra)}). GeRe "
+            f"only removes what it created: move those files out, or point {key} at a new folder."
         )
+    none = "no GeRe state cache" if kind is STATE_CACHE else f"no {kind.what}"
     return StateCacheError(
-        f"gere_state_cache={where!r} is not empty and holds no GeRe state cache (no GeRe meta.json; found: "
+        f"{key}={where!r} is not empty and holds {none} (no GeRe meta.json; found: "
         f"{_listing(names)}). GeRe "
-        "never deletes or overwrites files it did not create: point gere_state_cache at an empty or new folder."
+        f"never deletes or overwrites files it did not create: point {key} at an empty or new folder."
     )
 
 
-def check_replaceable(folder: str | os.PathLike) -> None:
+def check_replaceable(folder: str | os.PathLike, kind: CacheKind = STATE_CACHE) -> None:
     """Raise :class:`StateCacheError` unless writing a cache to ``folder`` destroys nothing GeRe did not
-    create: the folder must be absent, empty, or a GeRe cache (:func:`is_state_cache`)."""
+    create: the folder must be absent, empty, or a GeRe folder of this ``kind`` (:func:`is_state_cache`)."""
     folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
         return
     if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
         return
-    if not is_state_cache(folder):
-        raise _foreign_error(folder)
+    if not is_state_cache(folder, kind):
+        raise _foreign_error(folder, kind)
 
 
-def state_cache_problem(folder: str | os.PathLike) -> Optional[str]:
+def state_cache_problem(folder: str | os.PathLike, kind: CacheKind = STATE_CACHE) -> Optional[str]:
     """Why GeRe would refuse ``folder`` as a cache folder before looking at its contents, or ``None``.
 
     ``None`` for an absent or empty folder and for anything that looks like a GeRe cache (whether it
@@ -126,10 +162,10 @@ def state_cache_problem(folder: str | os.PathLike) -> Optional[str]:
     if not folder.exists() and not folder.is_symlink():
         return None
     if not folder.is_dir():
-        return str(_foreign_error(folder))
+        return str(_foreign_error(folder, kind))
     names = set(_entries(folder))
     if not names:
         return None
-    if META in names and (_is_gere_meta(_read_meta(folder)) or names <= set(CACHE_FILES)):
+    if META in names and (kind.owns(_read_meta(folder)) or names <= set(kind.files)):
         return None
-    return str(_foreign_error(folder))
+    return str(_foreign_error(folder, kind))

@@ -41,7 +41,9 @@ from .cache_folder import (  # noqa: F401
     FORMAT_VERSION,
     LABELS,
     META,
+    STATE_CACHE,
     THRESHOLDS,
+    CacheKind,
     StateCacheError,
     _entries,
     _foreign_error,
@@ -255,16 +257,9 @@ class StateCache:
         """Write atomically: a temporary sibling folder is filled, fsynced and renamed into place."""
         from safetensors.torch import save_file
 
-        folder = Path(folder)
-        check_replaceable(folder)  # before anything is written: never replace what GeRe did not create
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(folder)
-        tmp = folder.parent / f".{folder.name}.tmp-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            labels_path = tmp / LABELS
+        def write(tmp: Path) -> None:
             arr = self.packed.contiguous().numpy()
-            with open(labels_path, "wb") as fh:
+            with open(tmp / LABELS, "wb") as fh:
                 fh.write(arr.tobytes(order="C"))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -272,28 +267,10 @@ class StateCache:
                 {"mu": self.mu, "std": self.std, "pos": self.pos, "neg": self.neg, "offsets": self.offsets},
                 str(tmp / THRESHOLDS),
             )
-            meta = dict(self.meta)
-            meta["files"] = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in (LABELS, THRESHOLDS)}
-            meta["packed_shape"] = list(self.packed.shape)
-            with open(tmp / META, "w") as fh:
-                json.dump(meta, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            check_replaceable(folder)  # again: the folder may have changed during the build
-            if folder.is_dir() and not any(folder.iterdir()):
-                os.replace(tmp, folder)  # onto an empty folder (rename allows it)
-            elif folder.exists():
-                old = folder.parent / f".{folder.name}.old-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-            _fsync_dir(folder.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        meta = dict(self.meta)
+        meta["packed_shape"] = list(self.packed.shape)
+        save_folder_atomically(folder, STATE_CACHE, write, meta, (LABELS, THRESHOLDS))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, verify: bool = True) -> StateCache:
@@ -382,6 +359,76 @@ class StateCache:
             raise StateCacheError(f"gere_state_cache={where!r} holds gere_sigma={m['sigma']}, this run asks {sigma}. {rebuild}")
 
 
+def save_folder_atomically(
+    folder: str | os.PathLike,
+    kind: CacheKind,
+    write: Callable[[Path], None],
+    meta: dict,
+    data_files: Sequence[str],
+) -> None:
+    """The one way GeRe writes a folder of any ``kind`` (state cache, FLOW losses, EWC state).
+
+    Refuses a folder that is not absent, empty or of this ``kind`` (:func:`check_replaceable`), before
+    anything is written and again before the swap. ``write(tmp)`` fills a temporary sibling folder with
+    ``data_files``; their sizes and sha256 go into ``meta["files"]``, ``meta.json`` is written last, the
+    folder is fsynced and renamed into place (an existing folder of this kind is swapped out and removed).
+    """
+    folder = Path(folder)
+    check_replaceable(folder, kind)  # before anything is written: never replace what GeRe did not create
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    tmp = folder.parent / f".{folder.name}.tmp-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        meta = dict(meta)
+        meta["files"] = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in data_files}
+        with open(tmp / META, "w") as fh:
+            json.dump(meta, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        check_replaceable(folder, kind)  # again: the folder may have changed during the build
+        if folder.is_dir() and not any(folder.iterdir()):
+            os.replace(tmp, folder)  # onto an empty folder (rename allows it)
+        elif folder.exists():
+            old = folder.parent / f".{folder.name}.old-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_verified_meta(folder: str | os.PathLike, kind: CacheKind, format_version: int, advice: str) -> dict:
+    """``meta.json`` of a GeRe folder of ``kind`` after checking its format version and the size and sha256
+    of every data file it lists; :class:`StateCacheError` naming ``kind.key`` and ``advice`` otherwise."""
+    folder = Path(folder)
+    where = f"{kind.key}={str(folder)!r}"
+    meta = _read_meta(folder)
+    if not kind.owns(meta):
+        raise StateCacheError(f"{where} holds no readable {kind.what} ({META} missing or damaged). {advice}")
+    assert meta is not None
+    if meta.get("format_version") != format_version:
+        raise StateCacheError(
+            f"{where} has format version {meta.get('format_version')}, this gere-plugin reads {format_version}. {advice}"
+        )
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise StateCacheError(f"{where}: {META} lists no data files. {advice}")
+    for name, info in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise StateCacheError(f"{where}: {name} is missing. {advice}")
+        if path.stat().st_size != info.get("size") or _sha256(path) != info.get("sha256"):
+            raise StateCacheError(f"{where}: {name} is truncated or corrupted (size or checksum differs). {advice}")
+    return meta
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -416,7 +463,7 @@ class CachePlan:
 
     folder: Path
     action: str
-    cache: Optional[StateCache] = None
+    cache: Optional[Any] = None  # a StateCache for the state cache; the loaded object for other kinds
     reason: str = ""
 
 
@@ -439,30 +486,44 @@ def plan_state_cache(
     * anything else (a file, user files, a model folder, a cache mixed with other files): always
       :class:`StateCacheError`, with or without ``force``.
     """
-    folder = Path(folder)
     fix = fix or REPLACE_ADVICE
+
+    def load() -> StateCache:
+        cache = StateCache.load(folder)
+        cache.check_compatible(replay, hidden_size, layers, sigma, str(folder), fix=fix)
+        return cache
+
+    return plan_folder(folder, STATE_CACHE, load, force=force)
+
+
+def plan_folder(folder: str | os.PathLike, kind: CacheKind, load: Callable[[], Any], *, force: bool = False) -> CachePlan:
+    """The reuse / build / refuse decision for a folder of any ``kind`` (see :func:`plan_state_cache`).
+
+    ``load()`` loads the folder and raises :class:`StateCacheError` when it is damaged or does not fit
+    the run; its result is the plan's ``cache`` on ``reuse``.
+    """
+    folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
         return CachePlan(folder, "build")
     if not folder.is_dir():
-        raise _foreign_error(folder)
+        raise _foreign_error(folder, kind)
     names = set(_entries(folder))
     if not names:
         return CachePlan(folder, "build")
     meta = _read_meta(folder)
     # A folder is read as a cache only when its meta.json is GeRe's, or when it holds nothing but
     # cache files (then a damaged meta.json is reported as damage, not as a foreign folder).
-    if META not in names or not (_is_gere_meta(meta) or names <= set(CACHE_FILES)):
-        raise _foreign_error(folder)
+    if META not in names or not (kind.owns(meta) or names <= set(kind.files)):
+        raise _foreign_error(folder, kind)
     try:
-        cache = StateCache.load(folder)
-        cache.check_compatible(replay, hidden_size, layers, sigma, str(folder), fix=fix)
+        cache = load()
     except StateCacheError as e:
         if not force:
             raise
-        check_replaceable(folder)  # force replaces only a folder that IS a GeRe cache
+        check_replaceable(folder, kind)  # force replaces only a folder that IS a GeRe cache
         return CachePlan(folder, "rebuild", reason=str(e))
     if force:
-        check_replaceable(folder)
+        check_replaceable(folder, kind)
         return CachePlan(folder, "rebuild", cache=None, reason="forced")
     return CachePlan(folder, "reuse", cache=cache)
 
