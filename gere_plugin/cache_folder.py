@@ -60,6 +60,26 @@ STATE_CACHE = CacheKind(
     identity=("replay_fingerprint", "tokenizer_fingerprint", "hidden_size", "layers"),
     what="GeRe cache",
 )
+FLOW_LOSSES = "losses.safetensors"
+#: FLOW's per-sample base losses (``gere_flow_cache``, default ``<output_dir>/gere_flow``).
+FLOW_CACHE = CacheKind(
+    key="gere_flow_cache",
+    files=(META, FLOW_LOSSES),
+    identity=("model_fingerprint", "tokenizer_fingerprint", "rows_fingerprint"),
+    what="GeRe FLOW base-loss cache",
+    label="gere_flow",
+)
+DEFAULT_FLOW_FOLDER = "gere_flow"
+EWC_TENSORS = "ewc.safetensors"
+#: An EWC state: Fisher + anchor (read through ``gere_ewc_state``; every EWC run writes ``<output_dir>/gere_ewc``).
+EWC_STATE = CacheKind(
+    key="gere_ewc_state",
+    files=(META, EWC_TENSORS),
+    identity=("names", "tasks"),
+    what="GeRe EWC state",
+    label="gere_ewc",
+)
+DEFAULT_EWC_FOLDER = "gere_ewc"
 
 
 def run_folder(value: Optional[str | os.PathLike], output_dir: Optional[str | os.PathLike], name: str) -> Path:

@@ -24,6 +24,34 @@ TM_REDUCTIONS = ("violations", "mean")
 logger = logging.getLogger(__name__)
 
 
+#: Keys that only act on replay rows: setting one without ``gere_replay`` is a mistake (an error in Axolotl).
+REPLAY_ONLY_KEYS = (
+    "gere_replay_split", "gere_replay_text_field", "gere_replay_size", "gere_replay_max_length",
+    "gere_replay_min_tokens", "gere_replay_per_step", "gere_regularizer", "gere_weight", "gere_weight_max",
+    "gere_sigma", "gere_tm_reduction", "gere_layers", "gere_state_cache", "gere_state_batch_size", "gere_seed",
+)  # fmt: skip
+
+
+def task_methods(values: Any) -> list[str]:
+    """The anti-forgetting methods that act on the task rows and need no replay, as switched on by a
+    mapping or object of ``gere_*`` values: ``flow`` (``gere_flow``), ``ewc`` (``gere_ewc_lambda > 0``),
+    ``task_kl`` (``gere_task_kl > 0``)."""
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+
+    def positive(key: str) -> bool:
+        v = getter(key)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+    out = []
+    if getter("gere_flow") is True:
+        out.append("flow")
+    if positive("gere_ewc_lambda"):
+        out.append("ewc")
+    if positive("gere_task_kl"):
+        out.append("task_kl")
+    return out
+
+
 class GeReConfigError(ValueError):
     """A ``gere_*`` value is invalid. The message names the key and says how to fix it."""
 
@@ -61,6 +89,17 @@ class GeReArguments:
         gere_freeze_layers: Freeze this many bottom decoder layers (spurious-forgetting remedy).
         gere_freeze_embeddings: Freeze the input embeddings.
         gere_seed: Seed of the replay sampling and schedule.
+        gere_flow: FLOW sample weighting of the task loss (no replay needed): each sample's tokens are
+            weighted by ``exp(-base_loss / tau)``, see :mod:`gere_plugin.flow`.
+        gere_flow_tau: FLOW temperature; ``None`` = median base loss of the task samples.
+        gere_flow_normalize: Divide the FLOW weights by their mean over the task samples.
+        gere_flow_cache: Folder of the cached base losses. ``None`` = ``<output_dir>/gere_flow``.
+        gere_flow_batch_size: Batch size of the base-loss forward passes.
+        gere_ewc_lambda: EWC strength (``0`` = off), see :mod:`gere_plugin.ewc`.
+        gere_ewc_state: EWC state (Fisher + anchor weights) of the earlier tasks; ``None`` = first task.
+        gere_ewc_gamma: Online-EWC decay of the earlier tasks' Fisher.
+        gere_ewc_samples: Task samples used for the Fisher estimate at the end of the run.
+        gere_task_kl: Weight of ``KL(base || model)`` on the task rows' trained tokens (``0`` = off).
     """
 
     gere_replay: Optional[str] = field(
@@ -139,6 +178,70 @@ class GeReArguments:
         default=False, metadata={"help": "Freeze the input embeddings before training."}
     )
     gere_seed: int = field(default=42, metadata={"help": "Seed of replay sampling and the replay schedule."})
+    # -- FLOW (Sanyal et al., ICML 2025): task samples weighted by the base model's loss; needs no replay --
+    gere_flow: bool = field(
+        default=False,
+        metadata={
+            "help": "FLOW: weight every task sample's loss by exp(-base_loss / tau), base_loss = the sample's token-mean "
+            "CE under the model as handed to the trainer (computed once before training, cached). SFT only."
+        },
+    )
+    gere_flow_tau: Optional[float] = field(
+        default=None,
+        metadata={"help": "FLOW temperature tau > 0. null = the median base loss over the task samples (the paper)."},
+    )
+    gere_flow_normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide the FLOW weights by their mean over the task samples (mean weight 1, the learning rate "
+            "keeps its meaning). false = the paper's weights, all <= 1."
+        },
+    )
+    gere_flow_cache: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Folder of the per-sample base losses, reused when model weights, tokenizer and task rows match. "
+            "Default <output_dir>/gere_flow."
+        },
+    )
+    gere_flow_batch_size: int = field(
+        default=8, metadata={"help": "Batch size of the forward passes that compute the FLOW base losses."}
+    )
+    # -- EWC (elastic weight consolidation, online form): a diagonal-Fisher anchor to earlier tasks --
+    gere_ewc_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "EWC strength: loss += lambda/2 * sum F (theta - theta*)^2 over the trainable parameters, F and "
+            "theta* from gere_ewc_state. 0 = off. With > 0 the run also estimates its own diagonal Fisher when "
+            "training ends and writes <output_dir>/gere_ewc for the next task. SFT only."
+        },
+    )
+    gere_ewc_state: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "EWC state of the earlier task(s): a gere_ewc folder written by the previous run. null = no "
+            "penalty in this run (the first task), only the Fisher estimate at its end."
+        },
+    )
+    gere_ewc_gamma: float = field(
+        default=1.0,
+        metadata={
+            "help": "Online EWC decay: the Fisher written at the end is gamma * F(gere_ewc_state) + F(this task), "
+            "gamma in [0, 1] (1 = plain accumulation)."
+        },
+    )
+    gere_ewc_samples: int = field(
+        default=200,
+        metadata={"help": "Task samples (seeded draw) whose per-sample gradients estimate the diagonal Fisher."},
+    )
+    # -- KL to the base model on the task rows (the anchor of LLaMA-Factory's ASFT) --
+    gere_task_kl: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of KL(base || model) on the task rows' trained tokens, added per token to the task CE "
+            "(ASFT-style anchor; reference as for gere_regularizer kl). 0 = off. SFT only."
+        },
+    )
 
     def __post_init__(self) -> None:
         _fp32_where_bf16_is_unsupported(self)
@@ -291,7 +394,62 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(get("gere_freeze_embeddings"), bool):
         raise GeReConfigError(f"gere_freeze_embeddings={get('gere_freeze_embeddings')!r} must be true or false.")
     _check_int("gere_seed", get("gere_seed"), 0, "")
+    _validate_task_methods(out, get)
     return out
+
+
+def _check_number(name: str, value: Any, minimum: float, strict: bool, hint: str) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not ok or (float(value) <= minimum if strict else float(value) < minimum):
+        raise GeReConfigError(f"{name}={value!r} must be a number {'>' if strict else '>='} {minimum:g}. {hint}")
+    return float(value)
+
+
+def _validate_task_methods(out: dict[str, Any], get: Any) -> None:
+    """The FLOW, EWC and task-KL keys (each block on its own; numbers are normalised to float)."""
+    for name in ("gere_flow", "gere_flow_normalize"):
+        if not isinstance(get(name), bool):
+            raise GeReConfigError(f"{name}={get(name)!r} must be true or false.")
+    tau = get("gere_flow_tau")
+    if tau is not None:
+        value = _check_number("gere_flow_tau", tau, 0.0, True, "null = the median base loss (the paper).")
+        if "gere_flow_tau" in out:
+            out["gere_flow_tau"] = value
+    cache = get("gere_flow_cache")
+    if cache is not None and (not isinstance(cache, str) or not cache.strip()):
+        raise GeReConfigError(f"gere_flow_cache={cache!r} must be a folder path or null.")
+    _check_int("gere_flow_batch_size", get("gere_flow_batch_size"), 1, "Lower it if the base-loss pass runs out of memory.")
+    lam = _check_number("gere_ewc_lambda", get("gere_ewc_lambda"), 0.0, False, "0 turns EWC off.")
+    if "gere_ewc_lambda" in out:
+        out["gere_ewc_lambda"] = lam
+    gamma = get("gere_ewc_gamma")
+    value = _check_number("gere_ewc_gamma", gamma, 0.0, False, "Online EWC decays the earlier Fisher by gamma in [0, 1].")
+    if value > 1:
+        raise GeReConfigError(f"gere_ewc_gamma={gamma!r} must be in [0, 1] (1 = plain accumulation over tasks).")
+    if "gere_ewc_gamma" in out:
+        out["gere_ewc_gamma"] = value
+    _check_int("gere_ewc_samples", get("gere_ewc_samples"), 1, "The diagonal Fisher is estimated from this many task samples.")
+    state = get("gere_ewc_state")
+    if state is not None and (not isinstance(state, str) or not state.strip()):
+        raise GeReConfigError(f"gere_ewc_state={state!r} must be the path of a gere_ewc folder or null.")
+    kl = _check_number("gere_task_kl", get("gere_task_kl"), 0.0, False, "0 turns the KL to the base on task rows off.")
+    if "gere_task_kl" in out:
+        out["gere_task_kl"] = kl
+
+
+def check_key_combinations(values: dict[str, Any]) -> None:
+    """Checks across keys (a sub-key of a method that is off); ``values`` holds the keys that are set."""
+    def get(name: str) -> Any:
+        return values.get(name, gere_defaults()[name])
+
+    if not get("gere_flow"):
+        for name in ("gere_flow_tau", "gere_flow_cache"):
+            if get(name) is not None:
+                raise GeReConfigError(f"{name} is set but gere_flow is false: set gere_flow: true to use FLOW, or drop {name}.")
+    if get("gere_ewc_state") is not None and not get("gere_ewc_lambda"):
+        raise GeReConfigError(
+            "gere_ewc_state is set but gere_ewc_lambda is 0, so EWC is off: set gere_ewc_lambda > 0 or drop gere_ewc_state."
+        )
 
 
 def gere_value_problems(values: dict[str, Any]) -> list[str]:
@@ -306,6 +464,11 @@ def gere_value_problems(values: dict[str, Any]) -> list[str]:
             validate_gere_values({key: value})
         except GeReConfigError as e:
             problems.append(str(e))
+    if not problems:
+        try:
+            check_key_combinations(values)
+        except GeReConfigError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -316,6 +479,7 @@ def validate_gere_args(args: Any) -> None:
         parse_weight(values["gere_weight"])
         values["gere_weight"] = str(float(values["gere_weight"]))
     norm = validate_gere_values(values)
+    check_key_combinations(norm)
     for k, v in norm.items():
         setattr(args, k, v)
 

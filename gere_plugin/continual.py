@@ -18,7 +18,20 @@ Method presets (:data:`METHODS`):
 ``gere``        replay + threshold-margin loss on the base model's 3-way state labels (package defaults)
 ``gere_paper``  ``gere`` with the paper's exact weighting (:data:`PAPER_WEIGHTING`)
 ``gere_freeze`` ``gere`` + frozen embeddings and bottom layers from the second task on
+``flow``        FLOW: task samples weighted by ``exp(-base_loss / tau)`` (no replay), each task's weights
+                from the model that task starts from
+``ewc``         online EWC: Fisher of each finished task, penalty ``lambda/2 sum F (theta - theta*)^2`` on
+                the next ones (no replay; :data:`EWC_LAMBDA`)
+``task_kl``     KL(base || model) on the task rows' trained tokens (ASFT's anchor; no replay;
+                :data:`TASK_KL_WEIGHT`), against the ORIGINAL base model
+``gere_flow``   ``gere`` + FLOW weights on the task rows
+``gere_ewc``    ``gere`` + EWC
+``sdft``        TRL's own SDFT trainer (external baseline, :mod:`gere_plugin.baselines`)
+``osf``         PEFT's OSF adapter trained with TRL's SFTTrainer, merged after each task (external baseline)
 =============== ===================================================================================
+
+The EWC state written at the end of task ``k`` (``<task k output>/gere_ewc``) is handed to task ``k + 1``
+as ``gere_ewc_state``; ``TrainSettings.gere_ewc_lambda`` / ``gere_task_kl`` override the presets' strengths.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from .evaluation.tasks import ClassificationItem, label_accuracy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "MethodSpec", "SequenceTask", "TrainSettings", "evaluate_stage", "model_fingerprint",
+__all__ = ["EWC_LAMBDA", "METHODS", "TASK_KL_WEIGHT", "MethodSpec", "SequenceTask", "TrainSettings", "evaluate_stage", "model_fingerprint",
            "run_sequence"]
 
 
@@ -60,6 +73,7 @@ class MethodSpec:
     freeze_embeddings: bool = False
     freeze_from: int = 1
     gere: tuple[tuple[str, Any], ...] = ()
+    external: Optional[str] = None  # an external baseline of gere_plugin.baselines ("sdft", "osf")
 
     def gere_kwargs(self, task_index: int) -> dict[str, Any]:
         """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
@@ -69,9 +83,20 @@ class MethodSpec:
             "gere_freeze_layers": self.freeze_layers if freeze else 0,
             "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
         }
-        if self.replay:
-            out.update(dict(self.gere))
+        out.update(dict(self.gere))  # the method's own keys (weighting, FLOW, EWC, task KL)
         return out
+
+    @property
+    def uses(self) -> list[str]:
+        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``)."""
+        from .config import task_methods
+
+        return task_methods(dict(self.gere))
+
+    @property
+    def needs_base_reference(self) -> bool:
+        """Whether the method compares with the ORIGINAL base model (replay l1/l2/kl, task KL)."""
+        return (self.replay and self.regularizer in ("l1", "l2", "kl")) or "task_kl" in self.uses
 
 
 #: The paper's exact TM weighting: w = CE / TM, unbounded, TM reduced over its non-zero elements.
@@ -82,6 +107,12 @@ PAPER_WEIGHTING: tuple[tuple[str, Any], ...] = (
 #: The feature-distillation baselines keep the paper's dynamic weight whatever the package default is.
 FD_WEIGHTING: tuple[tuple[str, Any], ...] = (("gere_weight", "dynamic"), ("gere_weight_max", None))
 
+#: EWC strength of the ``ewc`` presets (not tuned on any benchmark yet: override with
+#: ``TrainSettings.gere_ewc_lambda`` / ``gere sequence --gere_ewc_lambda``).
+EWC_LAMBDA = 1000.0
+#: Task-KL weight of the ``task_kl`` preset: LLaMA-Factory's default ``asft_alpha``.
+TASK_KL_WEIGHT = 0.1
+
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
     "replay": MethodSpec("replay", replay=True, regularizer="none"),
@@ -91,7 +122,17 @@ METHODS: dict[str, MethodSpec] = {
     "gere": MethodSpec("gere", replay=True, regularizer="tm"),
     "gere_paper": MethodSpec("gere_paper", replay=True, regularizer="tm", gere=PAPER_WEIGHTING),
     "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
+    "flow": MethodSpec("flow", replay=False, regularizer="none", gere=(("gere_flow", True),)),
+    "ewc": MethodSpec("ewc", replay=False, regularizer="none", gere=(("gere_ewc_lambda", EWC_LAMBDA),)),
+    "task_kl": MethodSpec("task_kl", replay=False, regularizer="none", gere=(("gere_task_kl", TASK_KL_WEIGHT),)),
+    "gere_flow": MethodSpec("gere_flow", replay=True, regularizer="tm", gere=(("gere_flow", True),)),
+    "gere_ewc": MethodSpec("gere_ewc", replay=True, regularizer="tm", gere=(("gere_ewc_lambda", EWC_LAMBDA),)),
+    "sdft": MethodSpec("sdft", replay=False, regularizer="none", external="sdft"),
+    "osf": MethodSpec("osf", replay=False, regularizer="none", external="osf"),
 }
+
+#: TrainSettings fields that override a preset's strength (only for presets that use the key).
+STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl"}
 
 
 @dataclass
@@ -158,6 +199,8 @@ class TrainSettings:
     gere_weight: str = _gere_field("gere_weight", "dynamic")
     gere_seed: Optional[int] = _gere_field("gere_seed", None)
     gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
+    gere_ewc_lambda: Optional[float] = _gere_field("gere_ewc_lambda", None)
+    gere_task_kl: Optional[float] = _gere_field("gere_task_kl", None)
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
@@ -303,7 +346,8 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keep = ("step", "loss", "learning_rate", "grad_norm", "gere/replay_ce", "gere/reg_loss", "gere/weight",
             "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
-            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "train_runtime", "train_loss")
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_loss", "gere/flow_weight",
+            "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty", "train_runtime", "train_loss")
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
 
 
@@ -336,11 +380,24 @@ def _build_trainer(
     output_dir: Path,
     seed: int,
     ref_model: Optional[torch.nn.Module],
+    ewc_state: Optional[Path] = None,
+    num_tasks: int = 1,
 ) -> Any:
     from datasets import Dataset
 
     from .sft import GeReSFTConfig
 
+    rows = task.train if settings.completion_eos else _tokenized_without_eos(task.train, tokenizer)
+    if method.external is not None:
+        from .baselines import build_baseline_trainer
+
+        trainer = build_baseline_trainer(method.external, model, tokenizer, task.train, settings, output_dir, seed,
+                                         task_index, num_tasks, sft_rows=rows)
+        if not settings.print_logs:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
+        return trainer
     gere: dict[str, Any] = {}
     if method.replay:
         if replay is None:
@@ -356,6 +413,11 @@ def _build_trainer(
             gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
         )
     gere.update(method.gere_kwargs(task_index))  # the method's own keys win over the shared settings
+    for key, uses in STRENGTH_SETTINGS.items():
+        if getattr(settings, key) is not None and uses in method.uses:
+            gere[key] = getattr(settings, key)  # ... except an explicit strength for a key the method uses
+    if ewc_state is not None:
+        gere["gere_ewc_state"] = str(ewc_state)
     cfg = GeReSFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.per_device_train_batch_size,
@@ -378,7 +440,6 @@ def _build_trainer(
         **gere,
         **settings.extra_config,
     )
-    rows = task.train if settings.completion_eos else _tokenized_without_eos(task.train, tokenizer)
     if not settings.completion_eos and any("completion_mask" in r for r in rows):
         cfg.completion_only_loss = True  # TRL infers it only from prompt/completion columns
     ds = Dataset.from_list(rows)
@@ -396,10 +457,9 @@ def _make_trainer(model: torch.nn.Module, tokenizer: Any, cfg: Any, ds: Any, met
                   ref_model: Optional[torch.nn.Module]) -> Any:
     from .sft import GeReSFTTrainer
 
-    # l1/l2/kl: the reference is the ORIGINAL base model, not this task's starting weights.
-    needs_base_ref = method.replay and method.regularizer in ("l1", "l2", "kl")
+    # l1/l2/kl and the task KL: the reference is the ORIGINAL base model, not this task's starting weights.
     return GeReSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer,
-                          gere_ref_model=ref_model if needs_base_ref else None)
+                          gere_ref_model=ref_model if method.needs_base_reference else None)
 
 
 def run_sequence(
@@ -446,6 +506,15 @@ def run_sequence(
     spec = METHODS[method] if isinstance(method, str) else method
     if not tasks:
         raise ValueError("run_sequence needs at least one task")
+    for key, uses in STRENGTH_SETTINGS.items():
+        if getattr(settings, key) is not None and uses not in spec.uses:
+            from .config import GeReConfigError
+
+            users = sorted(name for name, m in METHODS.items() if uses in m.uses)
+            raise GeReConfigError(
+                f"{key} sets the strength of methods with {uses} ({', '.join(users)}); method {spec.name!r} does not "
+                f"use it. Pick one of those methods or drop {key}."
+            )
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
@@ -461,10 +530,11 @@ def run_sequence(
     t_start = time.perf_counter()
     base = base_eval if base_eval is not None else evaluate_stage(net, tok, tasks, general, settings.eval_batch_size)
     ref_model = None
-    if spec.replay and spec.regularizer in ("l1", "l2", "kl"):
+    if spec.needs_base_reference:
         from .trainer import frozen_copy
 
         ref_model = frozen_copy(net)
+    ewc_state: Optional[Path] = None  # the EWC state of the tasks so far, handed to the next one
 
     result: dict[str, Any] = {
         "method": spec.name,
@@ -494,7 +564,7 @@ def run_sequence(
         stage["state_cache_before"] = _cache_state(cache) if spec.replay else None
         trainer = _build_trainer(
             net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
-            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model,
+            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, ewc_state, len(tasks),
         )
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         t0 = time.perf_counter()
@@ -506,7 +576,21 @@ def run_sequence(
         stage["state_cache_after"] = _cache_state(cache) if spec.replay else None
         before, after = stage["state_cache_before"], stage["state_cache_after"]
         stage["state_cache_reused"] = bool(before and before.get("exists") and before == after)
-        net = trainer.model
+        task_step = getattr(trainer, "gere_task", None)
+        if task_step is not None:
+            stage["task_methods"] = task_step.methods
+            if task_step.flow is not None:
+                stage["flow"] = dict(task_step.flow.summary(), base_losses=task_step.flow_action)
+            if task_step.ewc is not None:
+                stage["ewc_state_used"] = str(ewc_state) if ewc_state is not None else None
+                ewc_state = task_step.ewc.written
+                stage["ewc_state_written"] = str(ewc_state) if ewc_state is not None else None
+        if spec.external is not None:
+            from .baselines import model_after_training
+
+            net = model_after_training(spec.external, trainer)
+        else:
+            net = trainer.model
         del trainer  # frees the optimizer state before evaluating
         gc.collect()
         stage["end_fingerprint"] = model_fingerprint(net)

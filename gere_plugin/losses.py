@@ -125,3 +125,37 @@ def resolve_weight(
         w = dynamic_weight(primary, reg)
         return w if cap is None else w.clamp(max=float(cap))
     return torch.tensor(float(fixed), device=reg.device, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row task terms (FLOW's weighted CE, the KL to the base on task rows)
+# ---------------------------------------------------------------------------------------------
+IGNORE_INDEX = -100
+
+
+def per_row_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal-LM cross-entropy per row: ``(sums [B], counts [B])`` over the trained targets.
+
+    Position ``t`` predicts ``labels[:, t + 1]``; targets equal to ``-100`` are not trained (the SFT
+    collators' prompt and padding marks). Computed in fp32.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(logits.device)
+    ce = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+    counts = (targets != IGNORE_INDEX).sum(1)
+    return ce.sum(1), counts
+
+
+def per_row_kl(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``KL(p_base || p_model)`` summed per row over the positions whose next token is trained: ``[B]``.
+
+    The same direction as :func:`kl_loss` (forward KL, as in distillation and LLaMA-Factory's ASFT), on the
+    distributions the task CE trains (position ``t`` with ``labels[:, t + 1] != -100``).
+    """
+    keep = (labels[:, 1:] != IGNORE_INDEX).to(logits.device)
+    logp = F.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    logq = F.log_softmax(base_logits[:, :-1, :].to(logits.device).float(), dim=-1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)  # [B, T-1]
+    return (kl * keep).sum(1)

@@ -532,14 +532,22 @@ class GeReTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._gere_refreeze()
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        task = getattr(self, "gere_task", None)  # FLOW / task KL / EWC (task_step.py)
+        if task is not None and task.owns_task_loss and model.training:
+            out = task.task_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        else:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         self._gere_refreeze()
         step: Optional[ReplayStep] = getattr(self, "gere_step", None)
-        if step is None or not model.training:
+        if (step is None and task is None) or not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
-        loss = step(self, model, loss, num_items_in_batch)
-        self._gere_refreeze()
+        task_term = loss
+        if step is not None:
+            loss = step(self, model, loss, num_items_in_batch)
+            self._gere_refreeze()
+        if task is not None:
+            loss = task.add_terms(self, loss, task_term, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
@@ -551,7 +559,11 @@ class GeReTrainerMixin:
             check_resume(step, checkpoint)
         if hasattr(self, "gere_frozen") and self.is_world_process_zero():
             announce(describe_gere(self, checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        out = super().train(resume_from_checkpoint, *args, **kwargs)
+        task = getattr(self, "gere_task", None)
+        if task is not None:
+            task.on_train_end(self)  # EWC: this task's Fisher, written next to the model
+        return out
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
         own = getattr(self, "_gere_own_metrics", False)
@@ -590,6 +602,9 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
     gere_args = getattr(trainer, "gere_args", None) or trainer.args
     step: Optional[ReplayStep] = getattr(trainer, "gere_step", None)
     frozen = _describe_frozen(trainer, gere_args)
+    task = getattr(trainer, "gere_task", None)
+    if task is not None:
+        frozen = f"{task.describe()}; {frozen}"
     if step is None:
         return f"gere: no replay (gere_replay is not set); {frozen}"
     parts = [
@@ -624,12 +639,20 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
     if getattr(trainer, "_metrics", None) is None:
         trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         trainer._gere_own_metrics = True
+    from .config import task_methods
+
+    methods = task_methods(gere_args)
+    if methods:  # the FLOW / EWC / task-KL checks need no forward pass: before the state build
+        from .task_step import check_task_methods
+
+        check_task_methods(trainer, gere_args, methods)
     step: Optional[ReplayStep] = None
     if gere_args.gere_replay is None:
-        logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
+        if not methods:
+            logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
     else:
         if ref_model is not None:  # the user's gere_ref_model (a DPO reference needs no check)
-            ref_model = _check_ref_model(ref_model, model, gere_args.gere_regularizer)
+            ref_model = _check_ref_model(ref_model, model, "kl" if "task_kl" in methods else gere_args.gere_regularizer)
         else:
             ref_model = getattr(trainer, "ref_model", None)
         # Built BEFORE freezing: PEFT's disable_adapter() (used for the base states) re-enables
@@ -644,6 +667,15 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
         params = dict(model.named_parameters())
         trainer._gere_frozen_params = [params[n] for n in trainer.gere_frozen if n in params]
         prepare_for_gradient_checkpointing(model, trainer.args)
+    trainer.gere_task = None
+    if methods:  # after the freeze: EWC anchors exactly the parameters that train
+        from .task_step import TaskStep
+
+        if step is not None:
+            task_ref = step.ref_model
+        else:
+            task_ref = _check_ref_model(ref_model, model, "kl") if ref_model is not None else None
+        trainer.gere_task = TaskStep(trainer, gere_args, ref_model=task_ref, replay_step=step)
     return step
 
 
