@@ -507,3 +507,60 @@ def test_post_trainer_create_refuses_to_freeze_after_the_optimizer_exists(
     trainer.create_optimizer()
     with pytest.raises(RuntimeError, match="optimizer already exists"):
         GeRePlugin().post_trainer_create(_gere_cfg(replay_file, tmp_path, gere_freeze_layers=1), trainer)
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOW / EWC / task KL: methods that need no replay
+# ------------------------------------------------------------------------------------------------
+def _without_replay(**keys) -> dict:
+    raw = {k: v for k, v in load_recipe("tiny-cpu-sft-full.yml").items() if not k.startswith("gere_")}
+    raw.update(keys)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [dict(gere_flow=True), dict(gere_ewc_lambda=100), dict(gere_task_kl=0.1),
+     dict(gere_flow=True, gere_flow_tau=2.0, gere_ewc_lambda=10.0, gere_freeze_layers=1)],
+    ids=["flow", "ewc", "task_kl", "combined"],
+)
+def test_methods_without_replay_are_valid_configs(keys, plugin_manager):
+    raw = _without_replay(**keys)
+    cfg = axolotl_validate(raw)
+    for key, value in keys.items():
+        assert cfg[key] == value, key
+    assert check_config(raw).ok
+    args = gere_arguments_from_cfg(cfg)
+    assert args.gere_replay is None and all(getattr(args, k) == v for k, v in keys.items())
+
+
+def test_replay_keys_without_gere_replay_stay_an_error_with_a_method_on(plugin_manager):
+    raw = _without_replay(gere_flow=True, gere_replay_per_step=2, gere_regularizer="kl")
+    with pytest.raises(Exception, match="gere_replay is not set") as err:
+        axolotl_validate(raw)
+    assert "gere_replay_per_step" in str(err.value) and "gere_regularizer" in str(err.value)
+    problems = check_config(raw, raise_on_error=False).problems
+    assert any("gere_replay_per_step" in p and "only act on replay rows" in p for p in problems)
+    # keys without replay and without a method: the error also names the methods that need no replay
+    with pytest.raises(Exception, match="gere_flow: true") as err:
+        axolotl_validate(_without_replay(gere_freeze_layers=1))
+
+
+def test_methods_without_replay_refuse_dpo_and_stray_sub_keys(plugin_manager):
+    raw = load_recipe("tiny-cpu-dpo-full.yml")
+    raw["gere_flow"] = True
+    with pytest.raises(Exception, match="gere_flow is supported for SFT only"):
+        axolotl_validate(raw)
+    with pytest.raises(Exception, match="gere_flow_tau is set but gere_flow is false"):
+        axolotl_validate(_without_replay(gere_ewc_lambda=1.0, gere_flow_tau=2.0))
+    problems = check_config(_without_replay(gere_ewc_lambda=1.0, gere_flow_tau=2.0), raise_on_error=False).problems
+    assert any("gere_flow_tau is set but gere_flow is false" in p for p in problems)
+
+
+def test_check_reports_an_ewc_state_that_is_not_one(tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("x")
+    raw = _without_replay(gere_ewc_lambda=1.0, gere_ewc_state=str(other), output_dir=str(tmp_path / "out"))
+    problems = check_config(raw, raise_on_error=False).problems
+    assert any("gere_ewc_state=" in p and "not empty" in p for p in problems)

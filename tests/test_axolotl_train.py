@@ -54,7 +54,8 @@ def prepare_recipe(name: str, tmp_path: Path, model_dir: Path, plugin_line: bool
     raw["dataset_prepared_path"] = str(tmp_path / "prepared")
     for ds in raw["datasets"]:
         ds["path"] = str(REPO / ds["path"])
-    raw["gere_replay"] = str(REPO / raw["gere_replay"])
+    if "gere_replay" in raw:
+        raw["gere_replay"] = str(REPO / raw["gere_replay"])
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path, raw
@@ -253,3 +254,27 @@ def test_without_the_plugin_line(recipe, tmp_path, tiny_dir):
         check_lora_freeze(raw)
     else:
         check_full_freeze(raw, tiny_dir)
+
+
+def test_sft_flow_and_ewc_without_replay(tmp_path, tiny_dir):
+    """FLOW + EWC from YAML keys alone (no replay set): the weights are logged every step, the base losses
+    are cached, and the run writes its EWC state (Fisher + anchor) next to the model for the next task."""
+    from gere_plugin.ewc import EWCState
+
+    cfg, raw = prepare_recipe("tiny-cpu-sft-flow-ewc.yml", tmp_path, tiny_dir)
+    log = train_with_gere(cfg, tmp_path)
+    assert "FLOW weights exp(-base_loss/" in log and "EWC lambda 100" in log
+    out = Path(raw["output_dir"])
+    history = [h for h in json.loads((out / f"checkpoint-{raw['max_steps']}" / "trainer_state.json").read_text())
+               ["log_history"] if "loss" in h]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert 0 < h["gere/flow_weight"] < 1  # exp(-base_loss / median): every weight is below 1
+        assert h["gere/flow_ce"] > h["gere/task_loss"]  # the weighted loss is below the plain CE
+        assert h["loss"] == pytest.approx(h["gere/task_loss"], rel=1e-4)  # no replay, no penalty yet
+        assert "gere/replay_ce" not in h and "gere/ewc_penalty" not in h
+    flow = json.loads((out / "gere_flow" / "meta.json").read_text())
+    assert flow["kind"] == "gere_flow" and flow["num_samples"] > 0
+    state = EWCState.load(out / "gere_ewc")
+    assert state.meta["tasks"] == 1 and state.meta["samples"] == raw["gere_ewc_samples"]
+    assert "model.layers.0.self_attn.q_proj.weight" in state.fisher

@@ -12,8 +12,10 @@ Validation (same messages as the TRL configs, each naming the key):
   name, instead of being dropped like any other unknown Axolotl key;
 * ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
   config asks for GeRe (lists the plugin, or sets any ``gere_*`` key: :func:`gere_requested`),
-  ``gere_replay`` is required and the training mode must be one GeRe supports (SFT, ``rl: dpo`` or
-  ``rl: ipo``), so GeRe never runs half-configured or silently off.
+  ``gere_replay`` is required unless a method that needs no replay is on (FLOW, EWC, task KL; then
+  keys that act on replay rows only are an error), and the training mode must be one GeRe supports
+  (SFT, ``rl: dpo`` or ``rl: ipo``; the methods without replay: SFT only), so GeRe never runs
+  half-configured or silently off.
 
 This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
 """
@@ -25,7 +27,16 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from ..config import GeReArguments, GeReConfigError, gere_defaults, gere_fields, validate_gere_values
+from ..config import (
+    REPLAY_ONLY_KEYS,
+    GeReArguments,
+    GeReConfigError,
+    check_key_combinations,
+    gere_defaults,
+    gere_fields,
+    task_methods,
+    validate_gere_values,
+)
 
 #: Dotted paths that load the plugin in ``plugins:`` (Axolotl imports ``module`` and takes ``Class``).
 PLUGIN_PATHS = (
@@ -85,23 +96,49 @@ def gere_requested(values: Any) -> bool:
     return lists_gere_plugin(getter("plugins")) or bool(gere_keys_set(values))
 
 
+#: The switch of each method that needs no replay (:func:`gere_plugin.config.task_methods`).
+TASK_METHOD_SWITCHES = {"flow": "gere_flow", "ewc": "gere_ewc_lambda", "task_kl": "gere_task_kl"}
+
+
 def check_gere_request(values: Any) -> None:
-    """Raise :class:`GeReConfigError` when a config asks for GeRe but cannot run it (no ``gere_replay``,
-    or a training mode GeRe does not wrap). A config that does not ask for GeRe passes untouched."""
+    """Raise :class:`GeReConfigError` when a config asks for GeRe but cannot run it, or a training mode
+    GeRe does not wrap. A config that does not ask for GeRe passes untouched.
+
+    Without ``gere_replay`` a config runs only when it switches on a method that needs no replay
+    (``gere_flow``, ``gere_ewc_lambda``, ``gere_task_kl``) and sets no key that acts on replay rows only
+    (:data:`~gere_plugin.config.REPLAY_ONLY_KEYS`); those methods are SFT-only.
+    """
     if not gere_requested(values):
         return
     getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    methods = task_methods(values)
     if getter("gere_replay") in (None, ""):
-        why = (
-            f"plugins: lists {PLUGIN_PATH}"
-            if lists_gere_plugin(getter("plugins"))
-            else f"the config sets {', '.join(gere_keys_set(values))}"
-        )
-        raise GeReConfigError(
-            f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
-            "file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the gere_* keys and the plugin line."
-        )
+        replay_keys = [k for k in gere_keys_set(values) if k in REPLAY_ONLY_KEYS]
+        if methods and replay_keys:
+            raise GeReConfigError(
+                f"gere_replay is not set, but the config sets {', '.join(replay_keys)}, which only act on replay "
+                f"rows (this run uses {', '.join(TASK_METHOD_SWITCHES[m] for m in methods)}, which need no replay). "
+                "Set gere_replay to a general-text replay file, or remove those keys."
+            )
+        if not methods:
+            why = (
+                f"plugins: lists {PLUGIN_PATH}"
+                if lists_gere_plugin(getter("plugins"))
+                else f"the config sets {', '.join(gere_keys_set(values))}"
+            )
+            raise GeReConfigError(
+                f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
+                "file (jsonl/json/parquet/txt), a folder or a datasets id, or switch on a method that needs no "
+                "replay (gere_flow: true, gere_ewc_lambda > 0, gere_task_kl > 0), or remove the gere_* keys and the "
+                "plugin line."
+            )
     check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model")})
+    if methods and _rl_name(getter("rl")) is not None:
+        raise GeReConfigError(
+            f"{', '.join(TASK_METHOD_SWITCHES[m] for m in methods)} {'is' if len(methods) == 1 else 'are'} supported "
+            f"for SFT only, not rl: {_rl_name(getter('rl'))}. Remove {'it' if len(methods) == 1 else 'them'} from "
+            "this config (replay and its regularizers work with DPO)."
+        )
 
 
 def _rl_name(rl: Any) -> Optional[str]:
@@ -147,6 +184,7 @@ class _GeReArgsBase(BaseModel):
         values = {n: getattr(self, n, None) for n in names}
         given = {k: v for k, v in values.items() if v is not None}
         normalised = validate_gere_values(given)
+        check_key_combinations(normalised)
         for key, value in normalised.items():
             if value != given[key]:
                 # plain attribute write: the schema's validate_assignment (if any) must not re-run us

@@ -19,13 +19,14 @@ nor torch, lists every problem at once, and catches:
 * a GeRe-looking entry that does not load the plugin: a bare ``gere`` (Axolotl crashes splitting it),
   a wrong class or module name such as ``gere_plugin.GerePlugin`` or ``gere_plugins.GeRePlugin``, a
   ``module:Class`` spelling on an Axolotl older than 0.21;
-* GeRe asked for without ``gere_replay``;
+* GeRe asked for without ``gere_replay`` (and without FLOW / EWC / task KL, which need none), or keys
+  that act on replay rows only set without it; FLOW / EWC / task KL with ``rl:``;
 * unknown ``gere_*`` keys (with the closest valid name) and out-of-range values;
 * training modes GeRe does not wrap (``rl`` other than ``dpo``/``ipo``, reward models).
 * what training would only find later (:func:`setup_problems`): ``gere_replay_per_step`` not below
   the global batch, or not a multiple of processes x accumulation under DeepSpeed ZeRO-3 / FSDP;
   ``gere_freeze_layers`` / ``gere_layers`` beyond the depth of a local ``base_model``; a
-  ``gere_state_cache`` folder GeRe would refuse (user files, a model folder, ...).
+  ``gere_state_cache``, ``gere_flow_cache`` or EWC folder GeRe would refuse (user files, a model folder, ...).
 """
 
 from __future__ import annotations
@@ -336,23 +337,48 @@ def model_problems(data: Mapping) -> list[str]:
 
 
 def cache_folder_problems(data: Mapping) -> list[str]:
-    """A ``gere_state_cache`` folder (or the default ``<output_dir>/gere_states``) GeRe would refuse.
+    """A folder GeRe would refuse to write: ``gere_state_cache`` (default ``<output_dir>/gere_states``) when
+    replaying, ``gere_flow_cache`` (default ``<output_dir>/gere_flow``) with FLOW, ``<output_dir>/gere_ewc``
+    with EWC; and a ``gere_ewc_state`` that exists but is not an EWC state.
 
-    (A replay file that does not exist yet is not reported: recipes are checked before the replay
-    file is built, and training names a missing ``gere_replay`` before any model work.)
+    (A replay file or EWC state that does not exist yet is not reported: recipes are checked before the
+    replay file is built or the previous task has run, and training names a missing one before any model work.)
     """
-    from ..cache_folder import state_cache_folder, state_cache_problem
+    from ..cache_folder import (
+        DEFAULT_EWC_FOLDER,
+        DEFAULT_FLOW_FOLDER,
+        EWC_STATE,
+        FLOW_CACHE,
+        run_folder,
+        state_cache_folder,
+        state_cache_problem,
+    )
+    from ..config import task_methods
 
-    cache = data.get("gere_state_cache")
-    if cache is not None and not (isinstance(cache, str) and cache.strip()):
-        return []  # reported by the value checks
-    problem = state_cache_problem(state_cache_folder(cache, data.get("output_dir")))
-    return [problem] if problem else []
+    def folder_value(key: str) -> Any:
+        value = data.get(key)
+        return value if value is None or (isinstance(value, str) and value.strip()) else False
+
+    problems = []
+    methods = task_methods(data)
+    cache = folder_value("gere_state_cache")
+    if data.get("gere_replay") and cache is not False:
+        problems.append(state_cache_problem(state_cache_folder(cache, data.get("output_dir"))))
+    flow = folder_value("gere_flow_cache")
+    if "flow" in methods and flow is not False:
+        problems.append(state_cache_problem(run_folder(flow, data.get("output_dir"), DEFAULT_FLOW_FOLDER), FLOW_CACHE))
+    if "ewc" in methods:
+        problems.append(state_cache_problem(run_folder(None, data.get("output_dir"), DEFAULT_EWC_FOLDER), EWC_STATE))
+        state = folder_value("gere_ewc_state")
+        if state:
+            problems.append(state_cache_problem(run_folder(state, None, DEFAULT_EWC_FOLDER), EWC_STATE))
+    return [p for p in problems if p]
 
 
 def setup_problems(data: Mapping, num_processes: Optional[int] = None) -> list[str]:
     """Every check of what training would only find later (see the module docstring)."""
-    return batch_problems(data, num_processes) + model_problems(data) + cache_folder_problems(data)
+    batch = batch_problems(data, num_processes) if data.get("gere_replay") else []
+    return batch + model_problems(data) + cache_folder_problems(data)
 
 
 def plugin_is_loadable(entry: Any = PLUGIN_PATH) -> bool:
