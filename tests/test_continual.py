@@ -246,3 +246,39 @@ def test_warmup_ratio_resolves_against_max_steps():
 
     with pytest.raises(GeReConfigError, match="warmup_ratio"):
         TrainSettings(warmup_ratio=1.5)
+
+
+@pytest.mark.slow
+def test_gere_sequence_method_flow_weights_each_task_from_its_own_start(tiny_dir, tmp_path):
+    """``gere sequence --method flow``: every task computes its FLOW weights from the model it starts from
+    (its own cache under its output folder), and the weights are logged."""
+    from gere_plugin.cli import main
+
+    out = tmp_path / "flow"
+    args = ["sequence", "--model", str(tiny_dir), "--method", "flow", "--out", str(out), "--seed", "3",
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "48", "--logging_steps", "1"]
+    for task in TASKS:
+        args += ["--task", task.name, *_write_task_files(tmp_path, task)]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    for k, stage in enumerate(result["stages"]):
+        assert stage["task_methods"] == ["flow"] and stage["flow"]["base_losses"] == "built"
+        assert 0 < stage["flow"]["weight_min"] <= stage["flow"]["weight_max"] <= 1
+        assert all(0 < r["gere/flow_weight"] <= 1 for r in stage["history"] if "loss" in r)
+        meta = json.loads((out / f"task_{k}_{stage['task']}" / "gere_flow" / "meta.json").read_text())
+        assert meta["num_samples"] > 0
+    models = [json.loads((out / f"task_{k}_{s['task']}" / "gere_flow" / "meta.json").read_text())["model_fingerprint"]
+              for k, s in enumerate(result["stages"])]
+    assert models[0] != models[1]  # task 2's weights come from task 1's result, not the base
+
+
+def test_strength_settings_apply_only_to_methods_that_use_them(tiny_dir, tmp_path):
+    from gere_plugin.config import GeReConfigError
+    from gere_plugin.continual import EWC_LAMBDA, TASK_KL_WEIGHT
+
+    assert METHODS["ewc"].gere_kwargs(1)["gere_ewc_lambda"] == EWC_LAMBDA
+    assert METHODS["task_kl"].gere_kwargs(0)["gere_task_kl"] == TASK_KL_WEIGHT and METHODS["task_kl"].needs_base_reference
+    assert METHODS["gere_flow"].replay and METHODS["gere_flow"].uses == ["flow"]
+    settings = TrainSettings(**{**SETTINGS.__dict__, "gere_task_kl": 0.5})
+    with pytest.raises(GeReConfigError, match="gere_task_kl sets the strength of methods with task_kl"):
+        run_sequence(str(tiny_dir), TASKS, "ewc", tmp_path / "x", settings=settings)

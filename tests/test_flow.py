@@ -153,7 +153,7 @@ def test_unit_weights_reproduce_trl_loss_exactly(tmp_path, tiny_model, tiny_toke
     for b in batches:
         ours = trainer.compute_loss(tiny_model, dict(b), num_items_in_batch=num_items)
         trl = SFTTrainer.compute_loss(trainer, tiny_model, dict(b), num_items_in_batch=num_items)
-        assert float(ours) == pytest.approx(float(trl), rel=1e-5, abs=1e-7)
+        assert ours.item() == pytest.approx(trl.item(), rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
