@@ -54,6 +54,16 @@ BAD_VALUES: dict[str, list[Any]] = {
     "gere_freeze_layers": [-1, 1.5, "2", None, True],
     "gere_freeze_embeddings": ["yes", "true", 1, 0, None],
     "gere_seed": [-1, 1.5, "42", None, True],
+    "gere_flow": ["yes", "true", 1, 0, None],
+    "gere_flow_tau": [0, -1.0, NAN, INF, "1.0", True],
+    "gere_flow_normalize": ["yes", 1, None],
+    "gere_flow_cache": ["", "  ", 5, ["x"], True],
+    "gere_flow_batch_size": [0, -1, 1.5, None, "8"],
+    "gere_ewc_lambda": [-1, NAN, INF, "1", True, None],
+    "gere_ewc_state": ["", "  ", 5, ["x"], True],
+    "gere_ewc_gamma": [-0.1, 1.5, NAN, "1", True, None],
+    "gere_ewc_samples": [0, -1, 1.5, None, "8"],
+    "gere_task_kl": [-0.5, NAN, INF, "0.1", True, None],
 }
 
 
