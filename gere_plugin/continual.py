@@ -562,10 +562,14 @@ def run_sequence(
         stage: dict[str, Any] = {"task": task.name, "index": k}
         stage["start_fingerprint"] = model_fingerprint(net)
         stage["state_cache_before"] = _cache_state(cache) if spec.replay else None
+        t_setup = time.perf_counter()
         trainer = _build_trainer(
             net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
             cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, ewc_state, len(tasks),
         )
+        # one-time work before the first step (state-cache build, FLOW's base-loss pass, reference copies);
+        # EWC's Fisher pass runs inside train() and is part of train_seconds
+        stage["setup_seconds"] = time.perf_counter() - t_setup
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         t0 = time.perf_counter()
         train_out = trainer.train()
