@@ -415,6 +415,8 @@ def plot_gradient_balance(doc: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = {k: v for k, v in doc["variants"].items() if v.get("regularizer")}
+    if not variants:  # only the plain run so far: nothing to draw
+        return
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.8), sharey=True, squeeze=False)
     for ax, (label, v) in zip(axes[0], variants.items()):
         steps = [h["step"] for h in v["steps"] if "gere/grad_norm_ce" in h]

@@ -301,7 +301,7 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 
 
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/replay_ce", "gere/reg_loss", "gere/weight",
+    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
             "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
             "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "train_runtime", "train_loss")
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
