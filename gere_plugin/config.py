@@ -19,7 +19,7 @@ REGULARIZERS = ("tm", "l1", "l2", "kl", "none")
 #: Replay samples drawn when ``gere_replay_size`` is not set (the paper's 1,000), or fewer when the
 #: source has fewer usable texts.
 DEFAULT_REPLAY_SIZE = 1000
-TM_REDUCTIONS = ("violations", "mean")
+TM_REDUCTIONS = ("mean", "violations")
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,15 @@ class GeReArguments:
             ``kl`` (logit KL to the base model) or ``none`` (vanilla replay, CE only).
         gere_weight: ``dynamic`` (weight = CE / regularizer, both detached: the paper's rule) or a
             fixed number.
-        gere_weight_max: Upper bound of the dynamic weight, ``w = min(CE / R, gere_weight_max)``;
-            ``None`` = no bound (the paper). Ignored with a fixed ``gere_weight``.
+        gere_weight_max: Upper bound of the dynamic weight, ``w = min(CE / R, gere_weight_max)``
+            (default 100, with the ``mean`` TM reduction: the regularizer's pull grows with the share
+            of activations that left their state, and never drowns the task early in training).
+            ``None`` = no bound: the paper's exact rule (with an unbounded dynamic weight the TM
+            reduction does not change the gradient, ``w * R`` has gradient ``CE * grad(S) / S``).
+            Ignored with a fixed ``gere_weight``.
         gere_sigma: Threshold multiplier k in ``mu +- k * sigma``.
-        gere_tm_reduction: ``violations`` (sum / number of non-zero elements, the reference) or
-            ``mean`` (sum / number of elements).
+        gere_tm_reduction: ``mean`` (sum / number of elements, the default) or ``violations`` (sum /
+            number of non-zero elements, the reference implementation's).
         gere_layers: Hidden-state indices (``hidden_states[i]`` of the HF output) the regularizer uses.
         gere_state_cache: Folder for the base-model state cache; reused when its fingerprints match.
             ``None`` = ``<output_dir>/gere_states``.
@@ -105,19 +109,19 @@ class GeReArguments:
         metadata={"help": "'dynamic' (CE / regularizer, detached) or a fixed non-negative number."},
     )
     gere_weight_max: Optional[float] = field(
-        default=None,
+        default=100.0,
         metadata={
-            "help": "Upper bound of the dynamic weight: w = min(CE / R, gere_weight_max). null = unbounded (the "
-            "paper). Ignored with a fixed gere_weight."
+            "help": "Upper bound of the dynamic weight: w = min(CE / R, gere_weight_max). null = unbounded: the "
+            "paper's exact rule. Ignored with a fixed gere_weight."
         },
     )
     gere_sigma: float = field(
         default=1.0, metadata={"help": "Threshold multiplier k: states split at mu +- k*sigma."}
     )
     gere_tm_reduction: str = field(
-        default="violations",
+        default="mean",
         metadata={
-            "help": "violations (sum / non-zero count, the reference) or mean.",
+            "help": "mean (sum / number of elements) or violations (sum / non-zero count, the reference code's).",
             "choices": list(TM_REDUCTIONS),
         },
     )

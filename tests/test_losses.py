@@ -110,3 +110,28 @@ def test_weight_cap_bounds_only_the_dynamic_weight():
     assert resolve_weight(None, ce, small, cap=10.0).item() == pytest.approx(10.0)  # bounded
     assert resolve_weight(None, ce, large, cap=10.0).item() == pytest.approx(4.0)  # below the bound: CE / R
     assert resolve_weight(3.0, ce, small, cap=1.0).item() == pytest.approx(3.0)  # fixed weight ignores the cap
+
+
+def test_unbounded_dynamic_weight_makes_the_tm_reduction_irrelevant_and_the_bound_does_not():
+    """The paper's rule is one key away: with ``gere_weight_max=None`` the gradient of ``w * TM`` is
+    ``CE * grad(S) / S`` whatever the reduction, so ``violations`` and ``mean`` train identically; with the
+    default bound they differ (the bound acts on the mean-reduced value)."""
+    from gere_plugin.losses import resolve_weight
+
+    # early in training: every element is inactive at the base, and a few drift just past a threshold
+    h0 = torch.zeros(2, 5, 7)
+    h0[0, 1, 2], h0[0, 3, 5], h0[1, 0, 0] = 0.51, -0.52, 0.505
+    labels = torch.full((2, 5, 7), INACTIVE)
+    pos, neg = torch.full((7,), 0.5), torch.full((7,), -0.5)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    ce = torch.tensor(2.3)
+
+    def grad(reduction, cap):
+        h = h0.clone().requires_grad_(True)
+        r = tm_loss(h, labels, pos, neg, mask, reduction).loss
+        (resolve_weight(None, ce, r, cap) * r).backward()
+        return h.grad
+
+    torch.testing.assert_close(grad("violations", None), grad("mean", None), rtol=1e-4, atol=1e-6)  # up to the 1e-8 eps
+    assert not torch.allclose(grad("violations", 100.0), grad("mean", 100.0))
+    assert grad("mean", 100.0).abs().sum() < grad("mean", None).abs().sum()  # the bound binds here
