@@ -324,10 +324,14 @@ def validate_gere_args(args: Any) -> None:
         setattr(args, k, v)
 
 
-def resolve_replay_per_step(per_step: Optional[int], global_batch: int) -> int:
-    """Replay rows per optimizer step; checks they leave room for task rows in the global batch."""
+def resolve_replay_per_step(per_step: Optional[int], global_batch: int, default_basis: Optional[int] = None) -> int:
+    """Replay rows per optimizer step; checks they leave room for task rows in the global batch.
+
+    ``default_basis``: what the default (a quarter) is taken of when it is not the global batch (GRPO:
+    the step's prompts, ``global_batch / num_generations``).
+    """
     if per_step is None:
-        per_step = max(1, global_batch // 4)
+        per_step = max(1, (global_batch if default_basis is None else default_basis) // 4)
     if per_step >= global_batch:
         raise GeReConfigError(
             f"gere_replay_per_step={per_step} must be smaller than the global batch ({global_batch} = per-device "

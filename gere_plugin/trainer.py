@@ -1,4 +1,4 @@
-"""GeRe for TRL: the shared replay step and the thin SFT / DPO trainers built on it.
+"""GeRe for TRL: the shared replay step and the thin SFT / DPO / GRPO trainers built on it.
 
 :class:`ReplayStep` is the ONE implementation of GeRe's per-step work (pick the replay rows of this
 micro-batch, one extra forward with hidden states, replay CE + regularizer, combine with the task
@@ -6,11 +6,14 @@ loss with the right scaling for gradient accumulation and data parallelism, log 
 metrics). :class:`GeReTrainerMixin` wires it into any ``transformers.Trainer`` whose
 ``compute_loss`` returns the task loss; :func:`with_gere` makes such a class on the fly.
 
-Loss per optimizer step (``k`` replay rows spread over its micro-batches and ranks)::
+Loss per optimizer step (``k`` replay rows spread over its micro-batches and ranks), by the loss
+family of the trainer (:mod:`gere_plugin.families`)::
 
-    SFT:  loss = mean(CE_task, CE_replay) + w * R          (R = tm | l1 | l2 | kl, or 0 for none)
-    DPO:  loss = L_dpo + CE_replay + w * R
-    w    = primary.detach() / (R.detach() + 1e-8)  (dynamic)   or a fixed number
+    SFT:  loss = mean(CE_task, CE_replay) + w * R,  w = mean(CE_task, CE_replay) / (R + 1e-8)
+    DPO:  loss = L_dpo + CE_replay + w * R,         w = L_dpo / (R + 1e-8)
+    GRPO: loss = L_grpo + CE_replay + w * R,        w = CE_replay / (R + 1e-8)   (never negative)
+
+(``R`` = tm | l1 | l2 | kl, or 0 for none; weights detached; a fixed ``gere_weight`` replaces ``w``.)
 
 ``CE_replay`` is the token mean over all replay tokens of the step and ``R`` the row-weighted mean
 of the per-micro-batch regularizers, so the result does not depend on how rows are split over
@@ -35,8 +38,9 @@ import torch
 from transformers import TrainerCallback
 
 from .config import GeReArguments, GeReConfigError, parse_weight, resolve_replay_per_step
+from .families import COMBINE_FAMILIES, FAMILIES, LossFamily, family_for, prompts_per_step
 from .freeze import check_freeze_depth, freeze_bottom, prepare_for_gradient_checkpointing
-from .losses import kl_loss, masked_feature_loss, resolve_weight, tm_loss, token_ce
+from .losses import kl_loss, masked_feature_loss, replay_ce_weight, resolve_weight, tm_loss, token_ce
 from .mixing import ReplaySchedule
 from .replay import ReplaySet
 from .resume import resolve_resume_checkpoint
@@ -155,25 +159,35 @@ class ReplayStep:
     Args:
         trainer: the ``transformers.Trainer`` it serves (read for state, accelerator, args, metrics).
         gere_args: object with the ``gere_*`` attributes (a GeRe config or :class:`GeReArguments`).
-        combine: ``"mean"`` (SFT: ``mean(task, replay CE)``) or ``"sum"`` (DPO: ``task + replay CE``).
+        combine: older spelling of ``family``: ``"mean"`` (the ``sft`` family) or ``"sum"`` (``dpo``).
         tokenizer: tokenizer of the model (defaults to the trainer's processing class).
         ref_model: frozen reference model for l1/l2/kl (the ``gere_ref_model`` trainer argument, else
             DPO's reference when it has one, else a frozen copy of the model at trainer init, or for a
             PEFT model the base with adapters disabled).
+        family: the trainer's loss family (``sft`` / ``dpo`` / ``grpo`` or a :class:`LossFamily`): how
+            the task loss, replay CE and regularizer combine, which dynamic weight applies and what the
+            default ``gere_replay_per_step`` counts. Default: from ``combine``, else :func:`resolve_family`.
     """
 
     def __init__(
         self,
         trainer: Any,
         gere_args: Any,
-        combine: str = "mean",
+        combine: Optional[str] = None,
         tokenizer: Any = None,
         ref_model: Optional[torch.nn.Module] = None,
+        family: Optional[Any] = None,
     ) -> None:
-        if combine not in ("mean", "sum"):
+        if combine is not None and combine not in COMBINE_FAMILIES:
             raise ValueError("combine must be 'mean' or 'sum'")
+        if isinstance(family, LossFamily):
+            self.family = family
+        elif family is not None or combine is None:
+            self.family = resolve_family(trainer, family)
+        else:
+            self.family = FAMILIES[COMBINE_FAMILIES[combine]]
         self.args = gere_args
-        self.combine = combine
+        self.combine = self.family.combine
         self.regularizer = gere_args.gere_regularizer
         self.fixed_weight = parse_weight(gere_args.gere_weight)
         self.weight_cap: Optional[float] = getattr(gere_args, "gere_weight_max", None)
@@ -190,7 +204,10 @@ class ReplayStep:
         self.rank = trainer.accelerator.process_index if getattr(trainer, "accelerator", None) else 0
         self.world_size = world
         global_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
-        self.per_step = resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch)
+        basis = None  # the default counts the parent's batch unit: GRPO's batch counts completions, not prompts
+        if self.family.batch_unit == "prompts" and gere_args.gere_replay_per_step is None:
+            basis = prompts_per_step(trainer, global_batch)
+        self.per_step = resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch, default_basis=basis)
         slots = world * targs.gradient_accumulation_steps
         if _is_sharded(trainer) and self.per_step % slots:
             # A micro-batch without replay rows skips the extra forward; with sharded parameters
@@ -335,6 +352,9 @@ class ReplayStep:
         primary = 0.5 * (task_micro + ce_micro.detach()) if self.combine == "mean" else task_micro
         if self.regularizer == "none":
             weight = torch.zeros((), device=reg.device)
+        elif self.family.weight_basis == "replay_ce":
+            # GRPO-like parent losses can be ~0 or negative: match w * R to the replay CE instead (w >= 0)
+            weight = replay_ce_weight(self.fixed_weight, ce_micro, reg, self.weight_cap)
         else:
             weight = resolve_weight(self.fixed_weight, primary, reg, self.weight_cap)
         ce_factor = 0.5 if self.combine == "mean" else 1.0
@@ -509,9 +529,13 @@ class GeReTrainerMixin:
     model as it is when the trainer is built (DPO: TRL's reference), which on the second task of a
     sequence is the first task's result; pass the original base model to keep every task anchored
     to it. TM does not read it: its anchor is the base-state cache (``gere_state_cache``).
+
+    ``gere_family`` (class attribute: ``sft`` / ``dpo`` / ``grpo``, see :mod:`gere_plugin.families`) says
+    how the parent's loss combines with replay; unset, it is derived from the parent class, and a TRL
+    trainer GeRe has no rule for is refused when the trainer is built.
     """
 
-    gere_combine = "mean"
+    gere_family: Optional[str] = None
 
     def __init__(
         self,
@@ -592,10 +616,14 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
     frozen = _describe_frozen(trainer, gere_args)
     if step is None:
         return f"gere: no replay (gere_replay is not set); {frozen}"
+    weight = f" with weight {gere_args.gere_weight}"
+    if step.family.weight_basis == "replay_ce" and step.fixed_weight is None:
+        weight += " (w*R matched to the replay CE: the task loss may be negative)"
     parts = [
         f"gere: {step.per_step} replay rows per optimizer step from {len(step.replay)} samples "
         f"({step.replay.num_tokens} tokens) of {step.replay.source}",
-        f"regularizer {step.regularizer}" + ("" if step.regularizer == "none" else f" with weight {gere_args.gere_weight}"),
+        f"regularizer {step.regularizer}" + ("" if step.regularizer == "none" else weight),
+        f"loss family {step.family.name}",
     ]
     if step.states is not None:
         parts.append(f"state cache {step.cache_dir(trainer)} {step.cache_action}")
@@ -607,14 +635,30 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
     return "; ".join(parts)
 
 
-def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optional[torch.nn.Module] = None) -> Optional[ReplayStep]:
+def resolve_family(trainer: Any, family: Optional[str] = None) -> LossFamily:
+    """The loss family of ``trainer``: ``family``, else its ``gere_family``, else its older ``gere_combine``
+    attribute, else derived from its class (:func:`gere_plugin.families.family_for`, which refuses
+    TRL trainers GeRe has no rule for, naming them)."""
+    family = family if family is not None else getattr(trainer, "gere_family", None)
+    combine = None if family is not None else getattr(trainer, "gere_combine", None)
+    return family_for(type(trainer), family=family, combine=combine)
+
+
+def setup_gere(
+    trainer: Any, gere_args: Optional[Any] = None, ref_model: Optional[torch.nn.Module] = None, family: Optional[str] = None
+) -> Optional[ReplayStep]:
     """Attach GeRe to a built trainer: freeze layers, build/load the state cache, create the replay step.
 
     Must run before training starts (the optimizer must not exist yet for the freeze to matter).
+    ``family``: the loss family (default: :func:`resolve_family`).
     """
     gere_args = gere_args if gere_args is not None else trainer.args
     if not hasattr(gere_args, "gere_replay"):
-        raise GeReConfigError("GeRe settings missing: use GeReSFTConfig/GeReDPOConfig or pass gere_args=GeReArguments(...).")
+        raise GeReConfigError(
+            "GeRe settings missing: use GeReSFTConfig/GeReDPOConfig/GeReGRPOConfig or pass gere_args=GeReArguments(...)."
+        )
+    loss_family = resolve_family(trainer, family)
+    trainer.gere_family, trainer.gere_combine = loss_family.name, loss_family.combine
     model = _unwrap(trainer, trainer.model)
     # Every check that needs the model but no forward pass runs here, before the state build.
     check_freeze_depth(model, gere_args.gere_freeze_layers)
@@ -634,7 +678,7 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
             ref_model = getattr(trainer, "ref_model", None)
         # Built BEFORE freezing: PEFT's disable_adapter() (used for the base states) re-enables
         # requires_grad on adapter weights when it exits.
-        step = ReplayStep(trainer, gere_args, combine=getattr(trainer, "gere_combine", "mean"), ref_model=ref_model)
+        step = ReplayStep(trainer, gere_args, ref_model=ref_model, family=loss_family)
         trainer.add_callback(GeReCheckpointCallback(step))
     trainer.gere_step = step
     trainer.gere_frozen = []
@@ -647,28 +691,44 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
     return step
 
 
-_GERE_CLASSES: dict[type, type] = {}
+_GERE_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def with_gere(trainer_cls: type, combine: str = "mean") -> type:
-    """A subclass of ``trainer_cls`` with GeRe (cached per class). ``combine``: ``mean`` (SFT-like) or ``sum``."""
+def with_gere(trainer_cls: type, combine: Optional[str] = None, family: Optional[str] = None) -> type:
+    """A subclass of ``trainer_cls`` with GeRe (cached per class and family).
+
+    The loss family (how the parent's loss combines with replay, which dynamic weight applies) comes
+    from ``trainer_cls``: TRL's ``SFTTrainer`` / ``DPOTrainer`` / ``GRPOTrainer`` and their subclasses get
+    their own, any other ``transformers.Trainer`` is treated as a language-model CE trainer (``sft``),
+    and every other TRL trainer (KTO, ORPO, online DPO, RLOO, ...) is refused with a
+    :class:`GeReConfigError` naming it. ``family`` (``sft`` / ``dpo`` / ``grpo``) states it explicitly;
+    ``combine`` is the older spelling (``mean`` = ``sft``, ``sum`` = ``dpo``).
+    """
     if issubclass(trainer_cls, GeReTrainerMixin):
         return trainer_cls
-    key = (trainer_cls, combine)
+    chosen = family_for(trainer_cls, family=family, combine=combine)
+    key = (trainer_cls, chosen.name)
     if key not in _GERE_CLASSES:
-        _GERE_CLASSES[key] = type(f"GeRe{trainer_cls.__name__}", (GeReTrainerMixin, trainer_cls), {"gere_combine": combine})
+        _GERE_CLASSES[key] = type(
+            f"GeRe{trainer_cls.__name__}", (GeReTrainerMixin, trainer_cls), {"gere_family": chosen.name}
+        )
     return _GERE_CLASSES[key]
 
 
 def enable_gere(
-    trainer: Any, gere_args: Any, combine: Optional[str] = None, ref_model: Optional[torch.nn.Module] = None
+    trainer: Any,
+    gere_args: Any,
+    combine: Optional[str] = None,
+    ref_model: Optional[torch.nn.Module] = None,
+    family: Optional[str] = None,
 ) -> Optional[ReplayStep]:
     """Turn an already built trainer into a GeRe trainer in place (class swap + :func:`setup_gere`).
 
     ``ref_model``: the l1/l2/kl reference (see :class:`GeReTrainerMixin`, ``gere_ref_model``).
+    ``family`` / ``combine``: as for :func:`with_gere` (an unknown TRL trainer is refused, naming it).
     """
     if not isinstance(trainer, GeReTrainerMixin):
-        trainer.__class__ = with_gere(type(trainer), combine or "mean")
-    elif combine:
-        trainer.gere_combine = combine
+        trainer.__class__ = with_gere(type(trainer), combine=combine, family=family)
+    elif family is not None or combine is not None:
+        trainer.gere_family = family_for(type(trainer), family=family, combine=combine).name
     return setup_gere(trainer, gere_args, ref_model=ref_model)
