@@ -270,7 +270,8 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
             raise GeReConfigError(
                 f"gere_weight_max={cap!r} must be a number > 0 (an upper bound of the dynamic weight) or null for no bound."
             )
-        out["gere_weight_max"] = float(cap) if "gere_weight_max" in out else cap
+        if "gere_weight_max" in out:
+            out["gere_weight_max"] = float(cap)
     sigma = get("gere_sigma")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise GeReConfigError(f"gere_sigma={sigma!r} must be a number > 0 (the paper uses 1.0).")
