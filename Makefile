@@ -70,7 +70,8 @@ test-latest: $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -c "import trl, transformers; print('newest stack: trl', trl.__version__, 'transformers', transformers.__version__)"
 	$(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_losses.py tests/test_mixing.py tests/test_states.py tests/test_sft_trainer.py \
-		tests/test_dpo_trainer.py tests/test_cli_recipes.py tests/test_any_trainer.py tests/test_freeze.py $(PYTEST_ARGS)
+		tests/test_dpo_trainer.py tests/test_cli_recipes.py tests/test_any_trainer.py tests/test_freeze.py \
+		tests/test_task_replay.py $(PYTEST_ARGS)
 
 # Every Axolotl test (config, recipes, plugin-line forms, `axolotl gere` subcommands, end-to-end
 # `axolotl train` SFT/DPO full/LoRA) on the newest Axolotl as well.
