@@ -300,6 +300,15 @@ class ReplayStep:
         rows = self.schedule.rows_for_micro(step, micro, accumulation, self.rank, self.world_size) if self.schedule else []
         return step, micro, rows
 
+    @staticmethod
+    def forward_module(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the extra (replay) forwards run through: the unwrapped model unless parameters are
+        sharded. A DDP-wrapped forward broadcasts buffers (e.g. rotary ``inv_freq``) to every rank, so a
+        forward that only some ranks run (replay rows not a multiple of the ranks) waited forever for the
+        others; gradients of the unwrapped forward still reach DDP's reducer through the parameters.
+        ZeRO-3 / FSDP need the wrapped forward (it gathers the parameters) and equal rows per rank."""
+        return model if _is_sharded(trainer) else _unwrap(trainer, model)
+
     @property
     def task_coef(self) -> float:
         """Coefficient ``c`` of the task term: 0.5 in SFT's ``mean(task, replay CE)``, else 1."""
@@ -319,7 +328,7 @@ class ReplayStep:
         if not self._task_rows_now:
             return None
         assert tr is not None
-        ce_micro = tr.cross_entropy(model, self._task_rows_now, self.pad_token_id, device)
+        ce_micro = tr.cross_entropy(self.forward_module(trainer, model), self._task_rows_now, self.pad_token_id, device)
         self._metric(trainer, "gere/task_replay_ce", ce_micro)
         return scaling.extra_factor * self.task_coef * tr.weight * tr.share(step, self._task_rows_now) * ce_micro
 
@@ -371,7 +380,8 @@ class ReplayStep:
             self._record(trainer, step, micro, rows, scaling)
             return task_loss_scaled
         batch = self.replay.collate(rows, self.pad_token_id, device=task_loss.device)
-        logits, hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits=True)
+        logits, hidden = forward_hidden(self.forward_module(trainer, model), batch["input_ids"], batch["attention_mask"],
+                                        self.layers, need_logits=True)
         ce_sum, ce_count = token_ce(logits, batch["input_ids"], batch["attention_mask"])
         ce_micro = ce_sum / ce_count.clamp_min(1)
         ce_share = self._target_count(rows) / max(self._step_targets, 1)

@@ -458,28 +458,32 @@ def ddp_runs(tmp_path_factory: Any, tiny_dir: Path, replay_file: Path, sft_datas
     data = write_jsonl(root / "task.jsonl", sft_dataset.to_list())
     common = [
         "--model", str(tiny_dir), "--data", str(data), "--batch", "2", "--max_steps", str(DDP_STEPS),
-        "--per_step", "2", "--replay_size", "16", "--sampling", "sequential",
+        "--replay_size", "16", "--sampling", "sequential",
         "--task_replay", *earlier["files"], "--task_size", str(PER_TASK),
     ]  # fmt: skip
-    general = ["--replay", str(replay_file), "--task_per_step", "3"]
+    # 1 general + 1 earlier-task row per step on 2 ranks: rank 0 runs both extra forwards, rank 1 none (a
+    # DDP-wrapped extra forward on one rank only used to hang: it broadcasts buffers to all ranks)
+    general = ["--replay", str(replay_file), "--per_step", "1", "--task_per_step", "1"]
     runs = {
         # rank r of the 2-process run sees what micro-batch r of the 1-process run sees
         "ddp": runner.run([*common, *general, "--accum", "1"], root / "ddp", root / "ddp_{rank}.jsonl", num_processes=2),
         "one": runner.run([*common, *general, "--accum", "2"], root / "one", root / "one_{rank}.jsonl"),
-        # earlier tasks only (no general replay), accumulation 2 on each of 2 ranks
-        "ddp_task_only": runner.run([*common, "--task_per_step", "2", "--accum", "2"], root / "ddp_t",
+        # earlier tasks only (no general replay), accumulation 2 on each of 2 ranks: 3 rows over 4 micro-batches
+        "ddp_task_only": runner.run([*common, "--task_per_step", "3", "--accum", "2"], root / "ddp_t",
                                     root / "ddp_t_{rank}.jsonl", num_processes=2),
     }
     rows = {name: runner.replay_rows(str(root / f"{tag}_{{rank}}.jsonl"), ranks=ranks, field="task_rows")
             for name, tag, ranks in (("ddp", "ddp", 2), ("one", "one", 1), ("ddp_task_only", "ddp_t", 2))}
-    return {"runs": runs, "task_rows": rows}
+    general_rows = {tag: runner.replay_rows(str(root / f"{tag}_{{rank}}.jsonl"), ranks=ranks)
+                    for tag, ranks in (("ddp", 2), ("one", 1))}
+    return {"runs": runs, "task_rows": rows, "general_rows": general_rows}
 
 
 @pytest.mark.slow
 def test_exact_earlier_task_rows_over_two_ranks(ddp_runs: dict) -> None:
     from gere_plugin.mixing import ReplaySchedule
 
-    for name, per_step, accumulation in (("ddp", 3, 1), ("ddp_task_only", 2, 2)):
+    for name, per_step, accumulation in (("ddp", 1, 1), ("ddp_task_only", 3, 2)):
         rows = ddp_runs["task_rows"][name]
         schedule = ReplaySchedule(2 * PER_TASK, per_step, seed=42, stream=1)  # gere_seed default 42
         assert sorted(rows) == list(range(DDP_STEPS)), name
@@ -497,10 +501,13 @@ def test_exact_earlier_task_rows_over_two_ranks(ddp_runs: dict) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process_with_earlier_tasks(ddp_runs: dict) -> None:
-    ddp_rows, one_rows = ddp_runs["task_rows"]["ddp"], ddp_runs["task_rows"]["one"]
-    for step in ddp_rows:
-        for rank in (0, 1):
-            assert ddp_rows[step][(0, rank)] == one_rows[step][(rank, 0)], (step, rank)
+    for rows in (ddp_runs["task_rows"], ddp_runs["general_rows"]):
+        ddp_rows, one_rows = rows["ddp"], rows["one"]
+        assert sorted(ddp_rows) == list(range(DDP_STEPS))
+        for step in ddp_rows:
+            assert sum(len(r) for r in ddp_rows[step].values()) == 1  # one row per step, on rank 0 only
+            for rank in (0, 1):
+                assert ddp_rows[step][(0, rank)] == one_rows[step][(rank, 0)], (step, rank)
     ddp, one = ddp_runs["runs"]["ddp"].step_logs(), ddp_runs["runs"]["one"].step_logs()
     assert sorted(ddp) == sorted(one) == list(range(1, DDP_STEPS + 1))
     for step in ddp:
@@ -508,3 +515,19 @@ def test_two_ranks_match_one_process_with_earlier_tasks(ddp_runs: dict) -> None:
             a, b = ddp[step][key], one[step][key]
             assert abs(a - b) <= 1e-5 * max(abs(a), abs(b)), (step, key, a, b)
     assert ddp[DDP_STEPS]["loss"] != ddp[1]["loss"]
+
+
+def test_axolotl_schema_takes_the_keys() -> None:
+    """Axolotl YAML: a single source becomes a list; earlier tasks alone are a valid GeRe config; any other
+    gere_* key without gere_replay or gere_task_replay is still an error naming gere_replay."""
+    pytest.importorskip("pydantic")
+    from gere_plugin.axolotl.args import GeReArgs, check_gere_request, gere_arguments_from_cfg
+
+    parsed = GeReArgs(gere_task_replay="task1.jsonl", gere_task_replay_per_step=2)
+    assert parsed.gere_task_replay == ["task1.jsonl"]
+    check_gere_request({"gere_task_replay": ["task1.jsonl"]})
+    assert gere_arguments_from_cfg({"gere_task_replay": ["task1.jsonl"]}).gere_task_replay == ["task1.jsonl"]
+    with pytest.raises(GeReConfigError, match="gere_replay is not set"):
+        check_gere_request({"gere_task_replay_size": 5})
+    with pytest.raises(Exception, match="gere_task_replay_weight"):
+        GeReArgs(gere_task_replay=["a.jsonl"], gere_task_replay_weight=2)
