@@ -71,7 +71,7 @@ test-latest: $(VENV_LATEST)/.installed
 	$(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_losses.py tests/test_mixing.py tests/test_states.py tests/test_sft_trainer.py \
 		tests/test_dpo_trainer.py tests/test_grpo_trainer.py tests/test_families.py tests/test_cli_recipes.py \
-		tests/test_any_trainer.py tests/test_freeze.py $(PYTEST_ARGS)
+		tests/test_any_trainer.py tests/test_freeze.py tests/test_task_replay.py $(PYTEST_ARGS)
 
 # Every Axolotl test (config, recipes, plugin-line forms, `axolotl gere` subcommands, end-to-end
 # `axolotl train` SFT/DPO full/LoRA, GRPO full) on the newest Axolotl as well.

@@ -20,6 +20,8 @@ REGULARIZERS = ("tm", "l1", "l2", "kl", "none")
 #: source has fewer usable texts.
 DEFAULT_REPLAY_SIZE = 1000
 TM_REDUCTIONS = ("mean", "violations")
+#: Rows drawn from each earlier task when ``gere_task_replay_size`` is not changed.
+DEFAULT_TASK_REPLAY_SIZE = 100
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,20 @@ class GeReArguments:
         gere_replay_min_tokens: Samples with fewer tokens are dropped (counted and logged).
         gere_replay_per_step: Replay rows added to every optimizer step, spread over micro-batches,
             gradient accumulation and ranks. ``None`` = a quarter of the global batch (at least 1).
+        gere_task_replay: Earlier tasks' training data, replayed next to the general replay (experience
+            replay): a list of sources, one per earlier task, each a file / folder / ``datasets`` folder or
+            id like ``gere_replay``. Rows keep their format: ``prompt``/``completion`` (loss on the
+            completion), ``messages`` (chat template), ``text``, ``prompt``/``chosen``/``rejected`` (CE on
+            the chosen answer) or pre-tokenized ``input_ids`` (+ ``completion_mask`` or ``labels``).
+        gere_task_replay_split: Split read from a ``datasets`` folder or id of ``gere_task_replay``.
+        gere_task_replay_size: At most this many rows are drawn (seeded) from each earlier task; a task
+            with fewer usable rows is used whole (logged).
+        gere_task_replay_per_step: Earlier-task rows in every optimizer step (over micro-batches,
+            accumulation and ranks), in addition to the task rows and to ``gere_replay_per_step``.
+            ``None`` = an eighth of the global batch (at least 1).
+        gere_task_replay_weight: Share ``rho`` of the task term given to earlier-task rows: task term =
+            ``(1 - rho) * loss_task + rho * CE_earlier``. ``None`` = their row share,
+            ``gere_task_replay_per_step / (global batch + gere_task_replay_per_step)``.
         gere_regularizer: ``tm`` (GeRe), ``l1``/``l2`` (hidden-state distance to the base model),
             ``kl`` (logit KL to the base model) or ``none`` (vanilla replay, CE only).
         gere_weight: ``dynamic`` (weight = CE / regularizer, both detached: the paper's rule) or a
@@ -95,6 +111,36 @@ class GeReArguments:
         metadata={
             "help": "Replay rows in every optimizer step (over micro-batches, accumulation and ranks). "
             "Default: a quarter of the global batch, at least 1."
+        },
+    )
+    # -- earlier tasks (experience replay), next to the general replay ------------------------------
+    gere_task_replay: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Earlier tasks' training data replayed next to the general replay, one source per task (files, "
+            "folders or datasets ids). Rows keep their format (prompt/completion, messages, text, DPO pairs: CE on "
+            "chosen, or input_ids + completion_mask); CE only."
+        },
+    )
+    gere_task_replay_split: str = field(
+        default="train", metadata={"help": "Split read from a datasets folder or id of gere_task_replay."}
+    )
+    gere_task_replay_size: int = field(
+        default=DEFAULT_TASK_REPLAY_SIZE,
+        metadata={"help": "At most this many rows are drawn (seeded) from each earlier task (fewer usable rows: all)."},
+    )
+    gere_task_replay_per_step: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Earlier-task rows in every optimizer step (over micro-batches, accumulation and ranks), on top of "
+            "gere_replay_per_step. Default: an eighth of the global batch, at least 1."
+        },
+    )
+    gere_task_replay_weight: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Share rho of the task term for earlier-task rows: (1 - rho) * task loss + rho * CE_earlier. "
+            "Default: their row share, per_step / (global batch + per_step)."
         },
     )
     gere_regularizer: str = field(
@@ -257,6 +303,7 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
     per_step = get("gere_replay_per_step")
     if per_step is not None:
         _check_int("gere_replay_per_step", per_step, 1, "Use null/None for the default (a quarter of the global batch).")
+    _validate_task_replay(get, out)
     reg = get("gere_regularizer")
     if reg not in REGULARIZERS:
         raise GeReConfigError(f"gere_regularizer={reg!r} is not one of {', '.join(REGULARIZERS)}.")
@@ -297,6 +344,41 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
         raise GeReConfigError(f"gere_freeze_embeddings={get('gere_freeze_embeddings')!r} must be true or false.")
     _check_int("gere_seed", get("gere_seed"), 0, "")
     return out
+
+
+def _validate_task_replay(get: Any, out: dict[str, Any]) -> None:
+    """The ``gere_task_replay*`` keys (normalising one source given as a string to a list of one)."""
+    sources = get("gere_task_replay")
+    if isinstance(sources, str):
+        sources = [sources]
+        out["gere_task_replay"] = sources
+    if sources is not None:
+        if isinstance(sources, tuple):
+            sources = list(sources)
+            out["gere_task_replay"] = sources
+        if not isinstance(sources, list) or not sources or not all(isinstance(x, str) and x.strip() for x in sources):
+            raise GeReConfigError(
+                f"gere_task_replay={sources!r} must be a non-empty list of paths or datasets ids (one per earlier "
+                "task), e.g. [task1/train.jsonl, task2/train.jsonl]; null = no earlier-task replay."
+            )
+        if len(set(sources)) != len(sources):
+            raise GeReConfigError(f"gere_task_replay={sources!r} lists a source twice; give each earlier task once.")
+    split = get("gere_task_replay_split")
+    if not isinstance(split, str) or not split:
+        raise GeReConfigError(f"gere_task_replay_split={split!r} must be a non-empty string.")
+    _check_int("gere_task_replay_size", get("gere_task_replay_size"), 1,
+               "It is the most rows kept per earlier task (a few percent of its data is the usual choice).")
+    per_step = get("gere_task_replay_per_step")
+    if per_step is not None:
+        _check_int("gere_task_replay_per_step", per_step, 1, "Use null/None for the default (an eighth of the global batch).")
+    rho = get("gere_task_replay_weight")
+    if rho is not None:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(float(rho)) or not 0 < rho < 1:
+            raise GeReConfigError(
+                f"gere_task_replay_weight={rho!r} must be a number strictly between 0 and 1 (the earlier tasks' share "
+                "of the task term), or null for their row share."
+            )
+        out["gere_task_replay_weight"] = float(rho) if "gere_task_replay_weight" in out else rho
 
 
 def gere_value_problems(values: dict[str, Any]) -> list[str]:
@@ -340,6 +422,26 @@ def resolve_replay_per_step(per_step: Optional[int], global_batch: int, default_
             "gere_replay_per_step or raise the batch size / gradient_accumulation_steps."
         )
     return per_step
+
+
+def resolve_task_replay_per_step(per_step: Optional[int], global_batch: int) -> int:
+    """Earlier-task rows per optimizer step; at most as many as the step's task rows."""
+    if per_step is None:
+        per_step = max(1, global_batch // 8)
+    if per_step > global_batch:
+        raise GeReConfigError(
+            f"gere_task_replay_per_step={per_step} is larger than the global batch ({global_batch} = per-device batch x "
+            "gradient accumulation x processes): a step would hold more earlier-task rows than rows of the task being "
+            "learned. Lower gere_task_replay_per_step or raise the batch size / gradient_accumulation_steps."
+        )
+    return per_step
+
+
+def resolve_task_replay_weight(weight: Optional[float], per_step: int, global_batch: int) -> float:
+    """The earlier tasks' share ``rho`` of the task term: the key, or the row share ``T / (B + T)``."""
+    if weight is not None:
+        return float(weight)
+    return per_step / (global_batch + per_step)
 
 
 def keys_markdown() -> str:

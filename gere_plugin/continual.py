@@ -18,7 +18,15 @@ Method presets (:data:`METHODS`):
 ``gere``        replay + threshold-margin loss on the base model's 3-way state labels (package defaults)
 ``gere_paper``  ``gere`` with the paper's exact weighting (:data:`PAPER_WEIGHTING`)
 ``gere_freeze`` ``gere`` + frozen embeddings and bottom layers from the second task on
+``gere_er``     ``gere`` + experience replay of earlier tasks (``gere_task_replay*`` keys)
+``replay_er``   ``replay`` + experience replay of earlier tasks (ablation: no TM)
+``plain_er``    experience replay of earlier tasks only (ablation: no general replay)
 =============== ===================================================================================
+
+Methods with earlier-task replay (``task_replay=True``) keep, after every finished task, a seeded
+sample of at most ``gere_task_replay_size`` of its training rows as token ids (tokenized exactly as
+the task trained on them) in ``output_dir/task_replay/<k>_<name>.jsonl``; every later task replays
+all kept files through ``gere_task_replay``. The result records the budget and what was kept.
 """
 
 from __future__ import annotations
@@ -50,8 +58,10 @@ __all__ = ["METHODS", "MethodSpec", "SequenceTask", "TrainSettings", "evaluate_s
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How one method trains. ``freeze_from`` is the 0-based task index where freezing starts;
-    ``gere`` holds extra ``gere_*`` keys of the method (e.g. its weighting), as ``(key, value)`` pairs."""
+    """How one method trains. ``replay`` is the general replay (``gere_replay``); ``task_replay`` replays
+    kept samples of the earlier tasks of the sequence (``gere_task_replay``). ``freeze_from`` is the 0-based
+    task index where freezing starts; ``gere`` holds extra ``gere_*`` keys of the method (e.g. its
+    weighting), as ``(key, value)`` pairs."""
 
     name: str
     replay: bool
@@ -60,6 +70,7 @@ class MethodSpec:
     freeze_embeddings: bool = False
     freeze_from: int = 1
     gere: tuple[tuple[str, Any], ...] = ()
+    task_replay: bool = False
 
     def gere_kwargs(self, task_index: int) -> dict[str, Any]:
         """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
@@ -91,6 +102,9 @@ METHODS: dict[str, MethodSpec] = {
     "gere": MethodSpec("gere", replay=True, regularizer="tm"),
     "gere_paper": MethodSpec("gere_paper", replay=True, regularizer="tm", gere=PAPER_WEIGHTING),
     "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
+    "gere_er": MethodSpec("gere_er", replay=True, regularizer="tm", task_replay=True),
+    "replay_er": MethodSpec("replay_er", replay=True, regularizer="none", task_replay=True),
+    "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
 }
 
 
@@ -158,6 +172,9 @@ class TrainSettings:
     gere_weight: str = _gere_field("gere_weight", "dynamic")
     gere_seed: Optional[int] = _gere_field("gere_seed", None)
     gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
+    gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
+    gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
+    gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
@@ -303,7 +320,8 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
             "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
-            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "train_runtime", "train_loss")
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce",
+            "gere/task_replay_rows", "train_runtime", "train_loss")
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
 
 
@@ -324,6 +342,44 @@ def _tokenized_without_eos(rows: Sequence[dict[str, str]], tokenizer: Any) -> li
     return out
 
 
+def _tokenized_for_training(rows: Sequence[dict[str, str]], tokenizer: Any, settings: TrainSettings) -> list[dict[str, Any]]:
+    """Rows as token ids, tokenized exactly as the task's trainer tokenizes them: without EOS
+    (:func:`_tokenized_without_eos`) or, with ``completion_eos``, TRL's own rules (EOS appended)."""
+    if not settings.completion_eos:
+        return _tokenized_without_eos(rows, tokenizer)
+    from .task_replay import Tokenization, tokenize_row
+
+    out = []
+    for row in rows:
+        got = tokenize_row(row, tokenizer, Tokenization(add_eos=True))
+        assert got is not None, f"not a prompt/completion or text row: {sorted(row)}"
+        ids, mask = got
+        out.append({"input_ids": ids, "completion_mask": mask} if "prompt" in row else {"input_ids": ids})
+    return out
+
+
+def keep_task_sample(task: SequenceTask, tokenizer: Any, settings: TrainSettings, seed: int, index: int,
+                     folder: Path) -> tuple[Path, int]:
+    """Write a seeded sample of at most ``gere_task_replay_size`` of ``task``'s training rows, as the token
+    ids the task trained on, to ``folder/<index>_<name>.jsonl`` (atomically); return ``(path, rows kept)``.
+
+    Only these ids are kept for later tasks (not a copy of the dataset), so memory and disk grow with the
+    per-task budget, not with the tasks' sizes."""
+    import numpy as np
+
+    n = min(settings.gere_task_replay_size, len(task.train))
+    chosen = sorted(np.random.default_rng([seed, index]).choice(len(task.train), size=n, replace=False).tolist())
+    rows = _tokenized_for_training([task.train[i] for i in chosen], tokenizer, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{index}_{task.name}.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path, n
+
+
 def _build_trainer(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -336,12 +392,21 @@ def _build_trainer(
     output_dir: Path,
     seed: int,
     ref_model: Optional[torch.nn.Module],
+    task_replay: Sequence[Path] = (),
 ) -> Any:
     from datasets import Dataset
 
     from .sft import GeReSFTConfig
 
     gere: dict[str, Any] = {}
+    if task_replay:
+        gere.update(
+            gere_task_replay=[str(p) for p in task_replay],
+            gere_task_replay_size=settings.gere_task_replay_size,
+            gere_task_replay_per_step=settings.gere_task_replay_per_step,
+            gere_task_replay_weight=settings.gere_task_replay_weight,
+            gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
+        )
     if method.replay:
         if replay is None:
             raise ValueError(f"method {method.name!r} replays general samples: pass replay=PATH")
@@ -474,6 +539,13 @@ def run_sequence(
         "settings": dataclasses.asdict(settings),
         "replay": str(replay) if replay is not None else None,
         "state_cache": str(cache) if spec.replay else None,
+        "task_replay": {
+            "per_task": settings.gere_task_replay_size,
+            "per_step": settings.gere_task_replay_per_step,
+            "weight": settings.gere_task_replay_weight,
+            "folder": str(out_dir / "task_replay"),
+            "kept": {},
+        } if spec.task_replay else None,
         "base": base,
         "base_row": [base["tasks"][n] for n in names],
         "stages": [],
@@ -488,14 +560,22 @@ def run_sequence(
             tmp.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
             os.replace(tmp, path)
 
+    kept: list[Path] = []  # earlier tasks' kept samples (methods with task_replay)
+    keep_seed = settings.gere_seed if settings.gere_seed is not None else seed
     for k, task in enumerate(tasks):
         stage: dict[str, Any] = {"task": task.name, "index": k}
         stage["start_fingerprint"] = model_fingerprint(net)
         stage["state_cache_before"] = _cache_state(cache) if spec.replay else None
         trainer = _build_trainer(
             net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
-            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model,
+            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, task_replay=kept,
         )
+        task_step = getattr(getattr(trainer, "gere_step", None), "task_replay", None)
+        if spec.task_replay:
+            stage["task_replay"] = None if task_step is None else {
+                "sources": list(task_step.rows.sources), "rows": list(task_step.rows.kept),
+                "per_step": task_step.per_step, "weight": task_step.weight,
+            }
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         t0 = time.perf_counter()
         train_out = trainer.train()
@@ -507,8 +587,12 @@ def run_sequence(
         before, after = stage["state_cache_before"], stage["state_cache_after"]
         stage["state_cache_reused"] = bool(before and before.get("exists") and before == after)
         net = trainer.model
-        del trainer  # frees the optimizer state before evaluating
+        del trainer, task_step  # frees the optimizer state before evaluating
         gc.collect()
+        if spec.task_replay and k < len(tasks) - 1:
+            path, n = keep_task_sample(task, tok, settings, keep_seed, k, out_dir / "task_replay")
+            kept.append(path)
+            result["task_replay"]["kept"][task.name] = {"rows": n, "of": len(task.train), "path": str(path)}
         stage["end_fingerprint"] = model_fingerprint(net)
         is_last = k == len(tasks) - 1
         stage["eval"] = evaluate_stage(net, tok, tasks, eval_general if not is_last else general,

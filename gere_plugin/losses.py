@@ -116,6 +116,19 @@ def token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) 
     return ce.sum(), tmask.sum()
 
 
+def target_ce(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal-LM cross-entropy summed over the tokens marked in ``target_mask`` (as TRL's labels: token ``t``
+    is a target when ``target_mask[t] == 1``, predicted from position ``t - 1``); returns ``(sum, count)``.
+
+    ``target_mask`` is 0 on padding and, for completion-only loss, on the prompt."""
+    shift_logits = logits[:, :-1, :].float()
+    targets = input_ids[:, 1:].to(logits.device)
+    keep = target_mask[:, 1:].to(logits.device).bool()
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view_as(targets) * keep
+    return ce.sum(), keep.sum()
+
+
 def dynamic_weight(primary: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
     """GeRe's dynamic weight ``primary.detach() / (reg.detach() + 1e-8)`` (so ``w * reg`` matches ``primary``)."""
     return primary.detach() / (reg.detach() + EPS)

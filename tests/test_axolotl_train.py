@@ -268,3 +268,30 @@ def test_grpo_full_with_axolotl_train_cli(tmp_path, tiny_dir):
     weights = [h["gere/weight"] for h in history if "gere/weight" in h]
     assert weights and min(weights) >= 0
     check_full_freeze(raw, tiny_dir)
+
+
+def test_sft_full_with_earlier_tasks(tmp_path, tiny_dir):
+    """``gere_task_replay`` from Axolotl YAML: exact earlier-task rows per step next to the general replay."""
+    from gere_plugin.mixing import ReplaySchedule
+
+    earlier = tmp_path / "earlier-task.jsonl"
+    earlier.write_text("".join(
+        json.dumps({"prompt": f"Question {i}: is the river {w}?\nAnswer:", "completion": " yes" if i % 2 else " no"}) + "\n"
+        for i, w in enumerate(("long", "wide", "cold", "deep", "calm", "old"))))
+    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
+    raw.update(gere_task_replay=[str(earlier)], gere_task_replay_size=6, gere_task_replay_per_step=2)
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = train_with_gere(cfg, tmp_path)
+    assert "2 earlier-task rows per optimizer step from 6 rows of 1 earlier tasks" in log
+    history = check_gere_ran(raw, tmp_path)  # the general replay keeps its own rows per step
+    assert [h["gere/task_replay_rows"] for h in history] == [2.0] * int(raw["max_steps"])
+    assert all(h["gere/task_replay_ce"] > 0 for h in history)
+    schedule = ReplaySchedule(6, 2, int(raw.get("gere_seed", 42)), stream=1)
+    entries = [json.loads(line) for line in (tmp_path / "replay.jsonl").read_text().splitlines() if line.strip()]
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for e in entries:
+        by_step[e["step"]].extend(e["task_rows"])
+    assert {s: sorted(r) for s, r in by_step.items()} == {
+        s: sorted(schedule.rows_for_step(s)) for s in range(int(raw["max_steps"]))}
+    state = json.loads((Path(raw["output_dir"]) / f"checkpoint-{raw['max_steps']}" / "gere_state.json").read_text())
+    assert state["task_replay"]["kept"] == [6]

@@ -12,8 +12,9 @@ Validation (same messages as the TRL configs, each naming the key):
   name, instead of being dropped like any other unknown Axolotl key;
 * ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
   config asks for GeRe (lists the plugin, or sets any ``gere_*`` key: :func:`gere_requested`),
-  ``gere_replay`` is required and the training mode must be one GeRe supports (SFT, ``rl: dpo``,
-  ``rl: ipo`` or ``rl: grpo``), so GeRe never runs half-configured or silently off.
+  ``gere_replay`` (or ``gere_task_replay``, earlier tasks only) is required and the training mode must
+  be one GeRe supports (SFT, ``rl: dpo``, ``rl: ipo`` or ``rl: grpo``), so GeRe never runs
+  half-configured or silently off.
 
 This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
 """
@@ -53,6 +54,7 @@ ASYNC_GRPO_KEYS = ("async_prefetch", "use_data_producer")
 _TYPE_OVERRIDES: dict[str, Any] = {
     "gere_weight": Union[float, str],
     "gere_layers": Union[list[int], int],
+    "gere_task_replay": Union[list[str], str],
 }
 
 
@@ -96,7 +98,7 @@ def check_gere_request(values: Any) -> None:
     if not gere_requested(values):
         return
     getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
-    if getter("gere_replay") in (None, ""):
+    if getter("gere_replay") in (None, "") and not getter("gere_task_replay"):
         why = (
             f"plugins: lists {PLUGIN_PATH}"
             if lists_gere_plugin(getter("plugins"))
@@ -104,7 +106,8 @@ def check_gere_request(values: Any) -> None:
         )
         raise GeReConfigError(
             f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
-            "file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the gere_* keys and the plugin line."
+            "file (jsonl/json/parquet/txt), a folder or a datasets id (and/or gere_task_replay at earlier tasks' "
+            "data), or remove the gere_* keys and the plugin line."
         )
     check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model", "trl", "context_parallel_size")})
 

@@ -4,7 +4,8 @@ launch as a subprocess.
 Run it with ``python`` (one process) or ``accelerate launch --multi_gpu --num_processes 2`` (CPU DDP
 over gloo: the script always sets ``use_cpu=True``). Everything it needs comes from the command
 line: the tiny model folder, a prompt/completion jsonl (GRPO uses only its prompts, with a rule-based
-reward), a replay jsonl. It writes
+reward), a replay jsonl (optional), earlier tasks' jsonl files for ``gere_task_replay`` (optional). It
+writes
 
 * ``<output>/history.json``: ``trainer.state.log_history`` (main process, after training);
 * ``GERE_REPLAY_LOG`` rows (set by the caller; see :mod:`gere_plugin.trainer`);
@@ -39,7 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="folder with the tiny model and its tokenizer")
     p.add_argument("--data", required=True, help="prompt/completion jsonl (the task data)")
-    p.add_argument("--replay", required=True, help="general-text jsonl (gere_replay)")
+    p.add_argument("--replay", default=None, help="general-text jsonl (gere_replay); omit for no general replay")
+    p.add_argument("--task_replay", nargs="+", default=None, help="earlier tasks' jsonl files (gere_task_replay)")
+    p.add_argument("--task_per_step", type=int, default=None, help="gere_task_replay_per_step")
+    p.add_argument("--task_size", type=int, default=100, help="gere_task_replay_size")
     p.add_argument("--output", required=True, help="output_dir")
     p.add_argument("--state_cache", default=None, help="gere_state_cache (default <output>/gere_states)")
     p.add_argument("--batch", type=int, default=2, help="per-device train batch size")
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         gere_weight=args.weight,
         gere_state_cache=args.state_cache,
         gere_state_batch_size=8,
+        gere_task_replay=args.task_replay,
+        gere_task_replay_size=args.task_size,
+        gere_task_replay_per_step=args.task_per_step,
     )
 
     class HangAtStep(TrainerCallback):
