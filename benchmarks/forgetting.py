@@ -452,17 +452,27 @@ def write_outputs(doc: dict[str, Any], preset: str, out_dir: Path) -> None:
     os.replace(tmp, out_dir / f"forgetting_{preset}.json")
 
 
+def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Settings keys whose values differ between two result files (methods, seeds and method specs are
+    compared elsewhere). A key only one file has counts as equal when its value there is the
+    :class:`TrainSettings` default: files written before a setting existed stay comparable."""
+    defaults = {f.name: getattr(TrainSettings(), f.name) for f in dataclasses.fields(TrainSettings)}
+
+    def value(d: dict[str, Any], k: str) -> str:
+        return json.dumps(d[k] if k in d else defaults.get(k), default=float)
+
+    return sorted(k for k in set(a) | set(b) if k not in ("methods", "seeds", "method_specs") and value(a, k) != value(b, k))
+
+
 def merge_results(paths: list[Path]) -> dict[str, Any]:
     """One result document from several of the same preset and settings (methods may differ; a
     (method, seed) pair must not appear twice). Learning-rate selections and timings are combined."""
     docs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
     first = docs[0]
-    keys = [k for k in first["settings"] if k not in ("methods", "seeds", "method_specs")]
     for path, doc in zip(paths[1:], docs[1:]):
         if doc.get("preset") != first.get("preset"):
             raise SystemExit(f"--merge: {path} is preset {doc.get('preset')}, {paths[0]} is {first.get('preset')}")
-        differ = [k for k in keys if json.dumps(doc["settings"].get(k), default=float)
-                  != json.dumps(first["settings"].get(k), default=float)]
+        differ = settings_differ(first["settings"], doc["settings"])
         if differ:
             raise SystemExit(f"--merge: {path} has other settings than {paths[0]}: {', '.join(differ)}")
     merged = {**first, "runs": [], "lr_selection": {}, "timings": {}}
@@ -589,9 +599,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
         prev = TrainSettings.upgrade_dict(old.get("settings", {}))  # files written before the renames too
-        differ = sorted(k for k in set(prev) | set(doc["settings"]) if k not in ("methods", "seeds")
-                        and json.dumps(prev.get(k), default=float) != json.dumps(doc["settings"].get(k), default=float))
-        differ = [k for k in differ if k != "method_specs"]
+        differ = settings_differ(prev, doc["settings"])
         old_specs, new_specs = prev.get("method_specs", {}), doc["settings"]["method_specs"]
         differ += [f"method {m} (now {new_specs[m]}, then {old_specs[m]})" for m in sorted(set(old_specs) & set(new_specs))
                    if json.dumps(old_specs[m], default=str) != json.dumps(new_specs[m], default=str)]

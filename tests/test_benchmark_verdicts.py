@@ -139,3 +139,11 @@ def test_merge_combines_parallel_invocations_and_refuses_duplicates(tmp_path):
     pb.write_text(json.dumps({**b, "settings": {**b["settings"], "max_steps": 50}}))
     with pytest.raises(SystemExit, match="max_steps"):
         forgetting.merge_results([pa, pb])
+
+
+def test_settings_comparison_tolerates_settings_added_later_at_their_default():
+    old = {"max_steps": 40, "methods": ["plain"]}
+    new = {"max_steps": 40, "methods": ["gere"], "gere_task_replay_size": 100}  # a later field, at its default
+    assert forgetting.settings_differ(old, new) == []
+    assert forgetting.settings_differ(old, {**new, "gere_task_replay_size": 50}) == ["gere_task_replay_size"]
+    assert forgetting.settings_differ(old, {**new, "max_steps": 30}) == ["max_steps"]
