@@ -50,7 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment_info  # noqa: E402
 
 from gere_plugin import assets  # noqa: E402
-from gere_plugin.continual import METHODS, SequenceTask, TrainSettings, evaluate_stage, run_sequence  # noqa: E402
+from gere_plugin.continual import (  # noqa: E402
+    METHODS,
+    MethodSpec,
+    SequenceTask,
+    TrainSettings,
+    evaluate_stage,
+    run_sequence,
+)
 from gere_plugin.evaluation.report import markdown_table, plot_summary, summarize_runs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -361,7 +368,6 @@ def diagnose_gradients(args: Any, cfg: dict[str, Any], model_dir: Path, tasks: l
     ``grad_balance_<preset>.json`` and ``.png``; several invocations (``--variants``) may fill one file."""
     import fcntl
 
-    from gere_plugin.continual import MethodSpec
 
     first = tasks[0]
     dev_task = SequenceTask(first.name, first.train, test=first.dev or first.test)
@@ -462,6 +468,14 @@ def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         return json.dumps(d[k] if k in d else defaults.get(k), default=float)
 
     return sorted(k for k in set(a) | set(b) if k not in ("methods", "seeds", "method_specs") and value(a, k) != value(b, k))
+
+
+def method_spec_json(spec: dict[str, Any]) -> str:
+    """A method spec as canonical JSON: fields a file written before they existed take the
+    :class:`MethodSpec` default, and tuples compare equal to the lists JSON stores them as."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MethodSpec)
+                if f.default is not dataclasses.MISSING}
+    return json.dumps(json.loads(json.dumps({**defaults, **spec}, default=str)), sort_keys=True)
 
 
 def merge_results(paths: list[Path]) -> dict[str, Any]:
@@ -602,7 +616,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         differ = settings_differ(prev, doc["settings"])
         old_specs, new_specs = prev.get("method_specs", {}), doc["settings"]["method_specs"]
         differ += [f"method {m} (now {new_specs[m]}, then {old_specs[m]})" for m in sorted(set(old_specs) & set(new_specs))
-                   if json.dumps(old_specs[m], default=str) != json.dumps(new_specs[m], default=str)]
+                   if method_spec_json(old_specs[m]) != method_spec_json(new_specs[m])]
         if differ:
             raise SystemExit(f"--resume: {out_json} was made with other settings ({', '.join(differ)}); "
                              "rerun with the same options, or drop --resume / pass another --out-dir")
