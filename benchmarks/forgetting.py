@@ -50,7 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment_info  # noqa: E402
 
 from gere_plugin import assets  # noqa: E402
-from gere_plugin.continual import METHODS, SequenceTask, TrainSettings, evaluate_stage, run_sequence  # noqa: E402
+from gere_plugin.continual import (  # noqa: E402
+    METHODS,
+    MethodSpec,
+    SequenceTask,
+    TrainSettings,
+    evaluate_stage,
+    run_sequence,
+)
 from gere_plugin.evaluation.report import markdown_table, plot_summary, summarize_runs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,7 +127,10 @@ def first_task_signature(method: str) -> str:
     """Methods that train the first task identically (e.g. gere and gere_freeze, whose freeze starts at
     task 2) share one learning-rate selection."""
     spec = METHODS[method]
-    return json.dumps({"replay": spec.replay, **spec.gere_kwargs(0)}, sort_keys=True, default=str)
+    sig = {"replay": spec.replay, **spec.gere_kwargs(0)}
+    if spec.external is not None:  # an external trainer never shares a selection with ours
+        sig["external"] = spec.external
+    return json.dumps(sig, sort_keys=True, default=str)
 
 
 def choose_learning_rate(grid_results: dict[str, dict[str, float]]) -> float:
@@ -361,7 +371,6 @@ def diagnose_gradients(args: Any, cfg: dict[str, Any], model_dir: Path, tasks: l
     ``grad_balance_<preset>.json`` and ``.png``; several invocations (``--variants``) may fill one file."""
     import fcntl
 
-    from gere_plugin.continual import MethodSpec
 
     first = tasks[0]
     dev_task = SequenceTask(first.name, first.train, test=first.dev or first.test)
@@ -415,6 +424,8 @@ def plot_gradient_balance(doc: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     variants = {k: v for k, v in doc["variants"].items() if v.get("regularizer")}
+    if not variants:  # only the plain run so far: nothing to draw
+        return
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.8), sharey=True, squeeze=False)
     for ax, (label, v) in zip(axes[0], variants.items()):
         steps = [h["step"] for h in v["steps"] if "gere/grad_norm_ce" in h]
@@ -450,17 +461,35 @@ def write_outputs(doc: dict[str, Any], preset: str, out_dir: Path) -> None:
     os.replace(tmp, out_dir / f"forgetting_{preset}.json")
 
 
+def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Settings keys whose values differ between two result files (methods, seeds and method specs are
+    compared elsewhere). A key only one file has counts as equal when its value there is the
+    :class:`TrainSettings` default: files written before a setting existed stay comparable."""
+    defaults = {f.name: getattr(TrainSettings(), f.name) for f in dataclasses.fields(TrainSettings)}
+
+    def value(d: dict[str, Any], k: str) -> str:
+        return json.dumps(d[k] if k in d else defaults.get(k), default=float)
+
+    return sorted(k for k in set(a) | set(b) if k not in ("methods", "seeds", "method_specs") and value(a, k) != value(b, k))
+
+
+def method_spec_json(spec: dict[str, Any]) -> str:
+    """A method spec as canonical JSON: fields a file written before they existed take the
+    :class:`MethodSpec` default, and tuples compare equal to the lists JSON stores them as."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MethodSpec)
+                if f.default is not dataclasses.MISSING}
+    return json.dumps(json.loads(json.dumps({**defaults, **spec}, default=str)), sort_keys=True)
+
+
 def merge_results(paths: list[Path]) -> dict[str, Any]:
     """One result document from several of the same preset and settings (methods may differ; a
     (method, seed) pair must not appear twice). Learning-rate selections and timings are combined."""
     docs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
     first = docs[0]
-    keys = [k for k in first["settings"] if k not in ("methods", "seeds", "method_specs")]
     for path, doc in zip(paths[1:], docs[1:]):
         if doc.get("preset") != first.get("preset"):
             raise SystemExit(f"--merge: {path} is preset {doc.get('preset')}, {paths[0]} is {first.get('preset')}")
-        differ = [k for k in keys if json.dumps(doc["settings"].get(k), default=float)
-                  != json.dumps(first["settings"].get(k), default=float)]
+        differ = settings_differ(first["settings"], doc["settings"])
         if differ:
             raise SystemExit(f"--merge: {path} has other settings than {paths[0]}: {', '.join(differ)}")
     merged = {**first, "runs": [], "lr_selection": {}, "timings": {}}
@@ -587,12 +616,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
         prev = TrainSettings.upgrade_dict(old.get("settings", {}))  # files written before the renames too
-        differ = sorted(k for k in set(prev) | set(doc["settings"]) if k not in ("methods", "seeds")
-                        and json.dumps(prev.get(k), default=float) != json.dumps(doc["settings"].get(k), default=float))
-        differ = [k for k in differ if k != "method_specs"]
+        differ = settings_differ(prev, doc["settings"])
         old_specs, new_specs = prev.get("method_specs", {}), doc["settings"]["method_specs"]
         differ += [f"method {m} (now {new_specs[m]}, then {old_specs[m]})" for m in sorted(set(old_specs) & set(new_specs))
-                   if json.dumps(old_specs[m], default=str) != json.dumps(new_specs[m], default=str)]
+                   if method_spec_json(old_specs[m]) != method_spec_json(new_specs[m])]
         if differ:
             raise SystemExit(f"--resume: {out_json} was made with other settings ({', '.join(differ)}); "
                              "rerun with the same options, or drop --resume / pass another --out-dir")

@@ -28,10 +28,18 @@ Method presets (:data:`METHODS`):
 ``gere_ewc``    ``gere`` + EWC
 ``sdft``        TRL's own SDFT trainer (external baseline, :mod:`gere_plugin.baselines`)
 ``osf``         PEFT's OSF adapter trained with TRL's SFTTrainer, merged after each task (external baseline)
+``gere_er``     ``gere`` + experience replay of earlier tasks (``gere_task_replay*`` keys)
+``replay_er``   ``replay`` + experience replay of earlier tasks (ablation: no TM)
+``plain_er``    experience replay of earlier tasks only (ablation: no general replay)
 =============== ===================================================================================
 
 The EWC state written at the end of task ``k`` (``<task k output>/gere_ewc``) is handed to task ``k + 1``
 as ``gere_ewc_state``; ``TrainSettings.gere_ewc_lambda`` / ``gere_task_kl`` override the presets' strengths.
+
+Methods with earlier-task replay (``task_replay=True``) keep, after every finished task, a seeded
+sample of at most ``gere_task_replay_size`` of its training rows as token ids (tokenized exactly as
+the task trained on them) in ``output_dir/task_replay/<k>_<name>.jsonl``; every later task replays
+all kept files through ``gere_task_replay``. The result records the budget and what was kept.
 """
 
 from __future__ import annotations
@@ -63,8 +71,10 @@ __all__ = ["EWC_LAMBDA", "METHODS", "TASK_KL_WEIGHT", "MethodSpec", "SequenceTas
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How one method trains. ``freeze_from`` is the 0-based task index where freezing starts;
-    ``gere`` holds extra ``gere_*`` keys of the method (e.g. its weighting), as ``(key, value)`` pairs."""
+    """How one method trains. ``replay`` is the general replay (``gere_replay``); ``task_replay`` replays
+    kept samples of the earlier tasks of the sequence (``gere_task_replay``). ``freeze_from`` is the 0-based
+    task index where freezing starts; ``gere`` holds extra ``gere_*`` keys of the method (e.g. its
+    weighting), as ``(key, value)`` pairs."""
 
     name: str
     replay: bool
@@ -74,6 +84,7 @@ class MethodSpec:
     freeze_from: int = 1
     gere: tuple[tuple[str, Any], ...] = ()
     external: Optional[str] = None  # an external baseline of gere_plugin.baselines ("sdft", "osf")
+    task_replay: bool = False
 
     def gere_kwargs(self, task_index: int) -> dict[str, Any]:
         """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
@@ -129,6 +140,9 @@ METHODS: dict[str, MethodSpec] = {
     "gere_ewc": MethodSpec("gere_ewc", replay=True, regularizer="tm", gere=(("gere_ewc_lambda", EWC_LAMBDA),)),
     "sdft": MethodSpec("sdft", replay=False, regularizer="none", external="sdft"),
     "osf": MethodSpec("osf", replay=False, regularizer="none", external="osf"),
+    "gere_er": MethodSpec("gere_er", replay=True, regularizer="tm", task_replay=True),
+    "replay_er": MethodSpec("replay_er", replay=True, regularizer="none", task_replay=True),
+    "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
 }
 
 #: TrainSettings fields that override a preset's strength (only for presets that use the key).
@@ -201,6 +215,9 @@ class TrainSettings:
     gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
     gere_ewc_lambda: Optional[float] = _gere_field("gere_ewc_lambda", None)
     gere_task_kl: Optional[float] = _gere_field("gere_task_kl", None)
+    gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
+    gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
+    gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
@@ -344,10 +361,11 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 
 
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/replay_ce", "gere/reg_loss", "gere/weight",
+    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
             "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
-            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_loss", "gere/flow_weight",
-            "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty", "train_runtime", "train_loss")
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce",
+            "gere/task_replay_rows", "gere/flow_weight", "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty",
+            "train_runtime", "train_loss")
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
 
 
@@ -368,6 +386,44 @@ def _tokenized_without_eos(rows: Sequence[dict[str, str]], tokenizer: Any) -> li
     return out
 
 
+def _tokenized_for_training(rows: Sequence[dict[str, str]], tokenizer: Any, settings: TrainSettings) -> list[dict[str, Any]]:
+    """Rows as token ids, tokenized exactly as the task's trainer tokenizes them: without EOS
+    (:func:`_tokenized_without_eos`) or, with ``completion_eos``, TRL's own rules (EOS appended)."""
+    if not settings.completion_eos:
+        return _tokenized_without_eos(rows, tokenizer)
+    from .task_replay import Tokenization, tokenize_row
+
+    out = []
+    for row in rows:
+        got = tokenize_row(row, tokenizer, Tokenization(add_eos=True))
+        assert got is not None, f"not a prompt/completion or text row: {sorted(row)}"
+        ids, mask = got
+        out.append({"input_ids": ids, "completion_mask": mask} if "prompt" in row else {"input_ids": ids})
+    return out
+
+
+def keep_task_sample(task: SequenceTask, tokenizer: Any, settings: TrainSettings, seed: int, index: int,
+                     folder: Path) -> tuple[Path, int]:
+    """Write a seeded sample of at most ``gere_task_replay_size`` of ``task``'s training rows, as the token
+    ids the task trained on, to ``folder/<index>_<name>.jsonl`` (atomically); return ``(path, rows kept)``.
+
+    Only these ids are kept for later tasks (not a copy of the dataset), so memory and disk grow with the
+    per-task budget, not with the tasks' sizes."""
+    import numpy as np
+
+    n = min(settings.gere_task_replay_size, len(task.train))
+    chosen = sorted(np.random.default_rng([seed, index]).choice(len(task.train), size=n, replace=False).tolist())
+    rows = _tokenized_for_training([task.train[i] for i in chosen], tokenizer, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{index}_{task.name}.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path, n
+
+
 def _build_trainer(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -382,6 +438,7 @@ def _build_trainer(
     ref_model: Optional[torch.nn.Module],
     ewc_state: Optional[Path] = None,
     num_tasks: int = 1,
+    task_replay: Sequence[Path] = (),
 ) -> Any:
     from datasets import Dataset
 
@@ -399,6 +456,14 @@ def _build_trainer(
             trainer.remove_callback(PrinterCallback)
         return trainer
     gere: dict[str, Any] = {}
+    if task_replay:
+        gere.update(
+            gere_task_replay=[str(p) for p in task_replay],
+            gere_task_replay_size=settings.gere_task_replay_size,
+            gere_task_replay_per_step=settings.gere_task_replay_per_step,
+            gere_task_replay_weight=settings.gere_task_replay_weight,
+            gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
+        )
     if method.replay:
         if replay is None:
             raise ValueError(f"method {method.name!r} replays general samples: pass replay=PATH")
@@ -544,6 +609,13 @@ def run_sequence(
         "settings": dataclasses.asdict(settings),
         "replay": str(replay) if replay is not None else None,
         "state_cache": str(cache) if spec.replay else None,
+        "task_replay": {
+            "per_task": settings.gere_task_replay_size,
+            "per_step": settings.gere_task_replay_per_step,
+            "weight": settings.gere_task_replay_weight,
+            "folder": str(out_dir / "task_replay"),
+            "kept": {},
+        } if spec.task_replay else None,
         "base": base,
         "base_row": [base["tasks"][n] for n in names],
         "stages": [],
@@ -558,6 +630,8 @@ def run_sequence(
             tmp.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
             os.replace(tmp, path)
 
+    kept: list[Path] = []  # earlier tasks' kept samples (methods with task_replay)
+    keep_seed = settings.gere_seed if settings.gere_seed is not None else seed
     for k, task in enumerate(tasks):
         stage: dict[str, Any] = {"task": task.name, "index": k}
         stage["start_fingerprint"] = model_fingerprint(net)
@@ -565,11 +639,17 @@ def run_sequence(
         t_setup = time.perf_counter()
         trainer = _build_trainer(
             net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
-            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, ewc_state, len(tasks),
+            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, ewc_state, len(tasks), task_replay=kept,
         )
         # one-time work before the first step (state-cache build, FLOW's base-loss pass, reference copies);
         # EWC's Fisher pass runs inside train() and is part of train_seconds
         stage["setup_seconds"] = time.perf_counter() - t_setup
+        replay_step = getattr(getattr(trainer, "gere_step", None), "task_replay", None)
+        if spec.task_replay:
+            stage["task_replay"] = None if replay_step is None else {
+                "sources": list(replay_step.rows.sources), "rows": list(replay_step.rows.kept),
+                "per_step": replay_step.per_step, "weight": replay_step.weight,
+            }
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         t0 = time.perf_counter()
         train_out = trainer.train()
@@ -595,8 +675,12 @@ def run_sequence(
             net = model_after_training(spec.external, trainer)
         else:
             net = trainer.model
-        del trainer  # frees the optimizer state before evaluating
+        del trainer, replay_step, task_step  # frees the optimizer state before evaluating
         gc.collect()
+        if spec.task_replay and k < len(tasks) - 1:
+            path, n = keep_task_sample(task, tok, settings, keep_seed, k, out_dir / "task_replay")
+            kept.append(path)
+            result["task_replay"]["kept"][task.name] = {"rows": n, "of": len(task.train), "path": str(path)}
         stage["end_fingerprint"] = model_fingerprint(net)
         is_last = k == len(tasks) - 1
         stage["eval"] = evaluate_stage(net, tok, tasks, eval_general if not is_last else general,

@@ -74,10 +74,11 @@ class MetricBuffer:
 def check_task_methods(trainer: Any, gere_args: Any, methods: list[str]) -> None:
     """Refuse set-ups the task methods cannot serve, before any forward pass (each error names the key)."""
     keys = ", ".join(SWITCH[m] for m in methods)
-    if getattr(trainer, "gere_combine", "mean") != "mean":
+    family = getattr(trainer, "gere_family", None) or "sft"
+    if family != "sft" or getattr(trainer, "gere_combine", "mean") != "mean":
         raise GeReConfigError(
-            f"{keys}: supported by the SFT trainers only (GeReSFTTrainer, Axolotl SFT, with_gere(..., combine='mean')); "
-            "this trainer combines its loss like DPO. Remove the key, or use replay with gere_regularizer for DPO."
+            f"{keys}: supported by the SFT trainers only (GeReSFTTrainer, Axolotl SFT, with_gere(..., family='sft')); "
+            f"this trainer's loss family is {family!r}. Remove the key, or use replay with gere_regularizer for DPO/GRPO."
         )
     args = trainer.args
     owns = [m for m in methods if m in ("flow", "task_kl")]

@@ -139,3 +139,23 @@ def test_merge_combines_parallel_invocations_and_refuses_duplicates(tmp_path):
     pb.write_text(json.dumps({**b, "settings": {**b["settings"], "max_steps": 50}}))
     with pytest.raises(SystemExit, match="max_steps"):
         forgetting.merge_results([pa, pb])
+
+
+def test_settings_comparison_tolerates_settings_added_later_at_their_default():
+    old = {"max_steps": 40, "methods": ["plain"]}
+    new = {"max_steps": 40, "methods": ["gere"], "gere_task_replay_size": 100}  # a later field, at its default
+    assert forgetting.settings_differ(old, new) == []
+    assert forgetting.settings_differ(old, {**new, "gere_task_replay_size": 50}) == ["gere_task_replay_size"]
+    assert forgetting.settings_differ(old, {**new, "max_steps": 30}) == ["max_steps"]
+
+
+def test_method_specs_of_older_files_compare_equal_at_the_new_fields_defaults():
+    import dataclasses
+
+    from gere_plugin.continual import METHODS
+
+    new = dataclasses.asdict(METHODS["gere"])  # tuples, every current field
+    old = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.items() if k != "task_replay"}
+    assert forgetting.method_spec_json(old) == forgetting.method_spec_json(new)
+    assert forgetting.method_spec_json({**old, "task_replay": True}) != forgetting.method_spec_json(new)
+    assert forgetting.method_spec_json({**old, "freeze_layers": 3}) != forgetting.method_spec_json(new)

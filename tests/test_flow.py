@@ -92,6 +92,8 @@ def test_flow_keys_are_validated():
     "trainer_args, match",
     [
         (dict(gere_combine="sum"), "SFT trainers only"),
+        (dict(gere_family="dpo", gere_combine="sum"), "loss family is 'dpo'"),
+        (dict(gere_family="grpo", gere_combine="sum"), "loss family is 'grpo'"),
         (dict(args=types.SimpleNamespace(packing=True)), "packing=False"),
         (dict(args=types.SimpleNamespace(use_liger_kernel=True)), "use_liger_kernel"),
         (dict(args=types.SimpleNamespace(loss_type="dft")), "loss_type='dft'"),

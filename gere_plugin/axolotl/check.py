@@ -22,7 +22,8 @@ nor torch, lists every problem at once, and catches:
 * GeRe asked for without ``gere_replay`` (and without FLOW / EWC / task KL, which need none), or keys
   that act on replay rows only set without it; FLOW / EWC / task KL with ``rl:``;
 * unknown ``gere_*`` keys (with the closest valid name) and out-of-range values;
-* training modes GeRe does not wrap (``rl`` other than ``dpo``/``ipo``, reward models).
+* training modes GeRe does not wrap (``rl`` other than ``dpo``/``ipo``/``grpo``, asynchronous or
+  sequence-parallel GRPO, reward models).
 * what training would only find later (:func:`setup_problems`): ``gere_replay_per_step`` not below
   the global batch, or not a multiple of processes x accumulation under DeepSpeed ZeRO-3 / FSDP;
   ``gere_freeze_layers`` / ``gere_layers`` beyond the depth of a local ``base_model``; a
