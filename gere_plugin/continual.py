@@ -289,6 +289,74 @@ def _settings_init_with_old_names(self: TrainSettings, *args: Any, **kwargs: Any
 TrainSettings.__init__ = _settings_init_with_old_names  # type: ignore[method-assign]
 
 
+class PeakMemory:
+    """The memory a stage adds while its trainer is built and trains: ``peak - before``, in MiB.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` (peak reset on entry). On CPU: the process's resident
+    set size, read from ``/proc/self/statm`` every ``interval`` seconds by a background thread (peaks
+    shorter than that can be missed); ``None`` where neither is available. ``before`` excludes what is
+    already in memory (the model, the evaluation data), so methods compare on what they add: optimizer
+    state, gradients, activations, reference copies, EWC's anchor and Fisher.
+    """
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.kind: Optional[str] = None
+        self.before = self.peak = 0.0
+        self._stop: Any = None
+        self._thread: Any = None
+
+    @staticmethod
+    def _rss_mb() -> Optional[float]:
+        try:
+            with open("/proc/self/statm") as fh:
+                pages = int(fh.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            self.kind = "cuda_allocated"
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = self.peak = torch.cuda.memory_allocated() / 2**20
+            return self
+        rss = self._rss_mb()
+        if rss is None:
+            return self
+        import threading
+
+        self.kind, self.before, self.peak = "cpu_rss", rss, rss
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                now = self._rss_mb()
+                if now is not None and now > self.peak:
+                    self.peak = now
+
+        self._thread = threading.Thread(target=sample, name="gere-peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "cuda_allocated":
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**20)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            now = self._rss_mb()
+            self.peak = max(self.peak, now or 0.0)
+
+    def record(self) -> Optional[dict[str, Any]]:
+        """``{"kind", "before_mb", "peak_mb", "added_mb"}`` or ``None`` when nothing could be measured."""
+        if self.kind is None:
+            return None
+        return {"kind": self.kind, "before_mb": self.before, "peak_mb": self.peak, "added_mb": self.peak - self.before}
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 (first 16 hex digits) over every parameter and buffer, in name order."""
     h = hashlib.sha256()
@@ -636,11 +704,16 @@ def run_sequence(
         stage: dict[str, Any] = {"task": task.name, "index": k}
         stage["start_fingerprint"] = model_fingerprint(net)
         stage["state_cache_before"] = _cache_state(cache) if spec.replay else None
+        memory = PeakMemory().__enter__()  # from before the trainer exists: reference copies count
         t_setup = time.perf_counter()
-        trainer = _build_trainer(
-            net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
-            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, ewc_state, len(tasks), task_replay=kept,
-        )
+        try:
+            trainer = _build_trainer(
+                net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
+                cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, ewc_state, len(tasks), task_replay=kept,
+            )
+        except BaseException:
+            memory.__exit__(None, None, None)
+            raise
         # one-time work before the first step (state-cache build, FLOW's base-loss pass, reference copies);
         # EWC's Fisher pass runs inside train() and is part of train_seconds
         stage["setup_seconds"] = time.perf_counter() - t_setup
@@ -652,10 +725,16 @@ def run_sequence(
             }
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         t0 = time.perf_counter()
-        train_out = trainer.train()
+        try:
+            train_out = trainer.train()
+        finally:
+            memory.__exit__(None, None, None)
         stage["train_seconds"] = time.perf_counter() - t0
         stage["train_loss"] = float(train_out.training_loss)
         stage["steps"] = int(trainer.state.global_step)
+        # cost: wall time per optimizer step (EWC's end-of-task Fisher pass included) and added memory
+        stage["seconds_per_step"] = stage["train_seconds"] / max(stage["steps"], 1)
+        stage["memory"] = memory.record()
         stage["history"] = _train_history(trainer.state.log_history)
         stage["state_cache_after"] = _cache_state(cache) if spec.replay else None
         before, after = stage["state_cache_before"], stage["state_cache_after"]

@@ -264,6 +264,8 @@ def test_gere_sequence_method_flow_weights_each_task_from_its_own_start(tiny_dir
     for k, stage in enumerate(result["stages"]):
         assert stage["task_methods"] == ["flow"] and stage["flow"]["base_losses"] == "built"
         assert stage["setup_seconds"] > 0  # the base-loss pass happens before the first step
+        assert stage["seconds_per_step"] == pytest.approx(stage["train_seconds"] / stage["steps"])
+        assert stage["memory"] is None or stage["memory"]["peak_mb"] >= stage["memory"]["before_mb"] > 0
         assert 0 < stage["flow"]["weight_min"] <= stage["flow"]["weight_max"] <= 1
         assert all(0 < r["gere/flow_weight"] <= 1 for r in stage["history"] if "loss" in r)
         meta = json.loads((out / f"task_{k}_{stage['task']}" / "gere_flow" / "meta.json").read_text())

@@ -285,6 +285,42 @@ def test_report_writes_table_and_png(tmp_path):
     assert width > 500 and height > 300
 
 
+def test_report_cost_columns_are_hand_computed_per_step_time_and_largest_added_memory():
+    """s/step = all train seconds / all steps of the sequence; memory = the largest stage's addition."""
+    runs = []
+    for seed, (secs, added) in enumerate([((4.0, 8.0), (100.0, 300.0)), ((6.0, 6.0), (200.0, 100.0))], 1):
+        run = _fake_run("ewc", seed, 22.0, [0.7, 0.9])
+        run["stages"] = [{"steps": 4, "train_seconds": s, "memory": {"kind": "cpu_rss", "added_mb": m}}
+                         for s, m in zip(secs, added)]
+        runs.append(run)
+    runs.append(_fake_run("plain", 1, 30.0, [0.6, 0.9]))  # an older file: no cost recorded
+    summary = summarize_runs(runs)
+    assert summary["ewc"]["metrics"]["step_seconds"]["mean"] == pytest.approx((12 / 8 + 12 / 8) / 2)
+    assert summary["ewc"]["metrics"]["memory_added_mb"]["mean"] == pytest.approx((300 + 200) / 2)
+    assert "step_seconds" not in summary["plain"]["metrics"]
+    table = markdown_table(summary)
+    assert table.splitlines()[0].endswith("| s/step | added memory MiB |")
+    assert any(line.startswith("| ewc | 2 |") and line.endswith("| 1.50 ± 0.00 | 250 ± 71 |") for line in table.splitlines())
+    assert any(line.startswith("| plain |") and line.endswith("| - | - |") for line in table.splitlines())
+    # without any cost recorded the table keeps its former columns
+    assert "s/step" not in markdown_table(summarize_runs(runs[2:]))
+
+
+def test_peak_memory_sees_an_allocation_made_inside_it():
+    from gere_plugin.continual import PeakMemory
+
+    if torch.cuda.is_available() or PeakMemory._rss_mb() is None:
+        pytest.skip("the CPU RSS sampler needs /proc and no CUDA")
+    import time
+
+    with PeakMemory(interval=0.005) as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.1)
+        del block
+    rec = mem.record()
+    assert rec["kind"] == "cpu_rss" and rec["added_mb"] >= 48, rec
+
+
 def test_report_rejects_files_without_runs(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"something": 1}))
     with pytest.raises(ValueError):

@@ -87,6 +87,13 @@ def _run_metrics(run: dict[str, Any], ppl_key: str) -> dict[str, Optional[float]
         out[f"majority_after/{task}"] = share
     lr = (run.get("settings") or {}).get("learning_rate")
     out["learning_rate"] = float(lr) if lr is not None else None
+    # cost (runs written before these were recorded have neither)
+    steps = sum(int(s.get("steps") or 0) for s in stages)
+    if steps and all("train_seconds" in s for s in stages):
+        out["step_seconds"] = sum(float(s["train_seconds"]) for s in stages) / steps
+    added = [s["memory"]["added_mb"] for s in stages if isinstance(s.get("memory"), dict)]
+    if added:
+        out["memory_added_mb"] = max(added)
     return out
 
 
@@ -158,7 +165,9 @@ def markdown_table(summary: dict[str, dict[str, Any]], ppl_key: str = "wiki") ->
 
     * **plasticity**: accuracy on each task right after training it (and their mean);
     * **stability**: BWT (change of earlier tasks' accuracy by the end) and AP (mean final accuracy);
-    * **general ability**: perplexity rise on each held-out set, cloze accuracy, general-score change.
+    * **general ability**: perplexity rise on each held-out set, cloze accuracy, general-score change;
+    * **cost** (when the runs recorded it): wall seconds per optimizer step over the whole sequence and the
+      largest memory a stage added while building its trainer and training (:class:`~gere_plugin.continual.PeakMemory`).
 
     Accuracies are in percent; ``±`` is the sample standard deviation over seeds.
     """
@@ -174,6 +183,9 @@ def markdown_table(summary: dict[str, dict[str, Any]], ppl_key: str = "wiki") ->
     header += ["plasticity"] + [f"{t} after training it" for t in tasks]
     header += ["BWT", "AP"] + [f"{t} (final)" for t in tasks]
     header += [f"Δppl {n}" for n in ppl_names] + [f"{n} acc" for n in cloze_names] + ["general", "Δgeneral"]
+    has_cost = any("step_seconds" in summary[m]["metrics"] for m in methods)
+    if has_cost:  # wall seconds per optimizer step; memory added while building and training (peak, MiB)
+        header += ["s/step", "added memory MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         st = summary[method]["metrics"]
@@ -190,6 +202,8 @@ def markdown_table(summary: dict[str, dict[str, Any]], ppl_key: str = "wiki") ->
             row.append(_fmt(rise, pct=True, digits=1) + ("%" if rise else ""))
         row += [_fmt(st.get(f"cloze/{n}"), pct=True, digits=1) for n in cloze_names]
         row += [_fmt(st.get("general_score"), pct=True, digits=1), _fmt(st.get("general_change"), pct=True, digits=1)]
+        if has_cost:
+            row += [_fmt(st.get("step_seconds"), digits=2), _fmt(st.get("memory_added_mb"), digits=0)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
