@@ -7,6 +7,7 @@ process-wide singleton, so every test that touches it gets a fresh one.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -568,6 +569,20 @@ def test_replay_keys_without_gere_replay_stay_an_error_with_a_method_on(plugin_m
     # keys without replay and without a method: the error also names the methods that need no replay
     with pytest.raises(Exception, match="gere_flow: true") as err:
         axolotl_validate(_without_replay(gere_freeze_layers=1))
+
+
+def test_methods_with_earlier_task_replay_only(tmp_path, plugin_manager):
+    """gere_task_replay without gere_replay: gere_seed seeds the earlier-task schedule, so it is no stray
+    key next to FLOW; a key of the general replay still is."""
+    earlier = tmp_path / "task1.jsonl"
+    earlier.write_text(json.dumps({"prompt": "Is it long?\nAnswer:", "completion": " yes"}) + "\n")
+    raw = _without_replay(gere_flow=True, gere_task_replay=[str(earlier)], gere_seed=7)
+    cfg = axolotl_validate(raw)
+    assert cfg["gere_flow"] is True and cfg["gere_seed"] == 7
+    with pytest.raises(Exception, match="gere_regularizer"):
+        axolotl_validate({**raw, "gere_regularizer": "kl"})
+    with pytest.raises(Exception, match="gere_seed"):  # without earlier tasks, gere_seed seeds nothing
+        axolotl_validate(_without_replay(gere_flow=True, gere_seed=7))
 
 
 def test_methods_without_replay_refuse_dpo_and_stray_sub_keys(plugin_manager):

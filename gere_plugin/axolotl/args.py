@@ -125,9 +125,9 @@ def check_gere_request(values: Any) -> None:
         replay_keys = [k for k in gere_keys_set(values) if k in REPLAY_ONLY_KEYS and not (k == "gere_seed" and task_replay)]
         if methods and replay_keys:
             raise GeReConfigError(
-                f"gere_replay is not set, but the config sets {', '.join(replay_keys)}, which only act on general "
-                f"replay rows (this run uses {', '.join(TASK_METHOD_SWITCHES[m] for m in methods)}, which need no "
-                "replay). Set gere_replay to a general-text replay file, or remove those keys."
+                f"gere_replay is not set, but the config sets {', '.join(replay_keys)}, which only act on replay "
+                f"rows of gere_replay (this run uses {', '.join(TASK_METHOD_SWITCHES[m] for m in methods)}, which "
+                "need no replay). Set gere_replay to a general-text replay file, or remove those keys."
             )
         if not methods and not task_replay:
             why = (
