@@ -21,6 +21,8 @@ Every method sees the same data, task order and seeds; each run starts from the 
     python benchmarks/forgetting.py --report-only                     # re-render tables, plot, verdicts
     python benchmarks/forgetting.py --preset smoke                    # end-to-end check, meaningless numbers
     python benchmarks/forgetting.py --diagnose-gradients              # gradient balance per weighting
+    python benchmarks/forgetting.py --methods flow ewc task_kl sdft osf --out-dir DIR  # other methods,
+                                                                      # then --merge (docs/evaluation.md)
 
 Writes ``benchmarks/results/forgetting_<preset>.json`` (environment, settings, learning-rate selection,
 per-seed runs, mean and spread per method, verdicts), ``.md`` (table) and ``.png`` (plot). The JSON is
