@@ -289,6 +289,16 @@ def _settings_init_with_old_names(self: TrainSettings, *args: Any, **kwargs: Any
 TrainSettings.__init__ = _settings_init_with_old_names  # type: ignore[method-assign]
 
 
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """The memory a stage adds while its trainer is built and trains: ``peak - before``, in MiB.
 
@@ -296,7 +306,11 @@ class PeakMemory:
     set size, read from ``/proc/self/statm`` every ``interval`` seconds by a background thread (peaks
     shorter than that can be missed); ``None`` where neither is available. ``before`` excludes what is
     already in memory (the model, the evaluation data), so methods compare on what they add: optimizer
-    state, gradients, activations, reference copies, EWC's anchor and Fisher.
+    state, gradients, activations, EWC's anchor and Fisher, reference copies made by the trainer. The
+    runner's frozen copy of the original base (``kl``/``l1``/``l2``/``task_kl``) is made once before the
+    first stage and is NOT in it: add one model's size for those methods. On CPU the free C heap is
+    returned to the system on entry (``malloc_trim``), so memory freed by an earlier run in the same
+    process does not hide this stage's growth.
     """
 
     def __init__(self, interval: float = 0.02) -> None:
@@ -322,6 +336,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.before = self.peak = torch.cuda.memory_allocated() / 2**20
             return self
+        _release_free_heap()  # else memory freed by an earlier run stays resident and hides this one's growth
         rss = self._rss_mb()
         if rss is None:
             return self
