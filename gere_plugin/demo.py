@@ -91,8 +91,9 @@ def demo_table(base: dict[str, Any], plain: dict[str, Any], gere: dict[str, Any]
         if s2 is None:
             lines.append("Plain SFT did not raise the SciQ perplexity in this run: try more --max_steps.")
         else:
+            below = " (above 100%: GeRe ended below the base model's perplexity)" if s2 > 1 else ""
             lines.append(f"GeRe saved {s2 * 100:.0f}% of plain SFT's perplexity rise on SciQ passages (outside the "
-                         "replay corpus).")
+                         f"replay corpus){below}.")
     b, p, g = (c["general"]["ppl"]["wiki"] for c in cols)
     share = saved_share(b, p, g)
     if share is not None:

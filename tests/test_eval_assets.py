@@ -99,6 +99,11 @@ def test_saved_share_and_demo_table():
     table = demo_table(_stage(10.0, 20.0, 0.6), _stage(15.0, 30.0, 0.9), _stage(11.0, 21.0, 0.88), n_task=200)
     assert "GeRe saved 90% of plain SFT's perplexity rise on SciQ" in table  # outside the replay domain: headline
     assert "Wikipedia (the replay corpus's domain, which flatters replay) it saved 80%" in table
+    assert "ended below the base" not in table
+    assert saved_share(10.0, 20.0, 9.0) == pytest.approx(1.1)  # GeRe below the base: more than all of the rise
+    below = demo_table(_stage(10.0, 20.0, 0.6), _stage(15.0, 30.0, 0.9), _stage(11.0, 18.0, 0.88), n_task=200)
+    assert "GeRe saved 120% of plain SFT's perplexity rise on SciQ passages (outside the replay corpus) (above 100%: " \
+        "GeRe ended below the base model's perplexity)." in below
     assert "+50.0%" in table
     # plasticity first, with the 95% binomial interval: 1.96 * sqrt(0.88 * 0.12 / 200) = 4.5 points
     assert table.index("Plasticity") < table.index("General ability")
