@@ -14,7 +14,9 @@ Loss per optimizer step (``k`` replay rows spread over its micro-batches and ran
 
 ``CE_replay`` is the token mean over all replay tokens of the step and ``R`` the row-weighted mean
 of the per-micro-batch regularizers, so the result does not depend on how rows are split over
-micro-batches or ranks.
+micro-batches or ranks. The replay forward returns hidden states only; ``CE_replay`` and ``kl`` apply
+the model's logit head to them a chunk of tokens at a time (:mod:`gere_plugin.logits`), so the replay
+rows never hold full-vocabulary logits.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ from transformers import TrainerCallback
 
 from .config import GeReArguments, GeReConfigError, parse_weight, resolve_replay_per_step
 from .freeze import freeze_bottom, prepare_for_gradient_checkpointing
+from .logits import (
+    LogitHead,
+    chunk_tokens,
+    chunked_kl,
+    chunked_token_ce,
+    head_mismatch,
+    num_chunks,
+    replay_logit_head,
+)
 from .losses import kl_loss, masked_feature_loss, resolve_weight, tm_loss, token_ce
 from .mixing import ReplaySchedule
 from .replay import ReplaySet
@@ -57,12 +68,20 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def _is_sharded(trainer: Any) -> bool:
-    """Parameters are sharded across ranks (FSDP or DeepSpeed ZeRO-3)."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return True
+def _is_zero3(trainer: Any) -> bool:
     plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
     return getattr(plugin, "zero_stage", None) == 3
+
+
+def _is_sharded(trainer: Any) -> bool:
+    """Parameters are sharded across ranks (FSDP or DeepSpeed ZeRO-3)."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) or _is_zero3(trainer)
+
+
+def _autocast(trainer: Any) -> contextlib.AbstractContextManager:
+    """The mixed-precision autocast accelerate wraps the model's forward in (a no-op without one)."""
+    acc = getattr(trainer, "accelerator", None)
+    return acc.autocast() if acc is not None and hasattr(acc, "autocast") else contextlib.nullcontext()
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
@@ -177,6 +196,7 @@ class ReplayStep:
         self.world_size = world
         global_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
         self.per_step = resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch)
+        model = _unwrap(trainer, trainer.model)
         slots = world * targs.gradient_accumulation_steps
         if _is_sharded(trainer) and self.per_step % slots:
             # A micro-batch without replay rows skips the extra forward; with sharded parameters
@@ -188,7 +208,6 @@ class ReplayStep:
             )
         self.replay = ReplaySet.from_args(gere_args, tok)
         self.schedule = ReplaySchedule(len(self.replay), self.per_step, gere_args.gere_seed)
-        model = _unwrap(trainer, trainer.model)
         self.hidden_size = hidden_size_of(model)
         self.autocast_dtype = torch.bfloat16 if getattr(targs, "bf16", False) else (torch.float16 if getattr(targs, "fp16", False) else None)
         self.states: Optional[StateCache] = None
@@ -199,6 +218,15 @@ class ReplayStep:
         if self.regularizer in ("l1", "l2", "kl") and ref_model is None and not _is_peft(model):
             # Full fine-tune without a reference: keep a frozen copy of the base model.
             self._own_ref = frozen_copy(model)
+        # Replay CE (and KL) from hidden states, a chunk of tokens at a time (logits.py); None = full logits.
+        sample = self.replay.input_ids[0] if len(self.replay) else []
+        self.logit_head = replay_logit_head(model, sample, verify=not _is_zero3(trainer))
+        self._base_head: Optional[LogitHead] = None
+        if self.logit_head is not None and self.regularizer == "kl":
+            self._base_head = self._kl_base_head(model, sample)
+            if self._base_head is None:
+                self.logit_head = None
+        self.logit_chunk = chunk_tokens(self.logit_head.vocab_size) if self.logit_head is not None else 0
         self._cur_step = -1
         self._step_targets = 0
         self._micro = 0
@@ -272,18 +300,50 @@ class ReplayStep:
         rows = self.schedule.rows_for_micro(step, micro, accumulation, self.rank, self.world_size)
         return step, micro, rows
 
-    def _base_forward(self, trainer: Any, model: torch.nn.Module, batch: dict, need_logits: bool):
+    def _base_forward(self, trainer: Any, model: torch.nn.Module, batch: dict, need_logits: bool,
+                      layers: Optional[list[int]] = None):
         unwrapped = _unwrap(trainer, model)
+        layers = self.layers if layers is None else layers
         with torch.no_grad():
             if self.ref_model is not None:
-                return forward_hidden(self.ref_model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+                return forward_hidden(self.ref_model, batch["input_ids"], batch["attention_mask"], layers, need_logits)
             if self._own_ref is not None:
-                return forward_hidden(self._own_ref, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+                return forward_hidden(self._own_ref, batch["input_ids"], batch["attention_mask"], layers, need_logits)
             with unwrapped.disable_adapter():
-                return forward_hidden(unwrapped, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+                return forward_hidden(unwrapped, batch["input_ids"], batch["attention_mask"], layers, need_logits)
 
-    def regularize(self, trainer: Any, model: torch.nn.Module, rows: list[int], batch: dict, logits, hidden):
-        """The regularizer over this micro-batch's replay rows: ``(value, out_of_state)``."""
+    def _kl_base_head(self, model: torch.nn.Module, sample: Sequence[int]) -> Optional[LogitHead]:
+        """The KL reference's logit head (checked like the model's), or None for full-logit KL."""
+        ref = self.ref_model if self.ref_model is not None else self._own_ref
+        if ref is not None:
+            return replay_logit_head(ref, sample)
+        assert self.logit_head is not None
+        with model.disable_adapter():  # PEFT: the base is the model with adapters bypassed
+            reason = head_mismatch(model, self.logit_head.without_adapters(), torch.tensor([list(sample)[:16]]))
+        if reason:
+            logger.warning("gere: kl uses full-vocabulary logits: the adapter-free head does not match (%s).", reason)
+            return None
+        return self.logit_head.without_adapters()
+
+    def _chunks_over_ranks(self, step: int, micro: int, accumulation: int, targets: bool) -> int:
+        """Head calls the busiest rank makes for this micro-batch's replay rows (host ints, no communication).
+
+        Every rank makes as many (empty chunks pad), since a sharded head all-gathers on every call.
+        """
+        if self.world_size == 1:
+            return 0
+        most = max(
+            sum(int(self.replay.lengths[i]) - int(targets) for i in self.schedule.rows_for_micro(step, micro, accumulation, r, self.world_size))
+            for r in range(self.world_size)
+        )
+        return num_chunks(most, self.logit_chunk)
+
+    def regularize(self, trainer: Any, model: torch.nn.Module, rows: list[int], batch: dict, logits, hidden,
+                   last: Optional[torch.Tensor] = None, kl_chunks: int = 0):
+        """The regularizer over this micro-batch's replay rows: ``(value, out_of_state)``.
+
+        ``logits`` is None on the chunked path; then ``last`` (``hidden_states[-1]``) feeds a chunked KL.
+        """
         mask = batch["attention_mask"]
         if self.regularizer == "none":
             z = torch.zeros((), device=mask.device)
@@ -297,6 +357,12 @@ class ReplayStep:
                 vals.append(r.loss)
                 oos.append(r.out_of_state)
             return torch.stack(vals).mean(), torch.stack(oos).mean()
+        if self.regularizer == "kl" and logits is None:
+            assert self.logit_head is not None and self._base_head is not None and last is not None
+            _, (base_last,) = self._base_forward(trainer, model, batch, need_logits=False, layers=[-1])
+            with _autocast(trainer):
+                r = chunked_kl(self.logit_head, self._base_head, last, base_last, mask, self.logit_chunk, kl_chunks)
+            return r.loss, r.out_of_state
         base_logits, base_hidden = self._base_forward(trainer, model, batch, need_logits=self.regularizer == "kl")
         if self.regularizer == "kl":
             r = kl_loss(logits, base_logits, mask)
@@ -313,12 +379,22 @@ class ReplayStep:
             self._record(trainer, step, micro, rows, scaling)
             return task_factor * task_loss
         batch = self.replay.collate(rows, self.pad_token_id, device=task_loss.device)
-        logits, hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits=True)
-        ce_sum, ce_count = token_ce(logits, batch["input_ids"], batch["attention_mask"])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        chunked = self.logit_head is not None
+        logits, hidden = forward_hidden(model, ids, mask, [*self.layers, -1], need_logits=not chunked)
+        last = hidden.pop()  # hidden_states[-1], the logit head's input
+        if chunked:
+            assert self.logit_head is not None
+            with _autocast(trainer):  # the autocast accelerate wraps the model's forward in
+                ce_sum, ce_count = chunked_token_ce(self.logit_head, last, ids, mask, self.logit_chunk,
+                                                   self._chunks_over_ranks(step, micro, scaling.accumulation, True))
+        else:
+            ce_sum, ce_count = token_ce(logits, ids, mask)
         ce_micro = ce_sum / ce_count.clamp_min(1)
         ce_share = self._target_count(rows) / max(self._step_targets, 1)
         reg_share = len(rows) / self.per_step
-        reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden)
+        kl_chunks = self._chunks_over_ranks(step, micro, scaling.accumulation, False) if chunked and self.regularizer == "kl" else 0
+        reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden, last, kl_chunks)
         task_micro = task_loss.detach().float() * scaling.task_unscale
         primary = 0.5 * (task_micro + ce_micro.detach()) if self.combine == "mean" else task_micro
         if self.regularizer == "none":
