@@ -22,8 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -48,10 +47,13 @@ PostOp = tuple[str, float]  # ("mul" | "div" | "softcap", value), applied in ord
 class LogitHead:
     """``hidden [..., H] -> logits [..., V]`` exactly as the model's forward computes them."""
 
-    module: Callable[[torch.Tensor], torch.Tensor]  # the output-embedding module (or a gathered linear map)
+    module: torch.nn.Module
     post: tuple[PostOp, ...] = ()
+    owner: Any = field(default=None, compare=False)  # FSDP2 unit holding the head's weight (in_fsdp_unit)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.owner is not None and _is_dtensor(getattr(self.module, "weight", None)):
+            self.owner.unshard()  # resharded after the forward: gather it back (a collective on every rank)
         logits = self.module(hidden)
         for op, value in self.post:
             if op == "mul":
@@ -71,19 +73,22 @@ class LogitHead:
             weight = getattr(self.module.get_base_layer(), "weight", None)
         return int(getattr(self.module, "out_features", 0) or (weight.shape[0] if weight is not None else 0))
 
-    def gathered(self) -> LogitHead:
-        """This head with an FSDP2-sharded (DTensor) ``nn.Linear`` weight all-gathered once, differentiably.
+    def in_fsdp_unit(self, root: torch.nn.Module) -> LogitHead:
+        """This head, told which FSDP2 unit (``fully_shard``) holds its weight when that is not itself.
 
-        Under FSDP2 with ``reshard_after_forward=True`` the unit holding the head (usually the root) is
-        resharded when the replay forward returns; a gathered copy serves every chunk with one
-        all-gather (its backward reduce-scatters the gradient into the shards). A head that is an FSDP
-        unit of its own is called as a module: its hooks gather it on every call.
+        With ``reshard_after_forward=True`` the unit holding the head (usually the root) is resharded
+        when the replay forward returns, leaving a sharded DTensor weight; calling the head then first
+        unshards that unit (``FSDPModule.unshard``), so the chunks use the unit's own unsharded
+        parameters and their gradients go through FSDP's reduce-scatter. A head that is an FSDP unit of
+        its own gathers itself through its hooks on every call.
         """
-        m = self.module
-        if isinstance(m, torch.nn.Linear) and _is_dtensor(m.weight) and not _is_fsdp_unit(m):
-            bias = m.bias.full_tensor() if _is_dtensor(m.bias) else m.bias
-            return LogitHead(partial(F.linear, weight=m.weight.full_tensor(), bias=bias), self.post)
-        return self
+        if _is_fsdp_unit(self.module) or not isinstance(self.module, torch.nn.Module):
+            return self
+        owner = None
+        for m in root.modules():  # pre-order: a deeper unit that holds the head comes later
+            if _is_fsdp_unit(m) and any(sub is self.module for sub in m.modules()):
+                owner = m
+        return self if owner is None else replace(self, owner=owner)
 
     def without_adapters(self) -> LogitHead:
         """The same head with PEFT adapters bypassed (what ``disable_adapter()`` computes)."""
@@ -92,7 +97,7 @@ class LogitHead:
             module = module.original_module
         elif hasattr(module, "get_base_layer"):  # a PEFT tuner layer (LoRA, ...)
             module = module.get_base_layer()
-        return LogitHead(module, self.post)
+        return LogitHead(module, self.post, self.owner)
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -232,7 +237,6 @@ def _chunked(fn: Callable[..., torch.Tensor], head_args: tuple, tensors: Sequenc
     ``min_chunks`` pads with empty chunks so that every rank calls the head the same number of times
     (a sharded head all-gathers its weight on every call).
     """
-    head_args = tuple(a.gathered() if isinstance(a, LogitHead) else a for a in head_args)
     n = tensors[0].shape[0]
     count = max(num_chunks(n, chunk), min_chunks, 1)
     parts = []

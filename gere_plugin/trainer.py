@@ -78,6 +78,37 @@ def _is_sharded(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_fsdp_enabled", False)) or _is_zero3(trainer)
 
 
+def forward_collectives(trainer: Any, model: torch.nn.Module, world_size: int) -> Optional[str]:
+    """Why a forward of the training model talks to the other ranks (None when it does not).
+
+    Then every rank must run the replay forward in the same micro-batches, or the ranks' collectives
+    no longer pair up and training hangs (measured: 2-process CPU DDP with one replay row per step).
+    """
+    if world_size <= 1:
+        return None
+    if _is_sharded(trainer):
+        return "DeepSpeed ZeRO-3 / FSDP all-gather the parameters in every forward"
+    if getattr(getattr(trainer, "args", None), "ddp_broadcast_buffers", None) is not False and any(
+        True for _ in model.buffers()
+    ):
+        return (
+            "DDP broadcasts the model's buffers in every forward (the model has buffers and "
+            "ddp_broadcast_buffers is not False)"
+        )
+    return None
+
+
+def uneven_micro_batches(per_step: int, world_size: int, accumulation: int) -> bool:
+    """Whether some micro-batch holds replay rows on some ranks but not on others.
+
+    Rows are dealt round-robin over the ``accumulation x world_size`` slots of a step (slot
+    ``micro * world_size + rank``); slot ``g`` gets rows iff ``g < per_step``. Every micro-batch is
+    then all-or-none over ranks exactly when ``per_step`` is a multiple of the world size or fills
+    every slot (``per_step >= accumulation x world_size``).
+    """
+    return per_step % world_size != 0 and per_step < accumulation * world_size
+
+
 def _autocast(trainer: Any) -> contextlib.AbstractContextManager:
     """The mixed-precision autocast accelerate wraps the model's forward in (a no-op without one)."""
     acc = getattr(trainer, "accelerator", None)
@@ -197,14 +228,16 @@ class ReplayStep:
         global_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
         self.per_step = resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch)
         model = _unwrap(trainer, trainer.model)
-        slots = world * targs.gradient_accumulation_steps
-        if _is_sharded(trainer) and self.per_step % slots:
-            # A micro-batch without replay rows skips the extra forward; with sharded parameters
-            # (ZeRO-3 / FSDP) every rank must run the same forwards or the all-gathers hang.
+        talks = forward_collectives(trainer, model, world)
+        if talks and uneven_micro_batches(self.per_step, world, targs.gradient_accumulation_steps):
+            # A micro-batch without replay rows skips the extra forward; when forwards talk to the other
+            # ranks, every rank must run the same forwards in every micro-batch or training hangs.
             raise GeReConfigError(
-                f"gere_replay_per_step={self.per_step} must be a multiple of processes x gradient_accumulation_steps "
-                f"({slots}) under DeepSpeed ZeRO-3 or FSDP, so that every micro-batch of every rank holds the same "
-                "number of replay rows. Pick a multiple or use ZeRO-2 / DDP."
+                f"gere_replay_per_step={self.per_step} would give replay rows to some ranks but not others in "
+                f"one micro-batch ({world} processes x {targs.gradient_accumulation_steps} accumulation steps), and "
+                f"{talks}: training would hang. Use a multiple of the number of processes ({world}) or at least "
+                f"processes x gradient_accumulation_steps ({world * targs.gradient_accumulation_steps})"
+                + ("." if _is_sharded(trainer) else ", or set ddp_broadcast_buffers=False.")
             )
         self.replay = ReplaySet.from_args(gere_args, tok)
         self.schedule = ReplaySchedule(len(self.replay), self.per_step, gere_args.gere_seed)
@@ -361,7 +394,8 @@ class ReplayStep:
             assert self.logit_head is not None and self._base_head is not None and last is not None
             _, (base_last,) = self._base_forward(trainer, model, batch, need_logits=False, layers=[-1])
             with _autocast(trainer):
-                r = chunked_kl(self.logit_head, self._base_head, last, base_last, mask, self.logit_chunk, kl_chunks)
+                r = chunked_kl(self.logit_head.in_fsdp_unit(model), self._base_head.in_fsdp_unit(model), last, base_last,
+                               mask, self.logit_chunk, kl_chunks)
             return r.loss, r.out_of_state
         base_logits, base_hidden = self._base_forward(trainer, model, batch, need_logits=self.regularizer == "kl")
         if self.regularizer == "kl":
@@ -385,8 +419,9 @@ class ReplayStep:
         last = hidden.pop()  # hidden_states[-1], the logit head's input
         if chunked:
             assert self.logit_head is not None
+            head = self.logit_head.in_fsdp_unit(model)
             with _autocast(trainer):  # the autocast accelerate wraps the model's forward in
-                ce_sum, ce_count = chunked_token_ce(self.logit_head, last, ids, mask, self.logit_chunk,
+                ce_sum, ce_count = chunked_token_ce(head, last, ids, mask, self.logit_chunk,
                                                    self._chunks_over_ranks(step, micro, scaling.accumulation, True))
         else:
             ce_sum, ce_count = token_ce(logits, ids, mask)
