@@ -152,6 +152,19 @@ class StepScaling:
         return 1.0 if self.divides else float(self.accumulation)
 
 
+@dataclass
+class ReplayForward:
+    """A micro-batch's replay rows and their (not yet combined) terms: :meth:`ReplayStep.replay_forward`."""
+
+    step: int
+    micro: int
+    rows: list[int]
+    scaling: StepScaling
+    ce: Optional[torch.Tensor] = None  # token-mean replay CE of these rows
+    reg: Optional[torch.Tensor] = None
+    out_of_state: Optional[torch.Tensor] = None
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen, independent copy of a ``PreTrainedModel`` (re-instantiated from its config).
 
@@ -405,14 +418,20 @@ class ReplayStep:
         vals = [masked_feature_loss(h, b, mask, p).loss for h, b in zip(hidden, base_hidden)]
         return torch.stack(vals).mean(), torch.zeros((), device=mask.device)
 
-    def __call__(self, trainer: Any, model: torch.nn.Module, task_loss: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    def replay_forward(self, trainer: Any, model: torch.nn.Module, num_items_in_batch: Any = None) -> ReplayForward:
+        """Pick this micro-batch's replay rows and build their CE and regularizer (forward only).
+
+        :class:`GeReTrainerMixin` calls it BEFORE the parent's task forward. Autograd runs nodes built
+        later first, so the replay rows' backward then comes after the task rows': no replay gradient
+        (every weight's, the embedding's included) waits in memory while the task activations are
+        still alive (measured: otherwise one extra embedding gradient in the peak, benchmarks/memory.py).
+        """
         scaling = self._scaling(trainer, num_items_in_batch)
         step, micro, rows = self.rows_now(trainer, scaling.accumulation)
-        task_factor = 0.5 if self.combine == "mean" else 1.0
         if not rows:
-            self._record(trainer, step, micro, rows, scaling)
-            return task_factor * task_loss
-        batch = self.replay.collate(rows, self.pad_token_id, device=task_loss.device)
+            return ReplayForward(step, micro, rows, scaling)
+        device = getattr(getattr(trainer, "args", None), "device", None) or next(model.parameters()).device
+        batch = self.replay.collate(rows, self.pad_token_id, device=device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         chunked = self.logit_head is not None
         logits, hidden = forward_hidden(model, ids, mask, [*self.layers, -1], need_logits=not chunked)
@@ -425,11 +444,24 @@ class ReplayStep:
                                                    self._chunks_over_ranks(step, micro, scaling.accumulation, True))
         else:
             ce_sum, ce_count = token_ce(logits, ids, mask)
-        ce_micro = ce_sum / ce_count.clamp_min(1)
-        ce_share = self._target_count(rows) / max(self._step_targets, 1)
-        reg_share = len(rows) / self.per_step
         kl_chunks = self._chunks_over_ranks(step, micro, scaling.accumulation, False) if chunked and self.regularizer == "kl" else 0
         reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden, last, kl_chunks)
+        return ReplayForward(step, micro, rows, scaling, ce_sum / ce_count.clamp_min(1), reg, out_of_state)
+
+    def __call__(self, trainer: Any, model: torch.nn.Module, task_loss: torch.Tensor, num_items_in_batch: Any = None,
+                 replay: Optional[ReplayForward] = None) -> torch.Tensor:
+        """The micro-batch's loss: task loss + scaled replay terms (``replay`` from :meth:`replay_forward`,
+        computed here when not given)."""
+        r = replay if replay is not None else self.replay_forward(trainer, model, num_items_in_batch)
+        step, micro, rows, scaling = r.step, r.micro, r.rows, r.scaling
+        task_factor = 0.5 if self.combine == "mean" else 1.0
+        if not rows:
+            self._record(trainer, step, micro, rows, scaling)
+            return task_factor * task_loss
+        assert r.ce is not None and r.reg is not None and r.out_of_state is not None
+        ce_micro, reg, out_of_state = r.ce, r.reg, r.out_of_state
+        ce_share = self._target_count(rows) / max(self._step_targets, 1)
+        reg_share = len(rows) / self.per_step
         task_micro = task_loss.detach().float() * scaling.task_unscale
         primary = 0.5 * (task_micro + ce_micro.detach()) if self.combine == "mean" else task_micro
         if self.regularizer == "none":
@@ -569,14 +601,18 @@ class GeReTrainerMixin:
                 p.requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step: Optional[ReplayStep] = getattr(self, "gere_step", None)
+        active = step is not None and model.training
+        self._gere_refreeze()
+        # The replay rows' forward runs first, so that their backward runs last (ReplayStep.replay_forward).
+        replay = step.replay_forward(self, model, num_items_in_batch) if active else None
         self._gere_refreeze()
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         self._gere_refreeze()
-        step: Optional[ReplayStep] = getattr(self, "gere_step", None)
-        if step is None or not model.training:
+        if not active:
             return out
         loss, outputs = out if return_outputs else (out, None)
-        loss = step(self, model, loss, num_items_in_batch)
+        loss = step(self, model, loss, num_items_in_batch, replay=replay)
         self._gere_refreeze()
         return (loss, outputs) if return_outputs else loss
 
