@@ -68,9 +68,14 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def _is_zero3(trainer: Any) -> bool:
+def _zero_stage(trainer: Any) -> Optional[int]:
+    """DeepSpeed's ZeRO stage through accelerate, or None without DeepSpeed."""
     plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
-    return getattr(plugin, "zero_stage", None) == 3
+    return None if plugin is None else getattr(plugin, "zero_stage", None)
+
+
+def _is_zero3(trainer: Any) -> bool:
+    return _zero_stage(trainer) == 3
 
 
 def _is_sharded(trainer: Any) -> bool:
@@ -88,6 +93,8 @@ def forward_collectives(trainer: Any, model: torch.nn.Module, world_size: int) -
         return None
     if _is_sharded(trainer):
         return "DeepSpeed ZeRO-3 / FSDP all-gather the parameters in every forward"
+    if _zero_stage(trainer) is not None:
+        return None  # ZeRO-1/2: no DDP wrapper, no collective in the forward (measured: ZeRO-2, 2 CPU processes)
     if getattr(getattr(trainer, "args", None), "ddp_broadcast_buffers", None) is not False and any(
         True for _ in model.buffers()
     ):

@@ -65,6 +65,9 @@ def test_forward_collectives_names_the_reason() -> None:
     zero3 = SimpleNamespace(args=args, is_fsdp_enabled=False,
                             accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))))
     assert "ZeRO-3" in forward_collectives(zero3, model, 2)
+    zero2 = SimpleNamespace(args=args, is_fsdp_enabled=False,
+                            accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))))
+    assert forward_collectives(zero2, with_buffers, 2) is None  # the DeepSpeed engine does not broadcast buffers
 
 
 # ---- 2-process FSDP2 runs ----------------------------------------------------------------------
