@@ -226,6 +226,11 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, min(MAX_CHUNK_TOKENS, CHUNK_ELEMENTS // max(int(vocab_size), 1)))
 
 
+def kl_chunk_tokens(chunk: int) -> int:
+    """Tokens per KL chunk: half the CE chunk, since a KL chunk holds two log-softmaxes (model and base)."""
+    return max(1, chunk // 2)
+
+
 def num_chunks(tokens: int, chunk: int) -> int:
     return -(-tokens // chunk) if tokens > 0 else 0
 

@@ -43,6 +43,7 @@ from .logits import (
     chunked_kl,
     chunked_token_ce,
     head_mismatch,
+    kl_chunk_tokens,
     num_chunks,
     replay_logit_head,
 )
@@ -378,7 +379,7 @@ class ReplayStep:
             return None
         return self.logit_head.without_adapters()
 
-    def _chunks_over_ranks(self, step: int, micro: int, accumulation: int, targets: bool) -> int:
+    def _chunks_over_ranks(self, step: int, micro: int, accumulation: int, targets: bool, chunk: int) -> int:
         """Head calls the busiest rank makes for this micro-batch's replay rows (host ints, no communication).
 
         Every rank makes as many (empty chunks pad), since a sharded head all-gathers on every call.
@@ -389,7 +390,7 @@ class ReplayStep:
             sum(int(self.replay.lengths[i]) - int(targets) for i in self.schedule.rows_for_micro(step, micro, accumulation, r, self.world_size))
             for r in range(self.world_size)
         )
-        return num_chunks(most, self.logit_chunk)
+        return num_chunks(most, chunk)
 
     def regularize(self, trainer: Any, model: torch.nn.Module, rows: list[int], batch: dict, logits, hidden,
                    last: Optional[torch.Tensor] = None, kl_chunks: int = 0):
@@ -415,7 +416,7 @@ class ReplayStep:
             _, (base_last,) = self._base_forward(trainer, model, batch, need_logits=False, layers=[-1])
             with _autocast(trainer):
                 r = chunked_kl(self.logit_head.in_fsdp_unit(model), self._base_head.in_fsdp_unit(model), last, base_last,
-                               mask, self.logit_chunk, kl_chunks)
+                               mask, kl_chunk_tokens(self.logit_chunk), kl_chunks)
             return r.loss, r.out_of_state
         base_logits, base_hidden = self._base_forward(trainer, model, batch, need_logits=self.regularizer == "kl")
         if self.regularizer == "kl":
@@ -447,11 +448,12 @@ class ReplayStep:
             assert self.logit_head is not None
             head = self.logit_head.in_fsdp_unit(model)
             with _autocast(trainer):  # the autocast accelerate wraps the model's forward in
-                ce_sum, ce_count = chunked_token_ce(head, last, ids, mask, self.logit_chunk,
-                                                   self._chunks_over_ranks(step, micro, scaling.accumulation, True))
+                ce_sum, ce_count = chunked_token_ce(head, last, ids, mask, self.logit_chunk, self._chunks_over_ranks(
+                    step, micro, scaling.accumulation, True, self.logit_chunk))
         else:
             ce_sum, ce_count = token_ce(logits, ids, mask)
-        kl_chunks = self._chunks_over_ranks(step, micro, scaling.accumulation, False) if chunked and self.regularizer == "kl" else 0
+        kl_chunks = (self._chunks_over_ranks(step, micro, scaling.accumulation, False, kl_chunk_tokens(self.logit_chunk))
+                     if chunked and self.regularizer == "kl" else 0)
         reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden, last, kl_chunks)
         return ReplayForward(step, micro, rows, scaling, ce_sum / ce_count.clamp_min(1), reg, out_of_state)
 

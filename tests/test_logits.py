@@ -22,6 +22,7 @@ from gere_plugin.logits import (
     chunked_kl,
     chunked_token_ce,
     head_mismatch,
+    kl_chunk_tokens,
     logit_head,
     replay_logit_head,
 )
@@ -137,6 +138,7 @@ def test_chunk_size_rule_and_override(monkeypatch):
     monkeypatch.delenv(CHUNK_ENV, raising=False)
     assert chunk_tokens(128_256) == 130 and chunk_tokens(256_000) == 65
     assert chunk_tokens(32_000) == 256 and chunk_tokens(7) == 256  # never more than TRL's chunked_nll chunk
+    assert kl_chunk_tokens(130) == 65 and kl_chunk_tokens(1) == 1  # KL holds two log-softmaxes per chunk
     monkeypatch.setenv(CHUNK_ENV, "32")
     assert chunk_tokens(128_256) == 32
     monkeypatch.setenv(CHUNK_ENV, "0")
