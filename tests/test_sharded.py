@@ -128,7 +128,10 @@ def test_fsdp2_two_processes_match_one_process(tmp_path: Path, tiny_dir: Path, t
     if case == "unequal-rows-head-unit":
         assert {len(m["rows"]) for rec in ranks for m in rec["micro"]} == {1, 2}
     worst_grad = max(_rel(ranks[0]["grad_sums"][k], ref["grad_sums"][k]) for k in ref["grad_sums"])
-    worst_param = max(_rel(a, b) for k in ref["param_sums"] for a, b in zip(ranks[0]["param_sums"][k], ref["param_sums"][k]))
+    # [sum, sum of |.|] of every full parameter; a signed sum can nearly cancel, so both are compared on
+    # the scale of the sum of absolute values
+    worst_param = max(max(abs(a - b) for a, b in zip(ranks[0]["param_sums"][k], ref["param_sums"][k])) / ref["param_sums"][k][1]
+                      for k in ref["param_sums"])
     print(f"{case}: max relative difference, first-step gradients {worst_grad:.2g}, parameters after 2 steps {worst_param:.2g}")
     assert worst_grad <= 1e-6 and worst_param <= 1e-5
 
