@@ -20,7 +20,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # tests use tiny models: one thread per process is fastest on small CPUs
 TEST_ENV      := OMP_NUM_THREADS=1
 
-.PHONY: help envs test test-main test-latest demo lint bench-throughput bench-forgetting clean
+DEEPSPEED     ?= deepspeed==0.19.8
+
+.PHONY: help envs test test-main test-latest test-deepspeed demo lint bench-throughput bench-forgetting bench-memory gpu-check clean
 
 help:
 	@echo "make demo   - install, prepare SmolLM2-135M + data (cached), plain SFT vs GeRe on CPU, print the table"
@@ -59,6 +61,13 @@ test-latest: $(VENV_LATEST)/.installed
 		tests/test_losses.py tests/test_mixing.py tests/test_states.py tests/test_sft_trainer.py \
 		tests/test_dpo_trainer.py tests/test_cli_recipes.py tests/test_any_trainer.py tests/test_freeze.py $(PYTEST_ARGS)
 
+# Optional: GeRe under DeepSpeed ZeRO-2/3 on 2 CPU processes. Adds deepspeed to .venv (its source
+# distribution, nothing compiled: DS_BUILD_OPS=0), which is why `make test` does not do it.
+test-deepspeed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q wheel
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q --no-build-isolation $(DEEPSPEED)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_deepspeed.py $(PYTEST_ARGS)
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m gere_plugin.demo
 
@@ -67,6 +76,15 @@ lint: $(VENV)/.installed
 
 bench-throughput: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/throughput.py
+
+bench-memory: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/memory.py
+
+# On a machine with one CUDA GPU (and a CUDA build of torch): QLoRA / LoRA-DPO checks, step time,
+# peak memory and state build on SmolLM2-135M in bf16 -> benchmarks/results/gpu_check.json (< 10 min).
+gpu-check: $(VENV)/.installed
+	$(VENV)/bin/pip install -q "bitsandbytes>=0.45"
+	$(VENV)/bin/python benchmarks/gpu_check.py
 
 bench-forgetting: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/forgetting.py --preset cpu-medium
