@@ -31,6 +31,8 @@ _EXPORTS = {
     "GeReSFTTrainer": ".sft",
     "GeReDPOConfig": ".dpo",
     "GeReDPOTrainer": ".dpo",
+    "GeReGRPOConfig": ".grpo",
+    "GeReGRPOTrainer": ".grpo",
     "GeRePlugin": ".axolotl.plugin",
 }
 
@@ -43,11 +45,25 @@ def __getattr__(name: str) -> Any:
         value = getattr(mod, name)
         globals()[name] = value
         return value
+    raise _no_attribute(__name__, name, _EXPORTS)
+
+
+def _no_attribute(module: str, name: str, known: Any) -> AttributeError:
+    """The AttributeError of a lazy module, with the closest name, or the plugin-spelling fix.
+
+    Axolotl < 0.21 splits ``plugins:`` entries at the last ``.``, so the ``module:Class`` spelling
+    ``gere_plugin.axolotl:GeRePlugin`` reaches us as a request for ``axolotl:GeRePlugin``.
+    """
+    if ":" in name:
+        return AttributeError(
+            f"module {module!r} has no attribute {name!r}: '{module}.{name}' is the module:Class plugin spelling, "
+            "which this Axolotl (< 0.21) does not understand. Write `plugins: [gere_plugin.GeRePlugin]`."
+        )
     import difflib
 
-    close = difflib.get_close_matches(name, list(_EXPORTS), n=1)
+    close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise AttributeError(f"module 'gere_plugin' has no attribute {name!r}.{hint}")
+    return AttributeError(f"module {module!r} has no attribute {name!r}.{hint}")
 
 
 def __dir__() -> list[str]:

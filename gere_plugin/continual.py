@@ -15,9 +15,18 @@ Method presets (:data:`METHODS`):
 ``replay``      vanilla GeRe replay: replay CE only (``gere_regularizer="none"``)
 ``kl``          replay + logit KL to the base model
 ``l1`` / ``l2`` replay + L1 / L2 distance of hidden states to the base model
-``gere``        replay + threshold-margin loss on the base model's 3-way state labels
+``gere``        replay + threshold-margin loss on the base model's 3-way state labels (package defaults)
+``gere_paper``  ``gere`` with the paper's exact weighting (:data:`PAPER_WEIGHTING`)
 ``gere_freeze`` ``gere`` + frozen embeddings and bottom layers from the second task on
+``gere_er``     ``gere`` + experience replay of earlier tasks (``gere_task_replay*`` keys)
+``replay_er``   ``replay`` + experience replay of earlier tasks (ablation: no TM)
+``plain_er``    experience replay of earlier tasks only (ablation: no general replay)
 =============== ===================================================================================
+
+Methods with earlier-task replay (``task_replay=True``) keep, after every finished task, a seeded
+sample of at most ``gere_task_replay_size`` of its training rows as token ids (tokenized exactly as
+the task trained on them) in ``output_dir/task_replay/<k>_<name>.jsonl``; every later task replays
+all kept files through ``gere_task_replay``. The result records the budget and what was kept.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +58,10 @@ __all__ = ["METHODS", "MethodSpec", "SequenceTask", "TrainSettings", "evaluate_s
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How one method trains. ``freeze_from`` is the 0-based task index where freezing starts."""
+    """How one method trains. ``replay`` is the general replay (``gere_replay``); ``task_replay`` replays
+    kept samples of the earlier tasks of the sequence (``gere_task_replay``). ``freeze_from`` is the 0-based
+    task index where freezing starts; ``gere`` holds extra ``gere_*`` keys of the method (e.g. its
+    weighting), as ``(key, value)`` pairs."""
 
     name: str
     replay: bool
@@ -56,71 +69,181 @@ class MethodSpec:
     freeze_layers: int = 0
     freeze_embeddings: bool = False
     freeze_from: int = 1
+    gere: tuple[tuple[str, Any], ...] = ()
+    task_replay: bool = False
 
     def gere_kwargs(self, task_index: int) -> dict[str, Any]:
         """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
         freeze = task_index >= self.freeze_from
-        return {
+        out = {
             "gere_regularizer": self.regularizer if self.replay else "none",
             "gere_freeze_layers": self.freeze_layers if freeze else 0,
             "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
         }
+        if self.replay:
+            out.update(dict(self.gere))
+        return out
 
+
+#: The paper's exact TM weighting: w = CE / TM, unbounded, TM reduced over its non-zero elements.
+PAPER_WEIGHTING: tuple[tuple[str, Any], ...] = (
+    ("gere_tm_reduction", "violations"), ("gere_weight", "dynamic"), ("gere_weight_max", None),
+)
+
+#: The feature-distillation baselines keep the paper's dynamic weight whatever the package default is.
+FD_WEIGHTING: tuple[tuple[str, Any], ...] = (("gere_weight", "dynamic"), ("gere_weight_max", None))
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
     "replay": MethodSpec("replay", replay=True, regularizer="none"),
-    "kl": MethodSpec("kl", replay=True, regularizer="kl"),
-    "l1": MethodSpec("l1", replay=True, regularizer="l1"),
-    "l2": MethodSpec("l2", replay=True, regularizer="l2"),
+    "kl": MethodSpec("kl", replay=True, regularizer="kl", gere=FD_WEIGHTING),
+    "l1": MethodSpec("l1", replay=True, regularizer="l1", gere=FD_WEIGHTING),
+    "l2": MethodSpec("l2", replay=True, regularizer="l2", gere=FD_WEIGHTING),
     "gere": MethodSpec("gere", replay=True, regularizer="tm"),
+    "gere_paper": MethodSpec("gere_paper", replay=True, regularizer="tm", gere=PAPER_WEIGHTING),
     "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
+    "gere_er": MethodSpec("gere_er", replay=True, regularizer="tm", task_replay=True),
+    "replay_er": MethodSpec("replay_er", replay=True, regularizer="none", task_replay=True),
+    "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
 }
 
 
 @dataclass
 class SequenceTask:
-    """One task of the sequence: TRL SFT rows (prompt/completion or text) and label-word test items."""
+    """One task of the sequence: TRL SFT rows (prompt/completion or text) and label-word test items.
+
+    ``dev`` holds held-out items for choosing hyper-parameters (never the test items); may be empty.
+    """
 
     name: str
     train: list[dict[str, str]]
     test: list[ClassificationItem]
+    dev: list[ClassificationItem] = field(default_factory=list)
 
     @classmethod
     def from_label_task(cls, task: Any) -> SequenceTask:
-        """From an :class:`gere_plugin.assets.LabelTask` (or anything with name/train/test)."""
-        return cls(name=task.name, train=list(task.train), test=list(task.test))
+        """From an :class:`gere_plugin.assets.LabelTask` (or anything with name/train/test[/dev])."""
+        return cls(name=task.name, train=list(task.train), test=list(task.test), dev=list(getattr(task, "dev", [])))
+
+
+def _gere_field(name: str, default: Any) -> Any:
+    """A ``TrainSettings`` field for the ``gere_*`` key ``name``: help text and validation come from
+    :class:`~gere_plugin.GeReArguments` (the one definition); only the default is the sequence's own."""
+    from .config import gere_fields
+
+    source = next(f for f in gere_fields() if f.name == name)
+    return field(default=default, metadata=dict(source.metadata))
+
+
+def _train_field(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass
 class TrainSettings:
     """Training hyper-parameters shared by every task and method of a sequence.
 
-    ``replay_seed`` fixes ``gere_seed`` (replay sampling and schedule) independently of the training
-    seed, so runs with different training seeds can share one base-state cache; ``None`` = the
-    training seed.
+    Every field is spelled as the setting it feeds: TRL / transformers training arguments
+    (``max_steps``, ``learning_rate``, ``per_device_train_batch_size``, ...) and ``gere_*`` keys of
+    :class:`~gere_plugin.GeReArguments` (help and validation from there; only the defaults suit short
+    sequences). ``gere_seed=None`` uses the training seed; fixing it lets runs with different training
+    seeds share one base-state cache. ``gere sequence`` generates its flags from these fields.
+    The old names (``steps_per_task``, ``batch_size``, ``replay_size``, ``replay_max_length``,
+    ``replay_per_step``, ``replay_seed``, ``state_batch_size``) still work, with a deprecation warning.
     """
 
-    steps_per_task: int = 30
-    learning_rate: float = 2e-4
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_length: int = 128
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"
-    weight_decay: float = 0.0
-    bf16: bool = False
-    replay_size: int = 1000
-    replay_max_length: int = 128
-    replay_per_step: int = 2
-    gere_weight: str = "dynamic"
-    replay_seed: Optional[int] = None
-    state_batch_size: int = 16
-    logging_steps: int = 5
+    max_steps: int = _train_field(30, "Optimizer steps per task.")
+    learning_rate: float = _train_field(2e-4, "Peak learning rate.")
+    per_device_train_batch_size: int = _train_field(8, "Task rows per micro-batch and process.")
+    gradient_accumulation_steps: int = _train_field(1, "Micro-batches per optimizer step.")
+    max_length: int = _train_field(128, "Task rows are truncated to this many tokens.")
+    warmup_ratio: float = _train_field(0.1, "Linear warm-up over this share of max_steps (0.1 = 10%).")
+    warmup_steps: int = _train_field(0, "Linear warm-up steps; > 0 overrides warmup_ratio.")
+    lr_scheduler_type: str = _train_field("cosine", "transformers scheduler name (cosine, linear, constant, ...).")
+    weight_decay: float = _train_field(0.0, "AdamW weight decay.")
+    bf16: bool = _train_field(False, "Train in bf16 mixed precision.")
+    completion_eos: bool = _train_field(
+        False, "Append EOS to prompt/completion rows (TRL's default) and train on it; false (default) = the loss "
+        "is on the completion's own tokens only (for label-word tasks: the label).")
+    logging_steps: int = _train_field(5, "Log every this many optimizer steps.")
+    gere_replay_size: Optional[int] = _gere_field("gere_replay_size", None)
+    gere_replay_max_length: int = _gere_field("gere_replay_max_length", 128)
+    gere_replay_per_step: int = _gere_field("gere_replay_per_step", 2)
+    gere_weight: str = _gere_field("gere_weight", "dynamic")
+    gere_seed: Optional[int] = _gere_field("gere_seed", None)
+    gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
+    gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
+    gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
+    gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
+    grad_diagnostics: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .config import GeReConfigError, validate_gere_values
+
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name.startswith("gere_") and getattr(self, f.name) is not None}
+        validate_gere_values(given)  # the keys' own checks, naming the key
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+                     "logging_steps", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GeReConfigError(f"{name}={value!r} must be an integer >= 1.")
+        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
+            raise GeReConfigError(f"warmup_ratio={self.warmup_ratio!r} must be a number in [0, 1).")
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
+            raise GeReConfigError(f"learning_rate={self.learning_rate!r} must be a number > 0.")
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """``warmup_steps`` when set, else ``ceil(warmup_ratio x max_steps)``."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
+
+    def __getattr__(self, name: str) -> Any:  # old attribute names (read) keep working
+        new = _RENAMED_SETTINGS.get(name)
+        if new is None:
+            raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+        return getattr(self, new)
+
+    @classmethod
+    def upgrade_dict(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A settings dict (e.g. from an older result file) with the old field names renamed."""
+        return {_RENAMED_SETTINGS.get(k, k): v for k, v in values.items()}
+
+
+#: Old TrainSettings names -> the names of the settings they feed.
+_RENAMED_SETTINGS = {
+    "steps_per_task": "max_steps",
+    "batch_size": "per_device_train_batch_size",
+    "replay_size": "gere_replay_size",
+    "replay_max_length": "gere_replay_max_length",
+    "replay_per_step": "gere_replay_per_step",
+    "replay_seed": "gere_seed",
+    "state_batch_size": "gere_state_batch_size",
+}
+_settings_init = TrainSettings.__init__
+
+
+def _settings_init_with_old_names(self: TrainSettings, *args: Any, **kwargs: Any) -> None:
+    old = sorted(k for k in kwargs if k in _RENAMED_SETTINGS)
+    if old:
+        import warnings
+
+        warnings.warn(
+            "TrainSettings(" + ", ".join(f"{k}=" for k in old) + ") is deprecated: use "
+            + ", ".join(f"{_RENAMED_SETTINGS[k]}=" for k in old) + " (the names of the settings they feed).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        for k in old:
+            kwargs[_RENAMED_SETTINGS[k]] = kwargs.pop(k)
+    _settings_init(self, *args, **kwargs)
+
+
+TrainSettings.__init__ = _settings_init_with_old_names  # type: ignore[method-assign]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -195,9 +318,66 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 
 
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keep = ("step", "loss", "learning_rate", "gere/replay_ce", "gere/reg_loss", "gere/weight",
-            "gere/out_of_state", "gere/replay_rows", "train_runtime", "train_loss")
+    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
+            "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce",
+            "gere/task_replay_rows", "train_runtime", "train_loss")
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
+
+
+def _tokenized_without_eos(rows: Sequence[dict[str, str]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Prompt/completion rows as TRL's pre-tokenized format (``input_ids`` + ``completion_mask``) without the
+    EOS that TRL would append, so the loss falls on the completion's tokens only; ``text`` rows unchanged
+    apart from tokenization. Tokenized exactly as TRL does (prompt, then prompt + completion)."""
+    out = []
+    for row in rows:
+        if "prompt" in row:
+            prompt_ids = tokenizer(row["prompt"])["input_ids"]
+            ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+            if ids[: len(prompt_ids)] != prompt_ids:
+                raise ValueError(f"prompt tokens change when the completion is appended: {row['prompt']!r}")
+            out.append({"input_ids": ids, "completion_mask": [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))})
+        else:
+            out.append({"input_ids": tokenizer(row["text"])["input_ids"]})
+    return out
+
+
+def _tokenized_for_training(rows: Sequence[dict[str, str]], tokenizer: Any, settings: TrainSettings) -> list[dict[str, Any]]:
+    """Rows as token ids, tokenized exactly as the task's trainer tokenizes them: without EOS
+    (:func:`_tokenized_without_eos`) or, with ``completion_eos``, TRL's own rules (EOS appended)."""
+    if not settings.completion_eos:
+        return _tokenized_without_eos(rows, tokenizer)
+    from .task_replay import Tokenization, tokenize_row
+
+    out = []
+    for row in rows:
+        got = tokenize_row(row, tokenizer, Tokenization(add_eos=True))
+        assert got is not None, f"not a prompt/completion or text row: {sorted(row)}"
+        ids, mask = got
+        out.append({"input_ids": ids, "completion_mask": mask} if "prompt" in row else {"input_ids": ids})
+    return out
+
+
+def keep_task_sample(task: SequenceTask, tokenizer: Any, settings: TrainSettings, seed: int, index: int,
+                     folder: Path) -> tuple[Path, int]:
+    """Write a seeded sample of at most ``gere_task_replay_size`` of ``task``'s training rows, as the token
+    ids the task trained on, to ``folder/<index>_<name>.jsonl`` (atomically); return ``(path, rows kept)``.
+
+    Only these ids are kept for later tasks (not a copy of the dataset), so memory and disk grow with the
+    per-task budget, not with the tasks' sizes."""
+    import numpy as np
+
+    n = min(settings.gere_task_replay_size, len(task.train))
+    chosen = sorted(np.random.default_rng([seed, index]).choice(len(task.train), size=n, replace=False).tolist())
+    rows = _tokenized_for_training([task.train[i] for i in chosen], tokenizer, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{index}_{task.name}.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path, n
 
 
 def _build_trainer(
@@ -212,34 +392,44 @@ def _build_trainer(
     output_dir: Path,
     seed: int,
     ref_model: Optional[torch.nn.Module],
+    task_replay: Sequence[Path] = (),
 ) -> Any:
     from datasets import Dataset
 
     from .sft import GeReSFTConfig
 
-    gere = method.gere_kwargs(task_index)
+    gere: dict[str, Any] = {}
+    if task_replay:
+        gere.update(
+            gere_task_replay=[str(p) for p in task_replay],
+            gere_task_replay_size=settings.gere_task_replay_size,
+            gere_task_replay_per_step=settings.gere_task_replay_per_step,
+            gere_task_replay_weight=settings.gere_task_replay_weight,
+            gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
+        )
     if method.replay:
         if replay is None:
             raise ValueError(f"method {method.name!r} replays general samples: pass replay=PATH")
         gere.update(
             gere_replay=str(replay),
-            gere_replay_size=settings.replay_size,
-            gere_replay_max_length=settings.replay_max_length,
-            gere_replay_per_step=settings.replay_per_step,
+            gere_replay_size=settings.gere_replay_size,
+            gere_replay_max_length=settings.gere_replay_max_length,
+            gere_replay_per_step=settings.gere_replay_per_step,
             gere_weight=settings.gere_weight,
             gere_state_cache=str(state_cache) if state_cache is not None else None,
-            gere_state_batch_size=settings.state_batch_size,
-            gere_seed=settings.replay_seed if settings.replay_seed is not None else seed,
+            gere_state_batch_size=settings.gere_state_batch_size,
+            gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
         )
+    gere.update(method.gere_kwargs(task_index))  # the method's own keys win over the shared settings
     cfg = GeReSFTConfig(
         output_dir=str(output_dir),
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.warmup_steps,
+        warmup_steps=settings.resolved_warmup_steps,
         weight_decay=settings.weight_decay,
-        max_steps=settings.steps_per_task,
+        max_steps=settings.max_steps,
         logging_steps=settings.logging_steps,
         save_strategy="no",
         report_to=[],
@@ -253,8 +443,13 @@ def _build_trainer(
         **gere,
         **settings.extra_config,
     )
-    ds = Dataset.from_list(task.train)
+    rows = task.train if settings.completion_eos else _tokenized_without_eos(task.train, tokenizer)
+    if not settings.completion_eos and any("completion_mask" in r for r in rows):
+        cfg.completion_only_loss = True  # TRL infers it only from prompt/completion columns
+    ds = Dataset.from_list(rows)
     trainer = _make_trainer(model, tokenizer, cfg, ds, method, ref_model)
+    if settings.grad_diagnostics and getattr(trainer, "gere_step", None) is not None:
+        trainer.gere_step.grad_diagnostics = True
     if not settings.print_logs:
         from transformers.trainer_callback import PrinterCallback
 
@@ -321,7 +516,9 @@ def run_sequence(
         raise ValueError(f"task names must be unique, got {names}")
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = Path(state_cache) if state_cache is not None else out_dir / "gere_states"
+    from .cache_folder import state_cache_folder
+
+    cache = state_cache_folder(state_cache, out_dir)  # the trainers' default-folder rule
     tok = _load_tokenizer(tokenizer, model)
     net = _load_model(model)
     eval_general = general if settings.general_every_task else None
@@ -342,6 +539,13 @@ def run_sequence(
         "settings": dataclasses.asdict(settings),
         "replay": str(replay) if replay is not None else None,
         "state_cache": str(cache) if spec.replay else None,
+        "task_replay": {
+            "per_task": settings.gere_task_replay_size,
+            "per_step": settings.gere_task_replay_per_step,
+            "weight": settings.gere_task_replay_weight,
+            "folder": str(out_dir / "task_replay"),
+            "kept": {},
+        } if spec.task_replay else None,
         "base": base,
         "base_row": [base["tasks"][n] for n in names],
         "stages": [],
@@ -356,14 +560,22 @@ def run_sequence(
             tmp.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
             os.replace(tmp, path)
 
+    kept: list[Path] = []  # earlier tasks' kept samples (methods with task_replay)
+    keep_seed = settings.gere_seed if settings.gere_seed is not None else seed
     for k, task in enumerate(tasks):
         stage: dict[str, Any] = {"task": task.name, "index": k}
         stage["start_fingerprint"] = model_fingerprint(net)
         stage["state_cache_before"] = _cache_state(cache) if spec.replay else None
         trainer = _build_trainer(
             net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
-            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model,
+            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, task_replay=kept,
         )
+        task_step = getattr(getattr(trainer, "gere_step", None), "task_replay", None)
+        if spec.task_replay:
+            stage["task_replay"] = None if task_step is None else {
+                "sources": list(task_step.rows.sources), "rows": list(task_step.rows.kept),
+                "per_step": task_step.per_step, "weight": task_step.weight,
+            }
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         t0 = time.perf_counter()
         train_out = trainer.train()
@@ -375,8 +587,12 @@ def run_sequence(
         before, after = stage["state_cache_before"], stage["state_cache_after"]
         stage["state_cache_reused"] = bool(before and before.get("exists") and before == after)
         net = trainer.model
-        del trainer  # frees the optimizer state before evaluating
+        del trainer, task_step  # frees the optimizer state before evaluating
         gc.collect()
+        if spec.task_replay and k < len(tasks) - 1:
+            path, n = keep_task_sample(task, tok, settings, keep_seed, k, out_dir / "task_replay")
+            kept.append(path)
+            result["task_replay"]["kept"][task.name] = {"rows": n, "of": len(task.train), "path": str(path)}
         stage["end_fingerprint"] = model_fingerprint(net)
         is_last = k == len(tasks) - 1
         stage["eval"] = evaluate_stage(net, tok, tasks, eval_general if not is_last else general,

@@ -52,6 +52,26 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda c: len(c[1]))
 
 
+def check_freeze_depth(model: nn.Module, num_layers: int) -> None:
+    """Raise :class:`~gere_plugin.GeReConfigError` when ``gere_freeze_layers`` exceeds the model's depth.
+
+    Runs before anything expensive (the state build), so a wrong value fails in seconds.
+    """
+    from .config import GeReConfigError
+
+    if not num_layers:
+        return
+    try:
+        name, layers = find_decoder_layers(model)
+    except ValueError as e:
+        raise GeReConfigError(f"{e} Set gere_freeze_layers: 0 for this model.") from None
+    if num_layers > len(layers):
+        raise GeReConfigError(
+            f"gere_freeze_layers={num_layers} but the model has only {len(layers)} decoder layers ({name}). Use a "
+            f"value from 0 to {len(layers)} (the spurious-forgetting paper freezes 3)."
+        )
+
+
 def layer_index_of(param_name: str, layers_name: str) -> Optional[int]:
     """Layer index of a parameter under ``layers_name`` (``layers.1`` never matches ``layers.10``)."""
     m = re.search(re.escape(layers_name) + r"\.(\d+)\.", param_name)

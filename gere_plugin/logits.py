@@ -258,6 +258,16 @@ def _ce_chunk(head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
+def _chunked_ce(head: LogitHead, hidden: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor, chunk: int,
+                min_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE of the next tokens at the positions ``keep`` (``[B, T-1]``) marks, chunked: ``(sum, count)``."""
+    keep = keep.to(hidden.device).bool()
+    rows = hidden[:, :-1][keep]  # [N, H]: only real targets reach the head
+    targets = input_ids[:, 1:].to(hidden.device)[keep]
+    ce = _chunked(_ce_chunk, (head,), (rows, targets), chunk, min_chunks)
+    return ce.sum(), keep.sum()
+
+
 def chunked_token_ce(
     head: LogitHead,
     hidden: torch.Tensor,
@@ -278,11 +288,20 @@ def chunked_token_ce(
 
     Returns ``(sum of per-token CE, number of targets)``.
     """
-    tmask = (mask[:, 1:] * mask[:, :-1]).to(hidden.device).bool()
-    rows = hidden[:, :-1][tmask]  # [N, H]: only real targets reach the head
-    targets = input_ids[:, 1:].to(hidden.device)[tmask]
-    ce = _chunked(_ce_chunk, (head,), (rows, targets), chunk, min_chunks)
-    return ce.sum(), tmask.sum()
+    return _chunked_ce(head, hidden, input_ids, mask[:, 1:] * mask[:, :-1], chunk, min_chunks)
+
+
+def chunked_target_ce(
+    head: LogitHead,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    chunk: int,
+    min_chunks: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~gere_plugin.losses.target_ce` of ``head(hidden)`` without building the full logits (earlier-task
+    rows: token ``t`` counts when ``target_mask[t] == 1``); arguments as :func:`chunked_token_ce`."""
+    return _chunked_ce(head, hidden, input_ids, target_mask[:, 1:], chunk, min_chunks)
 
 
 def _kl_chunk(head: LogitHead, base_head: LogitHead, hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:

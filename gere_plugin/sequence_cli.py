@@ -7,7 +7,10 @@ Each ``--task NAME TRAIN TEST`` names a task, its training rows and its test ite
   (or ``"answer": " yes"`` instead of ``gold``).
 
 The tasks run in the order given, carrying the model forward; replay methods share one base-state
-cache built from the ORIGINAL model. The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task
+cache built from the ORIGINAL model. Methods ending in ``_er`` (``gere_er``, ``replay_er``, ``plain_er``)
+also replay earlier tasks: after each task a seeded sample of at most ``--gere_task_replay_size`` of its
+training rows is kept as token ids in ``OUT/task_replay/`` and replayed in every later task
+(``--gere_task_replay_per_step`` rows per step, share ``--gere_task_replay_weight`` of the task term). The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task
 logs, general ability when ``--ppl`` / ``--cloze`` are given) is rewritten after every task and can be
 turned into tables and plots with ``gere report``. Library equivalent: :func:`gere_plugin.continual.run_sequence`.
 """
@@ -78,35 +81,63 @@ def load_test_items(path: str | os.PathLike) -> list[Any]:
     return items
 
 
+#: TrainSettings fields that become flags (spelled as the TRL / gere_* settings they feed).
+TRAIN_FLAGS = (
+    "max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+    "warmup_ratio", "warmup_steps", "lr_scheduler_type", "weight_decay", "bf16", "completion_eos", "logging_steps",
+)  # fmt: skip
+GERE_SETTING_FLAGS = (
+    "gere_replay_size", "gere_replay_max_length", "gere_replay_per_step", "gere_weight", "gere_seed",
+    "gere_state_batch_size", "gere_task_replay_size", "gere_task_replay_per_step", "gere_task_replay_weight",
+)  # fmt: skip
+#: Old spellings (still accepted, with a note) -> the flag they now are.
+DEPRECATED_FLAGS = {
+    "--replay": "--gere_replay", "--state-cache": "--gere_state_cache", "--steps": "--max_steps",
+    "--lr": "--learning_rate", "--batch-size": "--per_device_train_batch_size",
+    "--gradient-accumulation-steps": "--gradient_accumulation_steps", "--max-length": "--max_length",
+    "--replay-size": "--gere_replay_size", "--replay-max-length": "--gere_replay_max_length",
+    "--replay-per-step": "--gere_replay_per_step",
+}  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .commands import add_deprecated_flag, add_field_flags
+    from .config import GeReArguments
     from .continual import METHODS, TrainSettings
 
-    d = TrainSettings()
     p = argparse.ArgumentParser(prog="gere sequence", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the ORIGINAL base model (folder or cached id)")
     p.add_argument("--task", nargs=3, action="append", metavar=("NAME", "TRAIN", "TEST"), required=True,
                    help="one task of the sequence (repeat, in order)")
     p.add_argument("--method", default="gere", choices=sorted(METHODS))
-    p.add_argument("--replay", help="replay source for replay methods (e.g. replay.jsonl with a 'text' field)")
+    add_field_flags(p, GeReArguments, ("gere_replay",))
     p.add_argument("--out", required=True, help="output folder (trainer runs, result.json, final model)")
-    p.add_argument("--state-cache", help="base-state cache folder (default OUT/gere_states); reuse it across runs")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--steps", type=int, default=d.steps_per_task, help="optimizer steps per task")
-    p.add_argument("--lr", type=float, default=d.learning_rate)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--replay-size", type=int, default=d.replay_size)
-    p.add_argument("--replay-max-length", type=int, default=d.replay_max_length)
-    p.add_argument("--replay-per-step", type=int, default=d.replay_per_step)
-    p.add_argument("--bf16", action="store_true")
+    add_field_flags(p, GeReArguments, ("gere_state_cache",))
+    p.add_argument("--seed", type=int, default=42, help="training seed (also gere_seed unless --gere_seed is given)")
+    add_field_flags(p, TrainSettings, TRAIN_FLAGS + GERE_SETTING_FLAGS)
     p.add_argument("--ppl", nargs="*", default=[], help="held-out text files (.jsonl/.txt) or 'wiki'")
     p.add_argument("--cloze", nargs="*", default=[], help="cloze tasks, e.g. arc_easy piqa")
     p.add_argument("--limit", type=int, default=300, help="items per cloze task and texts per ppl set")
     p.add_argument("--general-every-task", action="store_true", help="general evaluation after every task too")
     p.add_argument("--save-final", action="store_true", help="save the final model to OUT/final")
+    p.add_argument("--force", action="store_true", help="write into an --out that holds an earlier run's results")
+    for old, new in DEPRECATED_FLAGS.items():
+        add_deprecated_flag(p, old, new)
     return p
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to write over an earlier run's files (result.json, task_* folders, final/) unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise GeReConfigError(f"--out {str(out)!r} is a file; give a folder for the run.")
+    if out.is_dir() and not force:
+        earlier = sorted(p.name for p in out.iterdir() if p.name in ("result.json", "final") or p.name.startswith("task_"))
+        if earlier:
+            raise GeReConfigError(
+                f"--out {str(out)!r} holds an earlier run ({', '.join(earlier[:4])}); gere never overwrites files "
+                "unasked: choose a new --out, or pass --force to replace that run's files."
+            )
 
 
 def sequence_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -115,26 +146,28 @@ def sequence_main(argv: Optional[Sequence[str]] = None) -> int:
     names = [t[0] for t in args.task]
     if len(set(names)) != len(names):
         raise GeReConfigError(f"--task names must be unique, got {names}.")
+    from .commands import check_model_source
     from .continual import METHODS, SequenceTask, TrainSettings, run_sequence
 
-    if METHODS[args.method].replay and not args.replay:
-        raise GeReConfigError(f"--method {args.method} replays general text: pass --replay FILE (see `gere build-replay`).")
+    settings = TrainSettings(
+        **{k: getattr(args, k) for k in TRAIN_FLAGS + GERE_SETTING_FLAGS}, general_every_task=args.general_every_task
+    )  # validates every value, naming its flag
+    if METHODS[args.method].replay and not args.gere_replay:
+        raise GeReConfigError(
+            f"--method {args.method} replays general text: pass --gere_replay FILE (see `gere build-replay`)."
+        )
+    out = Path(args.out)
+    _check_out(out, args.force)
+    model = check_model_source(args.model, "--model")
     tasks = [SequenceTask(name=n, train=load_train_rows(tr), test=load_test_items(te)) for n, tr, te in args.task]
     general = None
     if args.ppl or args.cloze:
         from .evaluation.cli import general_config
 
         general = general_config(args.ppl, args.cloze, args.limit, 256, 16)
-    settings = TrainSettings(
-        steps_per_task=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=args.max_length,
-        replay_size=args.replay_size, replay_max_length=args.replay_max_length,
-        replay_per_step=args.replay_per_step, bf16=args.bf16, general_every_task=args.general_every_task,
-    )
-    out = Path(args.out)
     result = run_sequence(
-        args.model, tasks, args.method, out, settings=settings, replay=args.replay,
-        state_cache=args.state_cache, seed=args.seed, general=general, result_path=out / "result.json",
+        model, tasks, args.method, out, settings=settings, replay=args.gere_replay,
+        state_cache=args.gere_state_cache, seed=args.seed, general=general, result_path=out / "result.json",
         save_final_model=args.save_final,
     )
     width = max(len(n) for n in names)

@@ -25,7 +25,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -33,20 +33,29 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+# The folder rules (what IS a GeRe cache, what may be replaced, the default folder) need no torch and
+# live in cache_folder.py, so that `axolotl gere check` applies them too; re-exported here.
+from .cache_folder import (  # noqa: F401
+    CACHE_FILES,
+    DEFAULT_CACHE_NAME,
+    FORMAT_VERSION,
+    LABELS,
+    META,
+    THRESHOLDS,
+    StateCacheError,
+    _entries,
+    _foreign_error,
+    _is_gere_meta,
+    _read_meta,
+    check_replaceable,
+    is_state_cache,
+    state_cache_folder,
+)
 from .config import GeReConfigError
 from .losses import INACTIVE, NEG, POS
 from .replay import ReplaySet
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 2
-META = "meta.json"
-THRESHOLDS = "thresholds.safetensors"
-LABELS = "labels.bin"
-
-
-class StateCacheError(GeReConfigError):
-    """The state cache does not match this run or is damaged; the message says how to rebuild it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +256,7 @@ class StateCache:
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        check_replaceable(folder)  # before anything is written: never replace what GeRe did not create
         folder.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
         tmp = folder.parent / f".{folder.name}.tmp-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
@@ -270,7 +280,10 @@ class StateCache:
                 fh.flush()
                 os.fsync(fh.fileno())
             _fsync_dir(tmp)
-            if folder.exists():
+            check_replaceable(folder)  # again: the folder may have changed during the build
+            if folder.is_dir() and not any(folder.iterdir()):
+                os.replace(tmp, folder)  # onto an empty folder (rename allows it)
+            elif folder.exists():
                 old = folder.parent / f".{folder.name}.old-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
                 os.replace(folder, old)
                 os.replace(tmp, folder)
@@ -333,16 +346,27 @@ class StateCache:
             raise StateCacheError(f"gere_state_cache={str(folder)!r}: thresholds and labels disagree in shape. {rebuild}")
         return cache
 
-    def check_compatible(self, replay: ReplaySet, hidden_size: int, layers: Sequence[int], sigma: float, where: str) -> None:
-        """Raise :class:`StateCacheError` unless this cache was built for this replay set, tokenizer and model."""
+    def check_compatible(
+        self,
+        replay: ReplaySet,
+        hidden_size: Optional[int],
+        layers: Sequence[int],
+        sigma: float,
+        where: str,
+        fix: Optional[str] = None,
+    ) -> None:
+        """Raise :class:`StateCacheError` unless this cache was built for this replay set, tokenizer and model.
+
+        ``hidden_size=None`` skips the hidden-size check; ``fix`` replaces the default advice.
+        """
         m = self.meta
-        rebuild = f"Delete {where} or point gere_state_cache at a new folder to rebuild it for this run."
+        rebuild = fix or f"Delete {where} or point gere_state_cache at a new folder to rebuild it for this run."
         if m["tokenizer_fingerprint"] != replay.tokenizer_fingerprint:
             raise StateCacheError(
                 f"gere_state_cache={where!r} was built with another tokenizer (fingerprint {m['tokenizer_fingerprint']}, "
                 f"this run {replay.tokenizer_fingerprint}). {rebuild}"
             )
-        if int(m["hidden_size"]) != int(hidden_size):
+        if hidden_size is not None and int(m["hidden_size"]) != int(hidden_size):
             raise StateCacheError(
                 f"gere_state_cache={where!r} was built for hidden size {m['hidden_size']}, but the model has "
                 f"hidden size {hidden_size}: it belongs to another model family. {rebuild}"
@@ -373,6 +397,115 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one owner of the cache folder: reuse, build or refuse, decided before any forward pass
+# ---------------------------------------------------------------------------------------------
+#: Advice for a cache that does not fit the run (the trainers and Axolotl plugin never replace one).
+REPLACE_ADVICE = (
+    "Point gere_state_cache at a new folder, or replace this cache explicitly with `gere cache-states ... --force` "
+    "or `axolotl gere build-cache CONFIG --force`."
+)
+
+
+@dataclass
+class CachePlan:
+    """What :func:`plan_state_cache` decided for a folder: ``reuse`` (``cache`` is loaded), ``build``
+    (absent or empty folder) or ``rebuild`` (replace a GeRe cache, only with ``force``)."""
+
+    folder: Path
+    action: str
+    cache: Optional[StateCache] = None
+    reason: str = ""
+
+
+def plan_state_cache(
+    folder: str | os.PathLike,
+    replay: ReplaySet,
+    hidden_size: Optional[int],
+    layers: Sequence[int],
+    sigma: float,
+    *,
+    force: bool = False,
+    fix: Optional[str] = None,
+) -> CachePlan:
+    """Decide, without running the model, what to do with the cache folder of this run.
+
+    * absent or empty folder: ``build``;
+    * a compatible GeRe cache: ``reuse`` (``rebuild`` with ``force``);
+    * a damaged GeRe cache, or one of another tokenizer, hidden size, replay set, layers or sigma:
+      :class:`StateCacheError` naming ``gere_state_cache`` and the fix (``rebuild`` with ``force``);
+    * anything else (a file, user files, a model folder, a cache mixed with other files): always
+      :class:`StateCacheError`, with or without ``force``.
+    """
+    folder = Path(folder)
+    fix = fix or REPLACE_ADVICE
+    if not folder.exists() and not folder.is_symlink():
+        return CachePlan(folder, "build")
+    if not folder.is_dir():
+        raise _foreign_error(folder)
+    names = set(_entries(folder))
+    if not names:
+        return CachePlan(folder, "build")
+    meta = _read_meta(folder)
+    # A folder is read as a cache only when its meta.json is GeRe's, or when it holds nothing but
+    # cache files (then a damaged meta.json is reported as damage, not as a foreign folder).
+    if META not in names or not (_is_gere_meta(meta) or names <= set(CACHE_FILES)):
+        raise _foreign_error(folder)
+    try:
+        cache = StateCache.load(folder)
+        cache.check_compatible(replay, hidden_size, layers, sigma, str(folder), fix=fix)
+    except StateCacheError as e:
+        if not force:
+            raise
+        check_replaceable(folder)  # force replaces only a folder that IS a GeRe cache
+        return CachePlan(folder, "rebuild", reason=str(e))
+    if force:
+        check_replaceable(folder)
+        return CachePlan(folder, "rebuild", cache=None, reason="forced")
+    return CachePlan(folder, "reuse", cache=cache)
+
+
+def ensure_state_cache(
+    folder: str | os.PathLike,
+    replay: ReplaySet,
+    hidden_size: Optional[int],
+    layers: Sequence[int],
+    sigma: float,
+    build: Callable[[], StateCache],
+    *,
+    force: bool = False,
+    save: bool = True,
+    fix: Optional[str] = None,
+) -> CachePlan:
+    """The one way the trainers, ``gere cache-states`` and ``axolotl gere build-cache`` get a cache.
+
+    :func:`plan_state_cache` decides first (no forward pass before it); then ``build()`` runs only
+    for ``build`` / ``rebuild``, and the result is saved atomically (``save=False`` on ranks other
+    than the main one). Returns the plan with ``cache`` set.
+    """
+    plan = plan_state_cache(folder, replay, hidden_size, layers, sigma, force=force, fix=fix)
+    if plan.action == "reuse":
+        assert plan.cache is not None
+        logger.info("gere: reusing base-model state cache %s (base model %s)", plan.folder, plan.cache.meta.get("base_model"))
+        return plan
+    cache = build()
+    if hidden_size is not None and cache.hidden_size != int(hidden_size):
+        raise StateCacheError(
+            f"gere_state_cache={str(plan.folder)!r}: the states have hidden size {cache.hidden_size} but the model "
+            f"reports {hidden_size}; check gere_layers."
+        )
+    plan.cache = cache
+    if save:
+        if plan.action == "build" and plan.folder.exists() and any(plan.folder.iterdir()):
+            # Someone else wrote the folder during the build: decide again (reuse, or refuse), never replace.
+            again = plan_state_cache(plan.folder, replay, hidden_size, layers, sigma, fix=fix)
+            if again.action == "reuse":
+                return again
+        cache.save(plan.folder)
+        logger.info("gere: %s the base-model state cache %s", "replaced" if plan.action == "rebuild" else "wrote", plan.folder)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,8 +633,40 @@ def build_state_cache(
     return StateCache(mu32, std32, pos, neg, packed, torch.from_numpy(offsets), meta)
 
 
-def hidden_size_of(model: torch.nn.Module) -> Optional[int]:
-    cfg = getattr(model, "config", None)
+def _text_config(model_or_config: Any) -> Any:
+    cfg = getattr(model_or_config, "config", model_or_config)
     if cfg is not None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
+    return cfg
+
+
+def hidden_size_of(model: Any) -> Optional[int]:
+    """Hidden size from a model's (or a config's) text config; ``None`` when it does not say."""
+    cfg = _text_config(model)
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", None)
+
+
+def num_hidden_states_of(model: Any) -> Optional[int]:
+    """How many ``hidden_states`` a forward returns (decoder layers + the embeddings); ``None`` if unknown."""
+    cfg = _text_config(model)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v + 1
+    return None
+
+
+def check_layer_indices(model: Any, layers: Sequence[int]) -> None:
+    """Raise :class:`GeReConfigError` when ``gere_layers`` names a hidden state the model does not return.
+
+    Runs before the state build (the build would otherwise fail only at its first forward).
+    """
+    n = num_hidden_states_of(model)
+    if n is None:
+        return
+    for i in layers:
+        if not -n <= i < n:
+            raise GeReConfigError(
+                f"gere_layers contains {i}, but the model returns {n} hidden states (valid: {-n}..{n - 1}). "
+                "Use -1 for the final hidden state (after the last norm)."
+            )

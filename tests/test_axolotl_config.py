@@ -14,8 +14,17 @@ import yaml
 
 pytest.importorskip("axolotl")
 
-from gere_plugin.axolotl.args import PLUGIN_PATH, PLUGIN_PATHS, GeReArgs, gere_arguments_from_cfg  # noqa: E402
+from gere_plugin.axolotl.args import (  # noqa: E402
+    PLUGIN_COLON_PATHS,
+    PLUGIN_PATH,
+    PLUGIN_PATHS,
+    GeReArgs,
+    check_gere_request,
+    gere_arguments_from_cfg,
+    loss_family_for_rl,
+)
 from gere_plugin.axolotl.check import check_config  # noqa: E402
+from gere_plugin.axolotl.compat import axolotl_facts  # noqa: E402
 from gere_plugin.config import GeReArguments, GeReConfigError, gere_defaults, gere_fields  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +72,7 @@ def test_schema_declares_every_gere_key_with_none_default():
 
 
 def test_schema_normalises_yaml_scalars():
-    args = GeReArgs(gere_weight=100, gere_layers=-1, gere_sigma=2)
+    args = GeReArgs(gere_replay="r.jsonl", gere_weight=100, gere_layers=-1, gere_sigma=2)
     assert args.gere_weight == "100.0"
     assert args.gere_layers == [-1]
     assert GeReArgs().gere_replay is None
@@ -175,35 +184,148 @@ def test_unsupported_rl_mode_is_rejected(plugin_manager):
     assert check_config(raw, raise_on_error=False).problems
 
 
-def test_plugin_left_in_singleton_does_not_affect_a_config_without_it(plugin_manager):
-    axolotl_validate(load_recipe("tiny-cpu-sft-full.yml"))
+def test_grpo_is_accepted_but_its_async_and_sequence_parallel_trainers_are_refused(plugin_manager):
+    raw = load_recipe("tiny-cpu-grpo-full.yml")
+    assert raw["rl"] == "grpo"
+    cfg = axolotl_validate(raw)
+    assert cfg["rl"] == "grpo" and cfg["gere_replay_per_step"] == 3
+    assert check_config(raw, raise_on_error=False).problems == []
+    for key in ("async_prefetch", "use_data_producer"):
+        bad = copy.deepcopy(raw)
+        bad["trl"][key] = True
+        with pytest.raises(GeReConfigError, match=f"trl.{key}: true switches Axolotl to its asynchronous GRPO"):
+            check_gere_request(bad)
+        assert any(f"trl.{key}" in p for p in check_config(bad, raise_on_error=False).problems)
+    bad = dict(copy.deepcopy(raw), context_parallel_size=2)
+    with pytest.raises(GeReConfigError, match="context_parallel_size > 1 with rl: grpo"):
+        check_gere_request(bad)
+
+
+@pytest.mark.parametrize(("rl", "family"), [(None, "sft"), ("dpo", "dpo"), ("ipo", "dpo"), ("grpo", "grpo")])
+def test_each_supported_training_mode_has_a_loss_family(rl, family):
+    assert loss_family_for_rl(rl) == family
+
+
+# ------------------------------------------------------------------------------------------------
+# Every plugin-line form on the installed Axolotl: GeRe runs exactly once, or a clear error
+# ------------------------------------------------------------------------------------------------
+FACTS = axolotl_facts()
+NEW_AXOLOTL = FACTS.loads_entry_points  # >= 0.21: entry points loaded for every config
+PLUGIN_FORMS = [*PLUGIN_PATHS, *PLUGIN_COLON_PATHS, None]  # None = no plugins: line at all
+
+
+def test_installed_axolotl_is_one_the_suite_claims():
+    assert FACTS.version in ("0.19.0", "0.21.0"), FACTS.version
+    assert FACTS.entry_point, "gere-plugin's axolotl.plugins entry point is not installed (pip install -e .)"
+
+
+def _gere_plugins_in(manager) -> list:
+    from gere_plugin.axolotl.plugin import GeRePlugin
+
+    return [p for p in manager.plugins.values() if isinstance(p, GeRePlugin)]
+
+
+def _served_trainers(manager, cfg, tiny_dir, tmp_path):
+    """Run Axolotl's post_trainer_create over every registered plugin; return the GeRe set-ups made."""
+    from gere_plugin.trainer import GeReCheckpointCallback
+
+    trainer = _plain_trainer(tiny_dir, tmp_path)
+    manager.post_trainer_create(cfg, trainer)
+    return [c for c in trainer.callback_handler.callbacks if isinstance(c, GeReCheckpointCallback)], trainer
+
+
+def _tiny_gere_raw(replay_file, tmp_path, plugins) -> dict:
+    raw = load_recipe("tiny-cpu-sft-full.yml")
+    raw.update(
+        gere_replay=str(replay_file), gere_replay_size=16, gere_replay_max_length=16, gere_replay_per_step=3,
+        gere_state_cache=str(tmp_path / "states"), gere_freeze_layers=0, gere_freeze_embeddings=False,
+    )
+    if plugins is None:
+        raw.pop("plugins", None)
+    else:
+        raw["plugins"] = plugins
+    return raw
+
+
+@pytest.mark.parametrize("form", PLUGIN_FORMS, ids=lambda f: f or "no-line")
+def test_every_plugin_line_form_runs_gere_once_or_fails_clearly(form, plugin_manager, tiny_dir, replay_file, tmp_path):
+    raw = _tiny_gere_raw(replay_file, tmp_path, None if form is None else [form])
+    check = check_config(raw, raise_on_error=False)
+    colon = form is not None and ":" in form
+    if form is None and not NEW_AXOLOTL:
+        # Axolotl 0.19 never loads the plugin: the keys are dropped silently, which only the check sees.
+        cfg = axolotl_validate(raw)
+        assert not any(k.startswith("gere_") for k in cfg)
+        assert not check.ok and "silently drops" in check.problems[0] and PLUGIN_PATH in check.problems[0]
+        return
+    if colon and not NEW_AXOLOTL:
+        # 0.19's loader splits at the last '.': a crash, named by our module's __getattr__ where it can be.
+        with pytest.raises((AttributeError, ValueError)) as err:
+            axolotl_validate(raw)
+        if isinstance(err.value, AttributeError):
+            assert "module:Class" in str(err.value) and PLUGIN_PATH in str(err.value)
+        assert not check.ok and "module:Class" in check.problems[0]
+        return
+    cfg = axolotl_validate(raw)  # no "duplicate base class", whatever the spelling
+    assert check.ok and check.uses_gere, check.report()
+    assert check.via_entry_point == (form is None)
+    for key, value in raw.items():
+        if key.startswith("gere_"):
+            assert cfg[key] == value, key
+    instances = _gere_plugins_in(plugin_manager)
+    assert instances, "no GeRePlugin registered"
+    # one schema merge, one set-up: exactly one instance acts
+    assert [p.get_input_args() for p in instances].count("gere_plugin.axolotl.args.GeReArgs") == 1
+    setups, trainer = _served_trainers(plugin_manager, cfg, tiny_dir, tmp_path)
+    assert len(setups) == 1 and trainer.gere_step is not None and trainer.gere_step.per_step == 3
+
+
+def test_two_spellings_in_one_yaml_act_once(plugin_manager, tiny_dir, replay_file, tmp_path):
+    raw = _tiny_gere_raw(replay_file, tmp_path, ["gere_plugin.GeRePlugin", "gere_plugin.axolotl.GeRePlugin"])
+    cfg = axolotl_validate(raw)
+    assert len(_gere_plugins_in(plugin_manager)) >= 2
+    setups, _ = _served_trainers(plugin_manager, cfg, tiny_dir, tmp_path)
+    assert len(setups) == 1
+
+
+def test_config_without_gere_is_untouched_by_the_loaded_plugin(plugin_manager, tiny_dir, tmp_path):
     plain = {k: v for k, v in load_recipe("tiny-cpu-sft-full.yml").items() if not k.startswith("gere_")}
     plain["plugins"] = ["axolotl.integrations.grokfast.GrokfastPlugin"]
-    cfg = axolotl_validate(plain)  # our plugin is still registered, but this config does not list it
+    cfg = axolotl_validate(plain)
     assert cfg["gere_replay"] is None
-    assert "GrokfastPlugin" in type(plugin_manager.plugins[plain["plugins"][0]]).__name__
+    if NEW_AXOLOTL:
+        assert _gere_plugins_in(plugin_manager), "0.21 should load the plugin through its entry point"
+    setups, trainer = _served_trainers(plugin_manager, cfg, tiny_dir, tmp_path)
+    assert not setups and getattr(trainer, "gere_step", None) is None
 
 
-# ------------------------------------------------------------------------------------------------
-# The silent drop: what stock Axolotl does, and what check_config catches
-# ------------------------------------------------------------------------------------------------
-def test_stock_axolotl_silently_drops_gere_keys_without_the_plugin(plugin_manager):
+def test_gere_keys_without_gere_replay_are_an_error_not_a_silent_skip(plugin_manager):
     raw = load_recipe("tiny-cpu-sft-full.yml")
-    del raw["plugins"]
-    cfg = axolotl_validate(raw)  # no error from Axolotl ...
-    assert not any(k.startswith("gere_") for k in cfg)  # ... and GeRe is gone
-    with pytest.raises(GeReConfigError, match="silently drops"):
-        check_config(raw)
+    del raw["gere_replay"]
+    if not NEW_AXOLOTL:
+        del raw["plugins"]  # 0.19 never sees the keys without the line; the check does
+        assert any("gere_replay is not set" in p for p in check_config(raw, raise_on_error=False).problems)
+        return
+    raw.pop("plugins")  # 0.21: the entry point alone
+    with pytest.raises(Exception, match="gere_replay is not set") as err:
+        axolotl_validate(raw)
+    assert "gere_freeze_layers" in str(err.value)  # names what asked for GeRe
 
 
-def test_misspelled_module_is_only_logged_by_axolotl(plugin_manager):
+def test_misspelled_module(plugin_manager):
     raw = load_recipe("tiny-cpu-sft-full.yml")
     raw["plugins"] = ["gere_plugins.GeRePlugin"]
-    cfg = axolotl_validate(raw)  # Axolotl logs the ImportError and goes on
-    assert not plugin_manager.plugins
-    assert cfg["gere_replay"] is None
-    with pytest.raises(GeReConfigError, match="does not load the GeRe plugin"):
+    with pytest.raises(GeReConfigError, match="does not load the GeRe plugin") as err:
         check_config(raw)
+    if NEW_AXOLOTL:
+        assert "raises at start-up" in str(err.value)
+        with pytest.raises(ModuleNotFoundError):
+            axolotl_validate(raw)  # configured plugins are required on 0.21
+    else:
+        assert "WITHOUT GeRe" in str(err.value)
+        cfg = axolotl_validate(raw)  # 0.19 logs the ImportError and goes on without GeRe
+        assert not _gere_plugins_in(plugin_manager)
+        assert cfg["gere_replay"] is None
 
 
 @pytest.mark.parametrize(
@@ -219,12 +341,42 @@ def test_other_plugin_typos_crash_axolotl_and_are_caught_earlier(entry, axolotl_
     assert entry in result.problems[0]
 
 
-@pytest.mark.parametrize("entry", PLUGIN_PATHS)
+@pytest.mark.parametrize("entry", PLUGIN_PATHS + (PLUGIN_COLON_PATHS if NEW_AXOLOTL else ()))
 def test_every_documented_plugin_path_loads_with_axolotls_loader(entry):
     from gere_plugin.axolotl.check import plugin_is_loadable
 
     assert plugin_is_loadable(entry)
     assert check_config({"plugins": [entry], "gere_replay": "x.jsonl"}).uses_gere
+
+
+@pytest.mark.parametrize("version,entry_point", [("0.19.0", True), ("0.21.0", True), ("0.21.0", False), (None, True)])
+def test_check_advice_is_true_for_each_axolotl_version(version, entry_point):
+    """The check's verdict on the same YAMLs for every version it knows (None = Axolotl not installed)."""
+    from gere_plugin.axolotl.compat import AxolotlFacts
+
+    facts = AxolotlFacts(version=version, entry_point=entry_point)
+
+    def run(cfg):
+        return check_config(cfg, raise_on_error=False, axolotl=facts)
+
+    keys_only = {"gere_replay": "r.jsonl", "gere_replay_per_step": 2}
+    no_line = run(keys_only)
+    if version == "0.21.0" and entry_point:
+        assert no_line.ok and no_line.via_entry_point and "entry point" in no_line.report()
+    else:
+        assert not no_line.ok and PLUGIN_PATH in no_line.problems[0]
+        if version == "0.21.0":
+            assert "entry point is not installed" in no_line.problems[0]
+        elif version == "0.19.0":
+            assert "silently drops" in no_line.problems[0]
+    colon = run(dict(keys_only, plugins=["gere_plugin:GeRePlugin"]))
+    # 0.19 crashes on it; unknown version: nothing to claim, so the colon form is not flagged
+    assert colon.ok == (version != "0.19.0"), colon.report()
+    dotted = run(dict(keys_only, plugins=[PLUGIN_PATH]))
+    assert dotted.ok and dotted.uses_gere
+    typo = run(dict(keys_only, plugins=["gere_plugins.GeRePlugin"]))
+    assert not typo.ok
+    assert ("raises at start-up" in typo.problems[0]) == (version == "0.21.0")
 
 
 def test_check_config_reports_every_problem_at_once(tmp_path):
@@ -234,7 +386,7 @@ def test_check_config_reports_every_problem_at_once(tmp_path):
     )
     result = check_config(bad, raise_on_error=False)
     assert len(result.problems) == 2
-    assert any("dotted path" in p for p in result.problems)
+    assert any("is not a plugin path" in p for p in result.problems)
     assert any("gere_sigma" in p for p in result.problems)
     missing = check_config({"plugins": [PLUGIN_PATH]}, raise_on_error=False)
     assert any("gere_replay is not set" in p for p in missing.problems)
@@ -273,9 +425,17 @@ def test_axolotl_cli_lists_and_runs_gere_check(tmp_path):
     ok = runner.invoke(cli, ["gere", "check", good])
     assert ok.exit_code == 0, ok.output
     assert "OK" in ok.output
-    fail = runner.invoke(cli, ["gere", "check", good, str(bad)])
-    assert fail.exit_code == 1
-    assert "silently drops" in fail.output
+    both = runner.invoke(cli, ["gere", "check", good, str(bad)])
+    if NEW_AXOLOTL:  # the keys alone run GeRe on 0.21: the check says so and passes
+        assert both.exit_code == 0, both.output
+        assert "runs through its entry point" in both.output and FACTS.version in both.output
+    else:
+        assert both.exit_code == 1
+        assert "silently drops" in both.output and PLUGIN_PATH in both.output
+    typo = tmp_path / "typo.yml"
+    typo.write_text(yaml.safe_dump(dict(raw, plugins=["gere_plugin.GerePlugin"])))
+    fail = runner.invoke(cli, ["gere", "check", str(typo)])
+    assert fail.exit_code == 1 and "gere_plugin.GeRePlugin" in fail.output
 
 
 def test_tiny_model_command_writes_a_loadable_model(tmp_path):
@@ -341,19 +501,25 @@ def test_post_trainer_create_swaps_class_freezes_and_builds_cache(
     assert any("layers.1." in n for n in frozen) and not any("layers.2." in n for n in frozen)
 
 
-def test_post_trainer_create_uses_sum_for_dpo_and_ignores_configs_without_plugin(
+def test_post_trainer_create_uses_sum_for_dpo_and_ignores_configs_without_gere(
     tiny_dir, replay_file, tmp_path, plugin_manager
 ):
+    from axolotl.utils.dict import DictDefault
+
     from gere_plugin.axolotl.plugin import GeRePlugin
     from gere_plugin.trainer import GeReTrainerMixin
 
     trainer = _plain_trainer(tiny_dir, tmp_path)
-    other = _gere_cfg(replay_file, tmp_path)
-    other["plugins"] = []
-    GeRePlugin().post_trainer_create(other, trainer)
+    GeRePlugin().post_trainer_create(DictDefault({"plugins": [], "learning_rate": 1e-3}), trainer)
     assert not isinstance(trainer, GeReTrainerMixin)
     GeRePlugin().post_trainer_create(_gere_cfg(replay_file, tmp_path, rl="dpo"), trainer)
-    assert trainer.gere_combine == "sum"
+    assert trainer.gere_combine == "sum" and trainer.gere_family == "dpo"
+    # gere_* keys without the plugin line are served too (on 0.21 that is how the entry point runs GeRe)
+    keys_only = _gere_cfg(replay_file, tmp_path)
+    keys_only["plugins"] = []
+    trainer2 = _plain_trainer(tiny_dir, tmp_path)
+    GeRePlugin().post_trainer_create(keys_only, trainer2)
+    assert isinstance(trainer2, GeReTrainerMixin) and trainer2.gere_combine == "mean"
 
 
 def test_post_trainer_create_refuses_to_freeze_after_the_optimizer_exists(

@@ -1,4 +1,4 @@
-"""End-to-end: ``axolotl train`` with the GeRe plugin on CPU, for SFT and DPO, full and LoRA.
+"""End-to-end: ``axolotl train`` with the GeRe plugin on CPU: SFT and DPO (full and LoRA), GRPO (full).
 
 Each test copies a ``recipes/axolotl/tiny-cpu-*.yml`` recipe, points it at the tiny random Llama
 from ``conftest.py`` and a temporary output folder, runs Axolotl in a subprocess (exactly as a user
@@ -28,6 +28,11 @@ from .scripts import runner
 
 pytest.importorskip("axolotl")
 
+from gere_plugin.axolotl.args import PLUGIN_PATH  # noqa: E402
+from gere_plugin.axolotl.compat import axolotl_facts  # noqa: E402
+
+NEW_AXOLOTL = axolotl_facts().loads_entry_points  # >= 0.21: the gere_* keys alone run GeRe
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +40,15 @@ RECIPES = REPO / "recipes" / "axolotl"
 VENV_BIN = Path(sys.executable).parent
 
 
-def prepare_recipe(name: str, tmp_path: Path, model_dir: Path) -> tuple[Path, dict]:
-    """Copy a tiny recipe with base_model / output_dir / data paths made absolute for this test."""
+def prepare_recipe(name: str, tmp_path: Path, model_dir: Path, plugin_line: bool = True) -> tuple[Path, dict]:
+    """Copy a tiny recipe with base_model / output_dir / data paths made absolute for this test.
+
+    ``plugin_line=False`` drops the ``plugins:`` line (the keys alone: enough on Axolotl >= 0.21).
+    """
     raw = yaml.safe_load((RECIPES / name).read_text())
+    assert raw["plugins"] == [PLUGIN_PATH], "the recipes use the README's documented plugin line"
+    if not plugin_line:
+        del raw["plugins"]
     raw["base_model"] = str(model_dir)
     raw["output_dir"] = str(tmp_path / "out")
     raw["dataset_prepared_path"] = str(tmp_path / "prepared")
@@ -49,12 +60,17 @@ def prepare_recipe(name: str, tmp_path: Path, model_dir: Path) -> tuple[Path, di
     return path, raw
 
 
-def run(cmd: list[str], cwd: Path, replay_log: Path) -> str:
+def run(cmd: list[str], cwd: Path, replay_log: Path, expect_fail: bool = False, importable_repo: bool = False) -> str:
     env = runner.child_env(replay_log)  # offline, 1 thread, no leaked ACCELERATE_LOG_LEVEL / rank vars
     env.update(AXOLOTL_DO_NOT_TRACK="1", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
+    if importable_repo:  # the GRPO recipe names its reward function by a dotted path from the repository root
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
     out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    if expect_fail:
+        if proc.returncode == 0:
+            pytest.fail(f"{' '.join(cmd)} succeeded although it should fail:\n{out[-3000:]}")
+    elif proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{out[-6000:]}")
     return out
 
@@ -65,7 +81,14 @@ def axolotl_train(cfg_path: Path, tmp_path: Path, cli: bool = False) -> str:
         cmd = [str(VENV_BIN / "axolotl"), "train", str(cfg_path)]
     else:
         cmd = [sys.executable, "-m", "axolotl.cli.train", str(cfg_path)]
-    return run(cmd, tmp_path, tmp_path / "replay.jsonl")
+    return run(cmd, tmp_path, tmp_path / "replay.jsonl", importable_repo=True)
+
+
+def train_with_gere(cfg_path: Path, tmp_path: Path, cli: bool = False) -> str:
+    """``axolotl train`` that must set GeRe up exactly once (one plugin instance acts, whatever the YAML)."""
+    log = axolotl_train(cfg_path, tmp_path, cli=cli)
+    assert log.count("gere: trainer runs as") == 1, "GeRe must be set up exactly once"
+    return log
 
 
 def load_safetensors(path: Path) -> dict:
@@ -88,13 +111,15 @@ def check_gere_ran(raw: dict, tmp_path: Path) -> list[dict]:
     assert [h["step"] for h in history] == list(range(1, steps + 1))
     for h in history:
         for key in (
+            "gere/task_loss",
             "gere/replay_ce",
             "gere/reg_loss",
-            "gere/weight",
             "gere/out_of_state",
             "gere/replay_rows",
         ):
             assert key in h, f"{key} missing from step {h['step']}: {sorted(h)}"
+        # the weight is logged exactly on the steps whose regularizer is not 0
+        assert ("gere/weight" in h) == (h["gere/reg_loss"] != 0), h
         assert h["gere/replay_rows"] == per_step
         assert h["gere/replay_ce"] > 0
     # step 1 trains the base model itself: every replay hidden state is in its base state
@@ -150,7 +175,7 @@ def check_lora_freeze(raw: dict) -> None:
 
 def test_sft_full_with_axolotl_train_cli(tmp_path, tiny_dir):
     cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
-    axolotl_train(cfg, tmp_path, cli=True)
+    train_with_gere(cfg, tmp_path, cli=True)
     check_gere_ran(raw, tmp_path)
     check_full_freeze(raw, tiny_dir)
     assert (Path(raw["output_dir"]) / "gere_states" / "meta.json").exists()
@@ -189,7 +214,7 @@ def test_sft_lora_reuses_cache_built_by_axolotl_gere_build_cache(tmp_path, tiny_
     torch.testing.assert_close(built.mu, direct.mu, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(built.std, direct.std, atol=1e-5, rtol=1e-5)
 
-    log = axolotl_train(cfg, tmp_path)
+    log = train_with_gere(cfg, tmp_path)
     assert "gere: reusing base-model state cache" in log
     check_gere_ran(raw, tmp_path)
     check_lora_freeze(raw)
@@ -199,7 +224,7 @@ def test_sft_lora_reuses_cache_built_by_axolotl_gere_build_cache(tmp_path, tiny_
 
 def test_dpo_full(tmp_path, tiny_dir):
     cfg, raw = prepare_recipe("tiny-cpu-dpo-full.yml", tmp_path, tiny_dir)
-    axolotl_train(cfg, tmp_path)
+    train_with_gere(cfg, tmp_path)
     history = check_gere_ran(raw, tmp_path)
     assert all("rewards/margins" in h for h in history), "not a DPO run"
     check_full_freeze(raw, tiny_dir)
@@ -207,7 +232,66 @@ def test_dpo_full(tmp_path, tiny_dir):
 
 def test_dpo_lora(tmp_path, tiny_dir):
     cfg, raw = prepare_recipe("tiny-cpu-dpo-lora.yml", tmp_path, tiny_dir)
-    axolotl_train(cfg, tmp_path)
+    train_with_gere(cfg, tmp_path)
     history = check_gere_ran(raw, tmp_path)
     assert all("rewards/margins" in h for h in history), "not a DPO run"
     check_lora_freeze(raw)
+
+
+@pytest.mark.parametrize("recipe", ["tiny-cpu-sft-full.yml", "tiny-cpu-dpo-lora.yml"])
+def test_without_the_plugin_line(recipe, tmp_path, tiny_dir):
+    """The same recipe with no ``plugins:`` line: GeRe runs on Axolotl >= 0.21 (entry point); on 0.19,
+    where Axolotl would silently drop the keys, ``axolotl gere check`` refuses the YAML and says why."""
+    cfg, raw = prepare_recipe(recipe, tmp_path, tiny_dir, plugin_line=False)
+    if not NEW_AXOLOTL:
+        out = run([str(VENV_BIN / "axolotl"), "gere", "check", str(cfg)], tmp_path, tmp_path / "unused.jsonl",
+                  expect_fail=True)
+        assert "silently drops" in out and PLUGIN_PATH in out
+        return
+    train_with_gere(cfg, tmp_path)
+    history = check_gere_ran(raw, tmp_path)
+    if raw.get("rl"):
+        assert all("rewards/margins" in h for h in history), "not a DPO run"
+        check_lora_freeze(raw)
+    else:
+        check_full_freeze(raw, tiny_dir)
+
+
+def test_grpo_full_with_axolotl_train_cli(tmp_path, tiny_dir):
+    """``rl: grpo`` (online RL, rule-based reward, no vLLM) through the real ``axolotl train`` CLI."""
+    cfg, raw = prepare_recipe("tiny-cpu-grpo-full.yml", tmp_path, tiny_dir)
+    log = train_with_gere(cfg, tmp_path, cli=True)
+    assert "loss family=grpo" in log and "combine=sum" in log
+    history = check_gere_ran(raw, tmp_path)
+    assert all("reward" in h and "completions/mean_length" in h for h in history), "not a GRPO run"
+    # the GRPO weight is matched to the replay CE: never negative, and w * R == CE_replay per micro-batch
+    weights = [h["gere/weight"] for h in history if "gere/weight" in h]
+    assert weights and min(weights) >= 0
+    check_full_freeze(raw, tiny_dir)
+
+
+def test_sft_full_with_earlier_tasks(tmp_path, tiny_dir):
+    """``gere_task_replay`` from Axolotl YAML: exact earlier-task rows per step next to the general replay."""
+    from gere_plugin.mixing import ReplaySchedule
+
+    earlier = tmp_path / "earlier-task.jsonl"
+    earlier.write_text("".join(
+        json.dumps({"prompt": f"Question {i}: is the river {w}?\nAnswer:", "completion": " yes" if i % 2 else " no"}) + "\n"
+        for i, w in enumerate(("long", "wide", "cold", "deep", "calm", "old"))))
+    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
+    raw.update(gere_task_replay=[str(earlier)], gere_task_replay_size=6, gere_task_replay_per_step=2)
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = train_with_gere(cfg, tmp_path)
+    assert "2 earlier-task rows per optimizer step from 6 rows of 1 earlier tasks" in log
+    history = check_gere_ran(raw, tmp_path)  # the general replay keeps its own rows per step
+    assert [h["gere/task_replay_rows"] for h in history] == [2.0] * int(raw["max_steps"])
+    assert all(h["gere/task_replay_ce"] > 0 for h in history)
+    schedule = ReplaySchedule(6, 2, int(raw.get("gere_seed", 42)), stream=1)
+    entries = [json.loads(line) for line in (tmp_path / "replay.jsonl").read_text().splitlines() if line.strip()]
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for e in entries:
+        by_step[e["step"]].extend(e["task_rows"])
+    assert {s: sorted(r) for s, r in by_step.items()} == {
+        s: sorted(schedule.rows_for_step(s)) for s in range(int(raw["max_steps"]))}
+    state = json.loads((Path(raw["output_dir"]) / f"checkpoint-{raw['max_steps']}" / "gere_state.json").read_text())
+    assert state["task_replay"]["kept"] == [6]

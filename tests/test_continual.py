@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -27,8 +28,8 @@ def _task(name: str, labels: tuple[str, str], seed: int, n_train: int = 16, n_te
 
 TASKS = [_task("sentiment", (" positive", " negative"), 1), _task("question", (" yes", " no"), 2)]
 SETTINGS = TrainSettings(
-    steps_per_task=2, batch_size=4, max_length=48, learning_rate=1e-3, replay_size=24, replay_max_length=24,
-    replay_per_step=2, state_batch_size=8, logging_steps=1, eval_batch_size=8,
+    max_steps=2, per_device_train_batch_size=4, max_length=48, learning_rate=1e-3, gere_replay_size=24,
+    gere_replay_max_length=24, gere_replay_per_step=2, gere_state_batch_size=8, logging_steps=1, eval_batch_size=8,
 )
 GENERAL = GeneralEvalConfig(
     ppl_sets={"held": ["the river was lovely and the city was great.", "a film about the ocean and planet."]},
@@ -137,15 +138,16 @@ def _write_task_files(tmp_path, task: SequenceTask) -> tuple[str, str]:
 def test_gere_sequence_cli_matches_the_library_run(tiny_dir, replay_file, tmp_path, capsys):
     from gere_plugin.cli import main
 
-    args = ["sequence", "--model", str(tiny_dir), "--method", "gere", "--replay", str(replay_file),
-            "--out", str(tmp_path / "cli"), "--seed", "3", "--steps", "2", "--batch-size", "4", "--max-length", "48",
-            "--lr", "1e-3", "--replay-size", "24", "--replay-max-length", "24", "--replay-per-step", "2"]
+    args = ["sequence", "--model", str(tiny_dir), "--method", "gere", "--gere_replay", str(replay_file),
+            "--out", str(tmp_path / "cli"), "--seed", "3", "--max_steps", "2", "--per_device_train_batch_size", "4",
+            "--max_length", "48", "--learning_rate", "1e-3", "--gere_replay_size", "24", "--gere_replay_max_length",
+            "24", "--gere_replay_per_step", "2"]
     for task in TASKS:
         args += ["--task", task.name, *_write_task_files(tmp_path, task)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     cli = json.loads((tmp_path / "cli" / "result.json").read_text())
-    settings = TrainSettings(**{**SETTINGS.__dict__, "logging_steps": 5, "state_batch_size": 16,
+    settings = TrainSettings(**{**SETTINGS.__dict__, "logging_steps": 5, "gere_state_batch_size": 16,
                                 "eval_batch_size": 16})
     lib = run_sequence(str(tiny_dir), TASKS, "gere", tmp_path / "lib", settings=settings, replay=replay_file,
                        seed=3, general=None)
@@ -167,6 +169,80 @@ def test_gere_sequence_cli_bad_input_names_file_and_line(tiny_dir, replay_file, 
     assert main([*base, "--task", "t", train, str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["sequence", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--task", "t", train, test]) == 2
-    assert "--replay" in capsys.readouterr().err
+    assert "--gere_replay" in capsys.readouterr().err
     assert main([*base, "--task", "t", train, test, "--task", "t", train, test]) == 2
     assert "unique" in capsys.readouterr().err
+
+
+def test_sequence_flags_come_from_the_one_definition(capsys):
+    """gere sequence spells every setting as TRL / config.py do; the old spellings still parse, with a note."""
+    from gere_plugin.sequence_cli import GERE_SETTING_FLAGS, TRAIN_FLAGS, _parser
+
+    new = _parser().parse_args([
+        "--model", "m", "--out", "o", "--task", "t", "a", "b", "--gere_replay", "r.jsonl", "--max_steps", "7",
+        "--learning_rate", "0.01", "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2",
+        "--max_length", "40", "--gere_replay_size", "11", "--gere_replay_max_length", "12",
+        "--gere_replay_per_step", "1", "--gere_state_cache", "s", "--bf16",
+    ])  # fmt: skip
+    assert capsys.readouterr().err == ""
+    old = _parser().parse_args([
+        "--model", "m", "--out", "o", "--task", "t", "a", "b", "--replay", "r.jsonl", "--steps", "7", "--lr", "0.01",
+        "--batch-size", "3", "--gradient-accumulation-steps", "2", "--max-length", "40", "--replay-size", "11",
+        "--replay-max-length", "12", "--replay-per-step", "1", "--state-cache", "s", "--bf16",
+    ])  # fmt: skip
+    notes = capsys.readouterr().err
+    assert vars(old) == vars(new)
+    assert "--replay-size is deprecated, use --gere_replay_size" in notes and "--lr is deprecated" in notes
+    # every settings flag is a TrainSettings field whose gere_* help is GeReArguments' own
+    from gere_plugin.config import gere_fields
+
+    helps = {f.name: f.metadata["help"] for f in gere_fields()}
+    for f in dataclasses.fields(TrainSettings):
+        if f.name.startswith("gere_"):
+            assert f.metadata["help"] == helps[f.name]
+    assert set(TRAIN_FLAGS + GERE_SETTING_FLAGS) <= {f.name for f in dataclasses.fields(TrainSettings)}
+    settings = TrainSettings(**{k: getattr(new, k) for k in TRAIN_FLAGS + GERE_SETTING_FLAGS})
+    assert (settings.max_steps, settings.gere_replay_size, settings.bf16) == (7, 11, True)
+
+
+def test_train_settings_old_names_still_work():
+    with pytest.warns(DeprecationWarning, match="replay_size=.*is deprecated.*gere_replay_size="):
+        s = TrainSettings(steps_per_task=3, replay_size=20, batch_size=2)
+    assert (s.max_steps, s.gere_replay_size, s.per_device_train_batch_size) == (3, 20, 2)
+    assert s.steps_per_task == 3 and s.replay_size == 20  # old attribute names read the new fields
+    with pytest.raises(ValueError, match="gere_replay_per_step"):
+        TrainSettings(gere_replay_per_step=0)
+
+
+def test_completion_only_rows_train_the_label_and_not_an_eos(tiny_dir, tiny_tokenizer):
+    """completion_eos=False: the runner hands TRL pre-tokenized rows whose loss mask covers exactly the label
+    tokens (no EOS appended); completion_eos=True leaves TRL's own path (label + EOS)."""
+    from transformers import AutoModelForCausalLM
+
+    from gere_plugin.continual import METHODS, _build_trainer
+
+    task = TASKS[0]
+    trainers = {}
+    for eos in (False, True):
+        settings = dataclasses.replace(SETTINGS, completion_eos=eos)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+        trainers[eos] = _build_trainer(model, tiny_tokenizer, task, METHODS["plain"], 0, settings, None, None,
+                                       tiny_dir.parent / f"eos-{eos}", 0, None)
+    row = task.train[0]
+    prompt = tiny_tokenizer(row["prompt"])["input_ids"]
+    label = tiny_tokenizer(row["prompt"] + row["completion"])["input_ids"][len(prompt):]
+    for eos, trainer in trainers.items():
+        batch = trainer.data_collator([trainer.train_dataset[0]])
+        trained = batch["labels"][0][batch["labels"][0] != -100].tolist()
+        expected = label + ([tiny_tokenizer.eos_token_id] if eos else [])
+        assert trained == expected, (eos, trained, expected)
+
+
+def test_warmup_ratio_resolves_against_max_steps():
+    assert TrainSettings(max_steps=40).resolved_warmup_steps == 4  # 10% by default
+    assert TrainSettings(max_steps=45, warmup_ratio=0.1).resolved_warmup_steps == 5  # rounded up
+    assert TrainSettings(max_steps=40, warmup_steps=7).resolved_warmup_steps == 7  # explicit steps win
+    from gere_plugin.config import GeReConfigError
+
+    with pytest.raises(GeReConfigError, match="warmup_ratio"):
+        TrainSettings(warmup_ratio=1.5)

@@ -266,7 +266,13 @@ def test_report_writes_table_and_png(tmp_path):
     assert summary["plain"]["metrics"]["ppl_rise"]["mean"] == pytest.approx(0.55)
     assert summary["plain"]["metrics"]["BWT"]["mean"] == pytest.approx(-0.35)
     assert summary["gere"]["metrics"]["ppl_rise"]["mean"] == pytest.approx(0.05)
+    # plasticity = accuracy on each task right after training it: (R[0][0] + R[1][1]) / 2
+    assert summary["plain"]["metrics"]["plasticity"]["mean"] == pytest.approx(0.9)
+    assert summary["gere"]["metrics"]["plasticity"]["mean"] == pytest.approx((0.9 + 0.88) / 2)
+    assert summary["gere"]["metrics"]["plasticity/t2"]["mean"] == pytest.approx(0.88)
+    assert summary["plain"]["metrics"]["general_change"]["mean"] == pytest.approx(-0.05)
     table = markdown_table(summary)
+    assert "| plasticity | t1 after training it | t2 after training it | BWT |" in table
     lines = table.strip().splitlines()
     assert lines[0].startswith("| method") and len(lines) == 2 + 3  # header, rule, base + 2 methods
     assert any(line.startswith("| plain | 2 |") for line in lines)

@@ -20,13 +20,14 @@ from gere_plugin.logits import (
     LogitHead,
     chunk_tokens,
     chunked_kl,
+    chunked_target_ce,
     chunked_token_ce,
     head_mismatch,
     kl_chunk_tokens,
     logit_head,
     replay_logit_head,
 )
-from gere_plugin.losses import kl_loss, token_ce
+from gere_plugin.losses import kl_loss, target_ce, token_ce
 
 SHAPES = [(3, 47, 31, 123), (1, 5, 16, 7), (2, 31, 8, 300), (4, 3, 12, 47)]  # (B, T, H, V)
 CHUNKS = [1, 7, 64, 10_000]
@@ -77,6 +78,25 @@ def test_chunked_ce_equals_full_logit_ce(shape, chunk, dtype):
     torch.testing.assert_close(got, ref, **TOL[dtype])
     for a, b in zip(_grads(got, hidden, lin), _grads(ref, hidden, lin)):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_target_ce_equals_full_logit_target_ce(shape, chunk, dtype):
+    """Earlier-task rows (gere_task_replay): CE on the marked completion tokens only."""
+    hidden, lin, ids, mask = _setup(shape, dtype)
+    g = torch.Generator().manual_seed(1)
+    target = mask * (torch.rand(mask.shape, generator=g) < 0.6).long()  # a completion-only loss mask
+    ref_sum, ref_n = target_ce(lin(hidden), ids, target)
+    ref = ref_sum / ref_n.clamp_min(1)
+    got_sum, got_n = chunked_target_ce(LogitHead(lin), hidden, ids, target, chunk)
+    got = got_sum / got_n.clamp_min(1)
+    assert int(got_n) == int(ref_n)
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+    if int(ref_n):
+        for a, b in zip(_grads(got, hidden, lin), _grads(ref, hidden, lin)):
+            torch.testing.assert_close(a, b, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -39,8 +39,9 @@ def _ce(logits, labels):
     return ce, keep.sum()
 
 
-def _independent_reg(kind, model, base, replay, rows, pos=None, neg=None, thresholds_from=None):
-    """Regularizer on replay ``rows`` computed from scratch (no gere_plugin code)."""
+def _independent_reg(kind, model, base, replay, rows, pos=None, neg=None, thresholds_from=None, reduction="mean"):
+    """Regularizer on replay ``rows`` computed from scratch (no gere_plugin code). TM is reduced over all
+    elements (``mean``) or over its non-zero elements (``violations``)."""
     ids_list = [replay.input_ids[i] for i in rows]
     vals = []
     for ids in ids_list:  # one row at a time: no padding involved at all
@@ -66,7 +67,7 @@ def _independent_reg(kind, model, base, replay, rows, pos=None, neg=None, thresh
                 torch.relu(h - pos) + torch.relu(neg - h),
                 torch.where(lab == POS, torch.relu(pos - h), torch.relu(h - neg)),
             )
-            vals.append((v.sum(), (v > 0).sum()))
+            vals.append((v.sum(), (v > 0).sum() if reduction == "violations" else v.numel()))
     total = sum(v for v, _ in vals)
     count = sum(c for _, c in vals)
     return total / (count + 1e-8)
@@ -89,9 +90,11 @@ def _perturb(model, scale=0.05, seed=0):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("reg", ["tm", "l1", "l2", "kl", "none"])
+@pytest.mark.parametrize("reg", ["tm", "tm-violations", "l1", "l2", "kl", "none"])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_combined_loss_equals_hand_computed(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file, reg, accumulation):
+    reg, _, reduction = reg.partition("-")
+    reduction = reduction or "mean"  # the default
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
@@ -99,7 +102,7 @@ def test_combined_loss_equals_hand_computed(tmp_path, tiny_dir, tiny_tokenizer, 
     w = 3.0
     trainer = make_trainer(
         tmp_path, model, tiny_tokenizer, sft_dataset, replay_file,
-        gere_regularizer=reg, gere_weight=w, gere_replay_per_step=2,
+        gere_regularizer=reg, gere_weight=w, gere_replay_per_step=2, gere_tm_reduction=reduction,
         gradient_accumulation_steps=accumulation, per_device_train_batch_size=4 // accumulation,
     )
     replay = trainer.gere_step.replay
@@ -126,8 +129,8 @@ def test_combined_loss_equals_hand_computed(tmp_path, tiny_dir, tiny_tokenizer, 
         elif reg == "tm":
             pos, neg = _independent_thresholds(base, replay)
             # with accumulation each micro-batch holds one row: the step value is the mean of per-row values
-            per = [_independent_reg("tm", model, base, replay, [i], pos, neg) for i in rows] if accumulation > 1 else [
-                _independent_reg("tm", model, base, replay, rows, pos, neg)]
+            per = [_independent_reg("tm", model, base, replay, [i], pos, neg, reduction=reduction) for i in rows] if (
+                accumulation > 1) else [_independent_reg("tm", model, base, replay, rows, pos, neg, reduction=reduction)]
             r = sum(per) / len(per)
         else:
             per = [_independent_reg(reg, model, base, replay, [i]) for i in rows] if accumulation > 1 else [
@@ -157,6 +160,28 @@ def test_dynamic_weight_balances_ce(tmp_path, tiny_dir, tiny_tokenizer, sft_data
     assert ce > 0
 
 
+def test_task_term_is_logged_on_its_own(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file):
+    """gere/task_loss is the parent's task CE alone; the returned loss is mean(task, replay CE) + w*R."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    trainer = make_trainer(tmp_path, model, tiny_tokenizer, sft_dataset, replay_file, gere_regularizer="l2")
+    _perturb(model)
+    model.train()
+    (b,) = _batches(trainer, 1)
+    n = (b["labels"][:, 1:] != -100).sum()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(model, dict(b), num_items_in_batch=n)
+    with torch.no_grad():
+        s, c = _ce(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"])
+    m = trainer._metrics["train"]
+    assert m["gere/task_loss"][-1] == pytest.approx(float(s / c), rel=1e-4)
+    total = 0.5 * (m["gere/task_loss"][-1] + m["gere/replay_ce"][-1]) + m["gere/weight"][-1] * m["gere/reg_loss"][-1]
+    assert float(loss) == pytest.approx(total, rel=1e-4)
+    # the dynamic weight makes w*R equal the CE term, so the logged total is twice mean(task, replay CE)
+    assert float(loss) == pytest.approx(m["gere/task_loss"][-1] + m["gere/replay_ce"][-1], rel=1e-4)
+
+
 def test_tm_is_zero_at_first_step_and_positive_later(tmp_path, tiny_model, tiny_tokenizer, sft_dataset, replay_file):
     trainer = make_trainer(tmp_path, tiny_model, tiny_tokenizer, sft_dataset, replay_file, max_steps=4, learning_rate=5e-3)
     trainer.train()
@@ -166,8 +191,13 @@ def test_tm_is_zero_at_first_step_and_positive_later(tmp_path, tiny_model, tiny_
     assert max(tm[1:]) > 1e-3
     oos = [h["gere/out_of_state"] for h in trainer.state.log_history if "gere/out_of_state" in h]
     assert oos[0] < 1e-6 and oos[-1] > 0
-    for key in ("gere/replay_ce", "gere/weight", "gere/replay_rows"):
-        assert all(key in h for h in trainer.state.log_history[:4])
+    steps = trainer.state.log_history[:4]
+    for key in ("gere/replay_ce", "gere/replay_rows", "gere/task_loss"):
+        assert all(key in h for h in steps), key
+    # the weight of a step whose regularizer is exactly 0 (step 1: the model is the base) is not logged:
+    # with the dynamic weight it would read CE x 1e8 and wreck every plot's scale
+    assert "gere/weight" not in steps[0]
+    assert all("gere/weight" in h and h["gere/weight"] < 1e6 for h in steps[1:] if h["gere/reg_loss"] > 0)
 
 
 def test_exact_replay_rows_per_step_over_epochs(tmp_path, tiny_model, tiny_tokenizer, sft_dataset, replay_file):
@@ -411,3 +441,44 @@ def test_reference_model_of_another_width_is_refused(tmp_path, tiny_model, tiny_
     with pytest.raises(GeReConfigError, match="gere_ref_model has hidden size 48"):
         GeReSFTTrainer(model=tiny_model, args=cfg, train_dataset=sft_dataset, processing_class=tiny_tokenizer,
                        gere_ref_model=other)
+
+
+def test_gradient_balance_diagnostic_matches_separate_backward_passes(
+    tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file
+):
+    """The diagnostic's CE / regularizer gradient norms equal two independent backward passes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    trainer = make_trainer(tmp_path, model, tiny_tokenizer, sft_dataset, replay_file, gere_regularizer="l2",
+                           gere_weight="3.0", max_grad_norm=1.0)
+    _perturb(model)
+    model.train()
+    (b,) = _batches(trainer, 1)
+    n = (b["labels"][:, 1:] != -100).sum()
+    trainer.current_gradient_accumulation_steps = 1
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def norm_of(fn):
+        model.zero_grad()
+        trainer._metrics["train"].clear()
+        fn().backward()
+        return torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+
+    step = trainer.gere_step
+    total = norm_of(lambda: trainer.compute_loss(model, dict(b), num_items_in_batch=n))
+    step.regularizer = "none"  # CE part only (the weight is fixed, so nothing else changes)
+    step._cur_step = -1
+    ce_only = norm_of(lambda: trainer.compute_loss(model, dict(b), num_items_in_batch=n))
+    step.regularizer = "l2"
+    step._cur_step = -1
+    step.grad_diagnostics = True
+    trainer._metrics["train"].clear()
+    model.zero_grad()
+    trainer.compute_loss(model, dict(b), num_items_in_batch=n).backward()
+    got = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("gere/grad") or k == "gere/clip_coef"}
+    assert got["gere/grad_norm_total"] == pytest.approx(float(total), rel=1e-4)
+    assert got["gere/grad_norm_ce"] == pytest.approx(float(ce_only), rel=1e-4)
+    assert got["gere/grad_norm_reg"] > 0
+    assert got["gere/clip_coef"] == pytest.approx(min(1.0, 1.0 / float(total)), rel=1e-4)
+    assert -1.0 <= got["gere/grad_cosine"] <= 1.0

@@ -1,6 +1,7 @@
 """GeRe for Axolotl: the plugin, its config schema, and config checks.
 
-Load it in an Axolotl YAML with ``plugins: [gere_plugin.GeRePlugin]`` plus ``gere_*`` keys.
+Load it in an Axolotl YAML with ``plugins: [gere_plugin.GeRePlugin]`` plus ``gere_*`` keys (on
+Axolotl >= 0.21 the keys alone are enough: the package's entry point loads the plugin).
 Imports are lazy: ``check_config`` and ``GeReArgs`` work without importing Axolotl (and fast);
 ``GeRePlugin`` imports Axolotl when first used.
 """
@@ -17,6 +18,8 @@ _EXPORTS = {
     "PLUGIN_PATH": ".args",
     "PLUGIN_PATHS": ".args",
     "check_config": ".check",
+    "axolotl_facts": ".compat",
+    "AxolotlFacts": ".compat",
     "ConfigCheck": ".check",
 }
 
@@ -28,7 +31,9 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'gere_plugin.axolotl' has no attribute {name!r}")
+    from .. import _no_attribute
+
+    raise _no_attribute(__name__, name, _EXPORTS)
 
 
 def __dir__() -> list[str]:

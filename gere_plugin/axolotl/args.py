@@ -11,8 +11,10 @@ Validation (same messages as the TRL configs, each naming the key):
 * ``before``: a ``gere_*`` key the schema does not know (a typo) is an error with the closest valid
   name, instead of being dropped like any other unknown Axolotl key;
 * ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
-  config lists the GeRe plugin, ``gere_replay`` is required and the training mode must be one
-  GeRe supports (SFT, ``rl: dpo`` or ``rl: ipo``).
+  config asks for GeRe (lists the plugin, or sets any ``gere_*`` key: :func:`gere_requested`),
+  ``gere_replay`` (or ``gere_task_replay``, earlier tasks only) is required and the training mode must
+  be one GeRe supports (SFT, ``rl: dpo``, ``rl: ipo`` or ``rl: grpo``), so GeRe never runs
+  half-configured or silently off.
 
 This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
 """
@@ -32,42 +34,125 @@ PLUGIN_PATHS = (
     "gere_plugin.axolotl.GeRePlugin",
     "gere_plugin.axolotl.plugin.GeRePlugin",
 )
-#: The form the docs and recipes use.
+#: The form the docs and recipes use (it works on every supported Axolotl version).
 PLUGIN_PATH = PLUGIN_PATHS[0]
+#: The ``module:Class`` spellings of the same paths (understood by Axolotl >= 0.21 only).
+PLUGIN_COLON_PATHS = tuple(":".join(p.rsplit(".", 1)) for p in PLUGIN_PATHS)
+#: The target of this package's ``axolotl.plugins`` entry point (see pyproject.toml), dotted.
+ENTRY_POINT_PATH = "gere_plugin.axolotl.plugin.GeRePlugin"
 
-#: ``rl:`` values GeRe supports (they use Axolotl's DPO trainer); ``None`` = SFT.
-SUPPORTED_RL = ("dpo", "ipo")
+#: ``rl:`` values GeRe supports (DPO / IPO use Axolotl's DPO trainer, GRPO its GRPO trainer); ``None`` = SFT.
+SUPPORTED_RL = ("dpo", "ipo", "grpo")
+#: The loss family (:mod:`gere_plugin.families`) of each supported ``rl:`` value; SFT is ``sft``.
+RL_FAMILIES = {"dpo": "dpo", "ipo": "dpo", "grpo": "grpo"}
+#: ``trl:`` keys that switch Axolotl's GRPO to its asynchronous trainer (a data producer that generates
+#: ahead of the optimizer steps), which GeRe has not been checked against.
+ASYNC_GRPO_KEYS = ("async_prefetch", "use_data_producer")
 
 # YAML gives ``gere_weight: 100`` as an int and ``gere_layers: -1`` as a scalar; both are accepted
 # (and normalised by validate_gere_values), so their schema types are wider than the dataclass's.
 _TYPE_OVERRIDES: dict[str, Any] = {
     "gere_weight": Union[float, str],
     "gere_layers": Union[list[int], int],
+    "gere_task_replay": Union[list[str], str],
 }
 
 
+def normalize_plugin_entry(entry: Any) -> Optional[str]:
+    """A ``plugins:`` entry in dotted form (``module:Class`` -> ``module.Class``), or ``None`` if not a string."""
+    if not isinstance(entry, str):
+        return None
+    module, sep, cls = entry.strip().partition(":")
+    return f"{module}.{cls}" if sep else entry.strip()
+
+
 def is_gere_plugin_entry(entry: Any) -> bool:
-    """Whether a ``plugins:`` entry loads the GeRe plugin."""
-    return isinstance(entry, str) and entry.strip() in PLUGIN_PATHS
+    """Whether a ``plugins:`` entry names the GeRe plugin (dotted or ``module:Class`` form)."""
+    return normalize_plugin_entry(entry) in PLUGIN_PATHS
 
 
 def lists_gere_plugin(plugins: Any) -> bool:
     return isinstance(plugins, (list, tuple)) and any(is_gere_plugin_entry(p) for p in plugins)
 
 
-def _rl_name(rl: Any) -> Optional[str]:
+def gere_keys_set(values: Any) -> list[str]:
+    """The ``gere_*`` keys of a config mapping that hold a value (``None`` = not set)."""
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    return [f.name for f in gere_fields() if getter(f.name) is not None]
+
+
+def gere_requested(values: Any) -> bool:
+    """Whether a config asks for GeRe: ``plugins:`` names the plugin, or any ``gere_*`` key is set.
+
+    Axolotl >= 0.21 loads the plugin through its entry point for every config, so the keys alone must
+    turn GeRe on; on older versions the plugin only runs when ``plugins:`` loads it, and then the same
+    rule holds for that config.
+    """
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    return lists_gere_plugin(getter("plugins")) or bool(gere_keys_set(values))
+
+
+def check_gere_request(values: Any) -> None:
+    """Raise :class:`GeReConfigError` when a config asks for GeRe but cannot run it (no ``gere_replay``,
+    or a training mode GeRe does not wrap). A config that does not ask for GeRe passes untouched."""
+    if not gere_requested(values):
+        return
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    if getter("gere_replay") in (None, "") and not getter("gere_task_replay"):
+        why = (
+            f"plugins: lists {PLUGIN_PATH}"
+            if lists_gere_plugin(getter("plugins"))
+            else f"the config sets {', '.join(gere_keys_set(values))}"
+        )
+        raise GeReConfigError(
+            f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
+            "file (jsonl/json/parquet/txt), a folder or a datasets id (and/or gere_task_replay at earlier tasks' "
+            "data), or remove the gere_* keys and the plugin line."
+        )
+    check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model", "trl", "context_parallel_size")})
+
+
+def rl_name(rl: Any) -> Optional[str]:
+    """The ``rl:`` value of a config as a lower-case string (``None`` for SFT); accepts Axolotl's enum."""
     if rl is None or rl is False:
         return None
     return str(getattr(rl, "value", rl)).lower()
 
 
+def loss_family_for_rl(rl: Any) -> str:
+    """The GeRe loss family of an Axolotl training mode: ``sft`` (no ``rl``), ``dpo`` (dpo/ipo), ``grpo``."""
+    name = rl_name(rl)
+    return "sft" if name is None else RL_FAMILIES[name]
+
+
+def _value(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
 def check_training_mode(values: dict[str, Any]) -> None:
     """Raise :class:`GeReConfigError` when the Axolotl config asks for a mode GeRe cannot wrap."""
-    rl = _rl_name(values.get("rl"))
+    rl = rl_name(values.get("rl"))
     if rl is not None and rl not in SUPPORTED_RL:
         raise GeReConfigError(
-            f"rl: {rl} is not supported by the GeRe plugin: use it for SFT (no rl key) or rl: dpo / rl: ipo."
+            f"rl: {rl} is not supported by the GeRe plugin: use it for SFT (no rl key), rl: dpo / rl: ipo or rl: grpo. "
+            f"GeRe has no defined way to combine replay with the {rl} loss (see docs/axolotl.md)."
         )
+    if rl == "grpo":
+        async_keys = [f"trl.{k}" for k in ASYNC_GRPO_KEYS if _value(values.get("trl"), k)]
+        if async_keys:
+            raise GeReConfigError(
+                f"{', '.join(async_keys)}: true switches Axolotl to its asynchronous GRPO trainer, which the GeRe plugin "
+                "does not support (untested): remove it for synchronous rl: grpo."
+            )
+        if (values.get("context_parallel_size") or 1) > 1:
+            raise GeReConfigError(
+                "context_parallel_size > 1 with rl: grpo uses Axolotl's sequence-parallel GRPO trainer, which the GeRe "
+                "plugin does not support (untested): set context_parallel_size: 1."
+            )
     for key in ("reward_model", "process_reward_model"):
         if values.get(key):
             raise GeReConfigError(
@@ -102,15 +187,7 @@ class _GeReArgsBase(BaseModel):
             if value != given[key]:
                 # plain attribute write: the schema's validate_assignment (if any) must not re-run us
                 self.__dict__[key] = value
-        if lists_gere_plugin(getattr(self, "plugins", None)):
-            if values.get("gere_replay") is None:
-                raise GeReConfigError(
-                    f"gere_replay is not set, but plugins: lists {PLUGIN_PATH}. Point gere_replay at a general-text "
-                    "replay file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the plugin line."
-                )
-            check_training_mode(
-                {k: getattr(self, k, None) for k in ("rl", "reward_model", "process_reward_model")}
-            )
+        check_gere_request(self)
         return self
 
 

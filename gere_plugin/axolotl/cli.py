@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,14 +33,14 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # Plain functions
 # ---------------------------------------------------------------------------------------------
-def check_configs(paths: Sequence[str], echo: Any = print) -> int:
+def check_configs(paths: Sequence[str], echo: Any = print, num_processes: Optional[int] = None) -> int:
     """Check each config with :func:`check_config`; print the reports; return the number that failed."""
     from .check import check_config
 
     failed = 0
     for path in paths:
         try:
-            result = check_config(path, raise_on_error=False)
+            result = check_config(path, raise_on_error=False, num_processes=num_processes)
         except GeReConfigError as e:
             echo(f"{path}: {e}")
             failed += 1
@@ -60,8 +59,21 @@ def _load_axolotl_cfg(config: str, overrides: Optional[dict] = None) -> Any:
 
 def state_cache_dir(cfg: Any) -> Path:
     """Where training looks for the state cache: ``gere_state_cache`` or ``<output_dir>/gere_states``."""
-    folder = cfg.get("gere_state_cache") or os.path.join(cfg.get("output_dir") or ".", "gere_states")
-    return Path(folder)
+    from ..states import state_cache_folder
+
+    return state_cache_folder(cfg.get("gere_state_cache"), cfg.get("output_dir"))
+
+
+def _config_hidden_size(cfg: Any) -> Optional[int]:
+    """The model's hidden size from its config alone (no weights); ``None`` when it cannot be read."""
+    from ..states import hidden_size_of
+
+    try:
+        from axolotl.loaders.utils import load_model_config
+
+        return hidden_size_of(load_model_config(cfg))
+    except Exception:  # the model load reports real problems itself; this is only an early check
+        return None
 
 
 def build_cache(config: str, force: bool = False, overrides: Optional[dict] = None) -> Path:
@@ -69,16 +81,24 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
 
     The model and tokenizer are loaded by Axolotl's own loaders from the YAML (quantization, dtype,
     device map and adapter included); with an adapter the states come from the adapter-disabled
-    model, i.e. the base, as during training. An existing compatible cache is kept unless ``force``.
-    Only ``gere_regularizer: tm`` needs a cache (l1/l2/kl use the reference model on the fly).
+    model, i.e. the base, as during training. What happens to the folder is decided before the model
+    is loaded (:func:`gere_plugin.states.ensure_state_cache`, as for the trainers and ``gere
+    cache-states``): a compatible cache is kept, a foreign folder is refused, and an existing cache is
+    replaced only with ``force``. Only ``gere_regularizer: tm`` needs a cache.
     """
     import torch
 
+    from ..commands import check_model_source
     from ..replay import ReplaySet
-    from ..states import StateCache, build_state_cache, hidden_size_of
+    from ..states import build_state_cache, check_layer_indices, ensure_state_cache
     from ..trainer import _is_peft, _tokenizer_of
     from .args import gere_arguments_from_cfg
+    from .check import _load
 
+    raw = {**_load(config)[1], **(overrides or {})}
+    model_key = "base_model_config" if raw.get("base_model_config") else "base_model"
+    if raw.get(model_key):  # before Axolotl's loader turns a missing folder into a hub-id error
+        check_model_source(str(raw[model_key]), f"{model_key}:")
     cfg = _load_axolotl_cfg(config, overrides)
     gere_args = gere_arguments_from_cfg(cfg)
     if gere_args.gere_replay is None:
@@ -97,52 +117,49 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
     replay = ReplaySet.from_args(gere_args, tokenizer)
     layers = list(gere_args.gere_layers)
     sigma = float(gere_args.gere_sigma)
-    if (folder / "meta.json").exists() and not force:
-        cache = StateCache.load(folder)
-        logger.info("gere: a state cache already exists in %s; checking it against the config", folder)
-        cache.check_compatible(replay, cache.hidden_size, layers, sigma, str(folder))
+
+    def build():
+        model, _ = ModelLoader(cfg, tokenizer).load()
+        model.eval()
+        check_layer_indices(model, layers)
+        param_dtype = next(model.parameters()).dtype
+        autocast = None
+        if param_dtype == torch.float32:
+            autocast = (
+                torch.bfloat16
+                if cfg.get("bf16") is True
+                else (torch.float16 if cfg.get("fp16") is True else None)
+            )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        base_ctx = model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
+        with base_ctx:
+            return build_state_cache(
+                model,
+                replay,
+                layers,
+                sigma,
+                batch_size=gere_args.gere_state_batch_size,
+                pad_token_id=pad,
+                autocast_dtype=autocast,
+                progress=True,
+                extra_meta={"base_model": cfg.get("base_model"), "built_by": "axolotl gere build-cache"},
+            )
+
+    plan = ensure_state_cache(
+        folder, replay, _config_hidden_size(cfg), layers, sigma, build, force=force,
+        fix="Pass --force to replace it (only a folder that is a GeRe cache is ever removed), or point "
+        "gere_state_cache at a new folder.",
+    )  # fmt: skip
+    assert plan.cache is not None
+    if plan.action == "reuse":
         click.echo(
-            f"gere: state cache {folder} is up to date (base model {cache.meta.get('base_model')}); use --force to rebuild."
+            f"gere: state cache {folder} is up to date (base model {plan.cache.meta.get('base_model')}); use --force to rebuild."
         )
         return folder
-
-    model, _ = ModelLoader(cfg, tokenizer).load()
-    model.eval()
-    param_dtype = next(model.parameters()).dtype
-    autocast = None
-    if param_dtype == torch.float32:
-        autocast = (
-            torch.bfloat16
-            if cfg.get("bf16") is True
-            else (torch.float16 if cfg.get("fp16") is True else None)
-        )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    base_ctx = model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
-    with base_ctx:
-        cache = build_state_cache(
-            model,
-            replay,
-            layers,
-            sigma,
-            batch_size=gere_args.gere_state_batch_size,
-            pad_token_id=pad,
-            autocast_dtype=autocast,
-            progress=True,
-            extra_meta={"base_model": cfg.get("base_model"), "built_by": "axolotl gere build-cache"},
-        )
-    if cache.hidden_size != hidden_size_of(model):
-        raise GeReConfigError(
-            f"state cache hidden size {cache.hidden_size} != model hidden size {hidden_size_of(model)}"
-        )
-    if folder.exists() and any(folder.iterdir()) and not (folder / "meta.json").exists():
-        raise GeReConfigError(
-            f"gere_state_cache={str(folder)!r} exists but holds no GeRe cache (no meta.json): point it at an empty or new folder."
-        )
-    cache.save(folder)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     click.echo(
-        f"gere: wrote the state cache for {len(replay)} replay samples ({replay.num_tokens} tokens) to {folder} "
-        f"({size / 1024**2:.2f} MiB)."
+        f"gere: {'replaced' if plan.action == 'rebuild' else 'wrote'} the state cache for {len(replay)} replay samples "
+        f"({replay.num_tokens} tokens) in {folder} ({size / 1024**2:.2f} MiB)."
     )
     return folder
 
@@ -215,22 +232,35 @@ def gere_command() -> None:
 @click.argument(
     "configs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=str)
 )
-def check_cmd(configs: tuple[str, ...]) -> None:
-    """Check Axolotl YAMLs for GeRe mistakes Axolotl drops silently (e.g. a missing plugin line)."""
-    failed = check_configs(configs, echo=click.echo)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training processes (GPUs) the config will run on, for the batch-layout checks (default: $WORLD_SIZE).",
+)
+def check_cmd(configs: tuple[str, ...], num_processes: Optional[int]) -> None:
+    """Check Axolotl YAMLs for GeRe mistakes Axolotl drops silently (e.g. a missing plugin line), and for
+    what training would find only later; every problem is listed."""
+    failed = check_configs(configs, echo=click.echo, num_processes=num_processes)
     if failed:
         sys.exit(1)
 
 
 @gere_command.command(name="build-cache")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--force", is_flag=True, help="Rebuild even if a compatible cache exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing cache (compatible or not). Only a folder that IS a GeRe cache is ever removed.",
+)
 def build_cache_cmd(config: str, force: bool) -> None:
     """Load the model as CONFIG says and build the base-model state cache before training."""
     try:
         build_cache(config, force=force)
     except GeReConfigError as e:
         raise click.ClickException(str(e)) from None
+    except (ValueError, OSError) as e:  # Axolotl's own validation and loaders on bad input: a message, no traceback
+        raise click.ClickException(f"{config}: {e}") from None
 
 
 @gere_command.command(name="tiny-model")

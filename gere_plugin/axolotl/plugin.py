@@ -1,13 +1,25 @@
-"""``GeRePlugin``: GeRe replay for Axolotl SFT and DPO, LoRA/QLoRA and full fine-tunes.
+"""``GeRePlugin``: GeRe replay for Axolotl SFT, DPO and GRPO, LoRA/QLoRA and full fine-tunes.
 
-Use it with ``plugins: [gere_plugin.GeRePlugin]`` and ``gere_*`` keys in the Axolotl YAML.
+Use it with ``plugins: [gere_plugin.GeRePlugin]`` and ``gere_*`` keys in the Axolotl YAML. On
+Axolotl >= 0.21 the ``plugins:`` line is optional: Axolotl loads the plugin through this package's
+``axolotl.plugins`` entry point for every config, and the ``gere_*`` keys alone turn GeRe on.
 
-How it hooks in (Axolotl 0.19):
+Exactly once, whatever the YAML says: Axolotl keys its plugin registry by the spelling of the
+plugin line, so ``gere_plugin.GeRePlugin`` in the YAML next to the entry point (or two spellings in
+one YAML) gives several ``GeRePlugin`` instances. Only the first one registered acts (schema, checks,
+trainer set-up); the others stay inert, so the schema is merged once and the replay step is attached
+once (see :meth:`GeRePlugin._is_primary`).
+
+A config is served when it asks for GeRe (lists the plugin or sets any ``gere_*`` key); every other
+config passes untouched, which matters on 0.21 where the plugin is loaded for all of them.
+
+How it hooks in (Axolotl 0.19 and 0.21):
 
 * ``get_input_args`` adds :class:`~gere_plugin.axolotl.args.GeReArgs` to Axolotl's config schema,
   so the ``gere_*`` keys survive validation and bad values are validation errors naming the key.
 * ``post_trainer_create`` turns the trainer Axolotl built (``AxolotlTrainer`` for SFT,
-  ``AxolotlDPOTrainer`` for ``rl: dpo``/``ipo``, or whatever ``trainer_cls`` / another plugin chose)
+  ``AxolotlDPOTrainer`` for ``rl: dpo``/``ipo``, ``AxolotlGRPOTrainer`` for ``rl: grpo``, or whatever
+  ``trainer_cls`` / another plugin chose)
   into its GeRe subclass in place with :func:`gere_plugin.enable_gere`: a class swap plus
   :func:`gere_plugin.trainer.setup_gere`, which freezes ``gere_freeze_layers`` /
   ``gere_freeze_embeddings``, loads or builds the base-model state cache (main process first) and
@@ -16,8 +28,10 @@ How it hooks in (Axolotl 0.19):
   optimizer. Swapping the class instead of returning one from ``get_trainer_cls`` keeps Axolotl's
   own trainer selection (and works for RL, where a plugin's trainer class is built without the
   model: Axolotl issue #2883).
-* DPO uses ``combine="sum"`` (``loss = L_dpo + CE_replay + w * R``); the reference model Axolotl
-  built (full fine-tune) or the adapter-disabled model (LoRA/QLoRA) serves ``l1``/``l2``/``kl``.
+* The loss family follows ``rl:`` (:mod:`gere_plugin.families`): SFT ``mean(CE_task, CE_replay) + w*R``;
+  DPO/IPO ``L_dpo + CE_replay + w*R``; GRPO ``L_grpo + CE_replay + w*R`` with ``w = CE_replay / R``
+  (the GRPO loss can be negative). The reference model Axolotl built (full fine-tune) or the
+  adapter-disabled model (LoRA/QLoRA) serves ``l1``/``l2``/``kl``.
 """
 
 from __future__ import annotations
@@ -29,9 +43,8 @@ from typing import Any, Optional
 
 from axolotl.integrations.base import BasePlugin
 
-from ..config import GeReConfigError
 from ..trainer import ReplayStep, enable_gere
-from .args import PLUGIN_PATH, check_training_mode, gere_arguments_from_cfg, lists_gere_plugin
+from .args import check_gere_request, gere_arguments_from_cfg, gere_requested, loss_family_for_rl
 
 logger = logging.getLogger(__name__)
 
@@ -78,38 +91,44 @@ class GeRePlugin(BasePlugin):
     :class:`~gere_plugin.GeReArguments` for every key.
     """
 
-    def _listed_in(self, cfg: Any) -> bool:
-        """Whether ``cfg``'s ``plugins:`` loads this instance (not just an earlier config in the process)."""
-        plugins = cfg.get("plugins") or []
-        if lists_gere_plugin(plugins):
-            return True
+    def _is_primary(self) -> bool:
+        """Whether this instance is the one that acts (the first ``GeRePlugin`` Axolotl registered).
+
+        An instance Axolotl never registered (e.g. built directly in a script) acts as well.
+        """
         from axolotl.integrations.base import PluginManager
 
-        loaded = PluginManager.get_instance().plugins
-        return any(isinstance(p, str) and loaded.get(p) is self for p in plugins)
+        # The registry as it is (not get_instance(): on 0.21 that may register built-in plugins, and this
+        # runs while Axolotl iterates over the registry).
+        manager = getattr(PluginManager, "_instance", None)
+        registered = manager.plugins.values() if manager is not None else ()
+        mine = [p for p in registered if isinstance(p, GeRePlugin)]
+        return not any(p is self for p in mine) or mine[0] is self
 
-    def get_input_args(self) -> str:
-        return "gere_plugin.axolotl.args.GeReArgs"
+    def _serves(self, cfg: Any) -> bool:
+        """Whether this instance acts on ``cfg``: it is the primary instance and ``cfg`` asks for GeRe."""
+        return self._is_primary() and gere_requested(cfg)
+
+    def get_input_args(self) -> Optional[str]:
+        # Once per schema: a second GeRePlugin instance must not add GeReArgs again (duplicate base class).
+        return "gere_plugin.axolotl.args.GeReArgs" if self._is_primary() else None
 
     def register(self, cfg: dict) -> None:
         """Early, readable errors on the raw config (the schema repeats these checks)."""
-        # Axolotl's PluginManager is a singleton: a plugin loaded for an earlier config in the same
-        # process is asked to register later configs too. Only check configs that list this plugin.
-        if not self._listed_in(cfg):
+        # Axolotl's PluginManager is a singleton (and 0.21 loads this plugin for every config): only
+        # configs that ask for GeRe are checked.
+        if not self._serves(cfg):
             return
         route_gere_logging()
-        if cfg.get("gere_replay") in (None, ""):
-            raise GeReConfigError(
-                f"gere_replay is not set, but plugins: lists the GeRe plugin ({PLUGIN_PATH}). Point gere_replay at a "
-                "general-text replay file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the plugin line."
-            )
-        check_training_mode(dict(cfg))
+        check_gere_request(cfg)
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         """Turn the built trainer into a GeRe trainer (before the optimizer exists)."""
-        if not self._listed_in(cfg):
+        if not self._serves(cfg):
             return
-        check_training_mode(dict(cfg))
+        if getattr(trainer, "gere_step", None) is not None:
+            return  # already set up (defensive: the primary-instance rule should make this unreachable)
+        check_gere_request(cfg)
         route_gere_logging()
         gere_args = gere_arguments_from_cfg(cfg)
         freezing = bool(gere_args.gere_freeze_layers or gere_args.gere_freeze_embeddings)
@@ -120,13 +139,15 @@ class GeRePlugin(BasePlugin):
                 "plugin?) created it early; list the GeRe plugin first in plugins:, or freeze with Axolotl's "
                 "unfrozen_parameters instead."
             )
-        combine = "sum" if cfg.get("rl") else "mean"
-        enable_gere(trainer, gere_args, combine=combine)
+        family = loss_family_for_rl(cfg.get("rl"))
+        enable_gere(trainer, gere_args, family=family)
         step: Optional[ReplayStep] = getattr(trainer, "gere_step", None)
         logger.info(
-            "gere: trainer runs as %s (combine=%s, replay rows per step=%s, regularizer=%s, frozen tensors=%d)",
+            "gere: trainer runs as %s (loss family=%s, combine=%s, replay rows per step=%s, regularizer=%s, "
+            "frozen tensors=%d)",
             type(trainer).__name__,
-            combine,
+            family,
+            trainer.gere_combine,
             step.per_step if step is not None else 0,
             gere_args.gere_regularizer,
             len(getattr(trainer, "gere_frozen", []) or []),

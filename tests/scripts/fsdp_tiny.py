@@ -73,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
     sharded = world > 1 and not args.no_shard
     trainer.is_fsdp_enabled = sharded and not args.skip_guard
-    if args.skip_guard:
-        trainer.args.ddp_broadcast_buffers = False  # nothing left for the guard to see
     gere = GeReArguments(gere_replay=args.replay, gere_replay_size=16, gere_replay_max_length=32,
                          gere_replay_per_step=args.per_step, gere_regularizer=args.regularizer, gere_weight="dynamic",
                          gere_state_cache=str(Path(args.output) / "gere_states"), gere_state_batch_size=8)
