@@ -33,6 +33,8 @@ help:
 	@echo "make demo   - install, prepare SmolLM2-135M + data (cached), plain SFT vs GeRe on CPU, print the table"
 	@echo "make test   - install the three test environments and run the whole test suite"
 	@echo "make lint   - ruff"
+	@echo "make bench-memory - peak memory of a GeRe step vs plain SFT at vocabularies 32k / 128k / 256k (CPU)"
+	@echo "make gpu-check    - on one CUDA GPU: QLoRA / LoRA-DPO GeRe checks, step time, peak memory (< 10 min)"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -53,7 +53,7 @@ from .logits import (
     replay_logit_head,
 )
 from .losses import kl_loss, masked_feature_loss, replay_ce_weight, resolve_weight, tm_loss, token_ce
-from .mixing import ReplaySchedule
+from .mixing import ReplaySchedule, uneven_micro_batches
 from .replay import ReplaySet
 from .resume import resolve_resume_checkpoint
 from .states import (
@@ -112,17 +112,6 @@ def forward_collectives(trainer: Any, world_size: int) -> Optional[str]:
     if world_size > 1 and _is_sharded(trainer):
         return "DeepSpeed ZeRO-3 / FSDP all-gather the parameters in every forward"
     return None
-
-
-def uneven_micro_batches(per_step: int, world_size: int, accumulation: int) -> bool:
-    """Whether some micro-batch holds replay rows on some ranks but not on others.
-
-    Rows are dealt round-robin over the ``accumulation x world_size`` slots of a step (slot
-    ``micro * world_size + rank``); slot ``g`` gets rows iff ``g < per_step``. Every micro-batch is
-    then all-or-none over ranks exactly when ``per_step`` is a multiple of the world size or fills
-    every slot (``per_step >= accumulation x world_size``).
-    """
-    return per_step % world_size != 0 and per_step < accumulation * world_size
 
 
 def _autocast(trainer: Any) -> contextlib.AbstractContextManager:
