@@ -25,12 +25,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # tests use tiny models: one thread per process is fastest on small CPUs
 TEST_ENV      := OMP_NUM_THREADS=1
 
-.PHONY: help envs test test-main test-latest test-axolotl-latest demo lint bench-throughput bench-forgetting clean
+DEEPSPEED     ?= deepspeed==0.19.8
+
+.PHONY: help envs test test-main test-latest test-axolotl-latest test-deepspeed demo lint bench-throughput bench-forgetting bench-memory gpu-check clean
 
 help:
 	@echo "make demo   - install, prepare SmolLM2-135M + data (cached), plain SFT vs GeRe on CPU, print the table"
 	@echo "make test   - install the three test environments and run the whole test suite"
 	@echo "make lint   - ruff"
+	@echo "make bench-memory - peak memory of a GeRe step vs plain SFT at vocabularies 32k / 128k / 256k (CPU)"
+	@echo "make gpu-check    - on one CUDA GPU: QLoRA / LoRA-DPO GeRe checks, step time, peak memory (< 10 min)"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -72,7 +76,8 @@ test-latest: $(VENV_LATEST)/.installed
 		tests/test_losses.py tests/test_mixing.py tests/test_states.py tests/test_sft_trainer.py \
 		tests/test_dpo_trainer.py tests/test_grpo_trainer.py tests/test_families.py tests/test_cli_recipes.py \
 		tests/test_any_trainer.py tests/test_freeze.py tests/test_task_replay.py tests/test_resume_safety.py \
-		tests/test_flow.py tests/test_task_kl.py tests/test_ewc.py tests/test_baselines.py $(PYTEST_ARGS)
+		tests/test_flow.py tests/test_task_kl.py tests/test_ewc.py tests/test_baselines.py \
+		tests/test_logits.py tests/test_replay_logits.py $(PYTEST_ARGS)
 
 # Every Axolotl test (config, recipes, plugin-line forms, `axolotl gere` subcommands, end-to-end
 # `axolotl train` SFT/DPO full/LoRA, GRPO full) on the newest Axolotl as well.
@@ -80,6 +85,13 @@ AXOLOTL_TESTS := tests/test_axolotl_config.py tests/test_axolotl_train.py
 test-axolotl-latest: $(VENV_AXL)/.installed
 	$(VENV_AXL)/bin/python -c "import sys, axolotl, trl, transformers; print('newest axolotl:', axolotl.__version__, 'python', sys.version.split()[0], 'trl', trl.__version__, 'transformers', transformers.__version__)"
 	$(TEST_ENV) $(VENV_AXL)/bin/python -m pytest -q -p no:cacheprovider $(AXOLOTL_TESTS) $(PYTEST_ARGS)
+
+# Optional: GeRe under DeepSpeed ZeRO-2/3 on 2 CPU processes. Adds deepspeed to .venv (its source
+# distribution, nothing compiled: DS_BUILD_OPS=0), which is why `make test` does not do it.
+test-deepspeed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q wheel
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install -q --no-build-isolation $(DEEPSPEED)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_deepspeed.py $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m gere_plugin.demo
@@ -89,6 +101,15 @@ lint: $(VENV)/.installed
 
 bench-throughput: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/throughput.py
+
+bench-memory: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/memory.py
+
+# On a machine with one CUDA GPU (and a CUDA build of torch): QLoRA / LoRA-DPO checks, step time,
+# peak memory and state build on SmolLM2-135M in bf16 -> benchmarks/results/gpu_check.json (< 10 min).
+gpu-check: $(VENV)/.installed
+	$(VENV)/bin/pip install -q "bitsandbytes>=0.45"
+	$(VENV)/bin/python benchmarks/gpu_check.py
 
 bench-forgetting: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/forgetting.py --preset cpu-medium

@@ -112,3 +112,14 @@ class ReplaySchedule:
         if self.stream:
             out["stream"] = self.stream
         return out
+
+
+def uneven_micro_batches(per_step: int, world_size: int, accumulation: int) -> bool:
+    """Whether some micro-batch holds replay rows on some ranks but not on others.
+
+    Rows are dealt round-robin over the ``accumulation x world_size`` slots of a step (slot
+    ``micro * world_size + rank``); slot ``g`` gets rows iff ``g < per_step``. Every micro-batch is
+    then all-or-none over ranks exactly when ``per_step`` is a multiple of the world size or fills
+    every slot (``per_step >= accumulation x world_size``).
+    """
+    return per_step % world_size != 0 and per_step < accumulation * world_size

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 from .config import GeReConfigError, resolve_task_replay_per_step, resolve_task_replay_weight
+from .logits import LogitHead, chunked_target_ce
 from .losses import target_ce
 from .mixing import ReplaySchedule
 from .padding import pad_sequences
 from .replay import ReplayError, load_records
+from .states import forward_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -278,11 +280,20 @@ class TaskReplay:
         """This micro-batch's share ``n_j / N`` of the step's earlier-task target tokens."""
         return float(sum(int(self.rows.targets[i]) for i in rows)) / max(self.step_targets(step), 1)
 
-    def cross_entropy(self, model: torch.nn.Module, rows: Sequence[int], pad_token_id: int, device: torch.device) -> torch.Tensor:
-        """Token-mean CE over the target tokens of ``rows`` (one forward, logits only)."""
+    def cross_entropy(self, model: torch.nn.Module, rows: Sequence[int], pad_token_id: int, device: torch.device,
+                      head: Optional[LogitHead] = None, chunk: int = 0, min_chunks: int = 0) -> torch.Tensor:
+        """Token-mean CE over the target tokens of ``rows`` (one forward).
+
+        With ``head`` (the model's logit head, :mod:`gere_plugin.logits`) the forward returns hidden states
+        only and the CE is taken ``chunk`` tokens at a time, never building full-vocabulary logits; without
+        it, from the model's logits. ``min_chunks``: head calls to make at least (sharded heads)."""
         batch = self.rows.collate(rows, pad_token_id, device=device)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        ce_sum, count = target_ce(out.logits, batch["input_ids"], batch["target_mask"])
+        if head is not None:
+            _, (last,) = forward_hidden(model, batch["input_ids"], batch["attention_mask"], [-1], need_logits=False)
+            ce_sum, count = chunked_target_ce(head, last, batch["input_ids"], batch["target_mask"], chunk, min_chunks)
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            ce_sum, count = target_ce(out.logits, batch["input_ids"], batch["target_mask"])
         return ce_sum / count.clamp_min(1)
 
     def describe(self) -> str:

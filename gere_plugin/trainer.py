@@ -17,7 +17,9 @@ family of the trainer (:mod:`gere_plugin.families`)::
 
 ``CE_replay`` is the token mean over all replay tokens of the step and ``R`` the row-weighted mean
 of the per-micro-batch regularizers, so the result does not depend on how rows are split over
-micro-batches or ranks.
+micro-batches or ranks. The replay forward returns hidden states only; ``CE_replay`` and ``kl`` apply
+the model's logit head to them a chunk of tokens at a time (:mod:`gere_plugin.logits`), so the replay
+rows never hold full-vocabulary logits.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import logging
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -40,8 +42,18 @@ from transformers import TrainerCallback
 from .config import GeReArguments, GeReConfigError, parse_weight, resolve_replay_per_step
 from .families import COMBINE_FAMILIES, FAMILIES, LossFamily, family_for, prompts_per_step
 from .freeze import check_freeze_depth, freeze_bottom, prepare_for_gradient_checkpointing
+from .logits import (
+    LogitHead,
+    chunk_tokens,
+    chunked_kl,
+    chunked_token_ce,
+    head_mismatch,
+    kl_chunk_tokens,
+    num_chunks,
+    replay_logit_head,
+)
 from .losses import kl_loss, masked_feature_loss, replay_ce_weight, resolve_weight, tm_loss, token_ce
-from .mixing import ReplaySchedule
+from .mixing import ReplaySchedule, uneven_micro_batches
 from .replay import ReplaySet
 from .resume import resolve_resume_checkpoint
 from .states import (
@@ -72,12 +84,40 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _zero_stage(trainer: Any) -> Optional[int]:
+    """DeepSpeed's ZeRO stage through accelerate, or None without DeepSpeed."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    return None if plugin is None else getattr(plugin, "zero_stage", None)
+
+
+def _is_zero3(trainer: Any) -> bool:
+    return _zero_stage(trainer) == 3
+
+
 def _is_sharded(trainer: Any) -> bool:
     """Parameters are sharded across ranks (FSDP or DeepSpeed ZeRO-3)."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return True
-    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
-    return getattr(plugin, "zero_stage", None) == 3
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) or _is_zero3(trainer)
+
+
+def forward_collectives(trainer: Any, world_size: int) -> Optional[str]:
+    """Why a replay forward talks to the other ranks (None when it does not).
+
+    Then every rank must run the replay forward in the same micro-batches, or the ranks' collectives
+    no longer pair up and training hangs. Under FSDP and ZeRO-3 the forward all-gathers parameters.
+    Under DDP (and ZeRO-1/2) the replay forwards run through the unwrapped model
+    (:meth:`ReplayStep.forward_module`), which has no collective: DDP's wrapped forward broadcasts the
+    model's buffers (the rotary ``inv_freq``), and a replay forward through it on some ranks only hung
+    (measured: 2 CPU processes, one replay row per step).
+    """
+    if world_size > 1 and _is_sharded(trainer):
+        return "DeepSpeed ZeRO-3 / FSDP all-gather the parameters in every forward"
+    return None
+
+
+def _autocast(trainer: Any) -> contextlib.AbstractContextManager:
+    """The mixed-precision autocast accelerate wraps the model's forward in (a no-op without one)."""
+    acc = getattr(trainer, "accelerator", None)
+    return acc.autocast() if acc is not None and hasattr(acc, "autocast") else contextlib.nullcontext()
 
 
 def _tokenizer_of(processing_class: Any) -> Any:
@@ -115,6 +155,20 @@ class StepScaling:
     def task_unscale(self) -> float:
         # Estimate of the micro-batch's own mean task loss from the returned value (for dynamic w).
         return 1.0 if self.divides else float(self.accumulation)
+
+
+@dataclass
+class ReplayForward:
+    """A micro-batch's replay rows and their (not yet combined) terms: :meth:`ReplayStep.replay_forward`."""
+
+    step: int
+    micro: int
+    rows: list[int]
+    scaling: StepScaling
+    ce: Optional[torch.Tensor] = None  # token-mean replay CE of these rows
+    earlier: Optional[torch.Tensor] = None  # this micro-batch's scaled earlier-task CE term (gere_task_replay)
+    reg: Optional[torch.Tensor] = None
+    out_of_state: Optional[torch.Tensor] = None
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -212,26 +266,24 @@ class ReplayStep:
             basis = prompts_per_step(trainer, global_batch)
         self.per_step = (resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch, default_basis=basis)
                          if self.general else 0)
-        slots = world * targs.gradient_accumulation_steps
         self.task_replay: Optional[TaskReplay] = None
         if getattr(gere_args, "gere_task_replay", None):
             self.task_replay = TaskReplay.from_args(gere_args, tok, Tokenization.of_trainer_args(targs), global_batch)
-            if _is_sharded(trainer) and self.task_replay.per_step % slots:
-                raise GeReConfigError(
-                    f"gere_task_replay_per_step={self.task_replay.per_step} must be a multiple of processes x "
-                    f"gradient_accumulation_steps ({slots}) under DeepSpeed ZeRO-3 or FSDP, so that every micro-batch "
-                    "of every rank runs the same forwards. Pick a multiple or use ZeRO-2 / DDP."
-                )
         self._task_rows_now: list[int] = []
         self._step_task_rows = 0
-        if _is_sharded(trainer) and self.per_step % slots:
-            # A micro-batch without replay rows skips the extra forward; with sharded parameters
-            # (ZeRO-3 / FSDP) every rank must run the same forwards or the all-gathers hang.
-            raise GeReConfigError(
-                f"gere_replay_per_step={self.per_step} must be a multiple of processes x gradient_accumulation_steps "
-                f"({slots}) under DeepSpeed ZeRO-3 or FSDP, so that every micro-batch of every rank holds the same "
-                "number of replay rows. Pick a multiple or use ZeRO-2 / DDP."
-            )
+        talks = forward_collectives(trainer, world)
+        accumulation = targs.gradient_accumulation_steps
+        for key, count in (("gere_replay_per_step", self.per_step),
+                           ("gere_task_replay_per_step", self.task_replay.per_step if self.task_replay else 0)):
+            if talks and uneven_micro_batches(count, world, accumulation):
+                # A micro-batch without replay rows skips the extra forward; when forwards talk to the other
+                # ranks, every rank must run the same forwards in every micro-batch or training hangs.
+                raise GeReConfigError(
+                    f"{key}={count} would give replay rows to some ranks but not others in one micro-batch "
+                    f"({world} processes x {accumulation} accumulation steps), and {talks}: training would hang. "
+                    f"Use a multiple of the number of processes ({world}) or at least processes x "
+                    f"gradient_accumulation_steps ({world * accumulation}), or DDP / DeepSpeed ZeRO-1/2."
+                )
         self.replay: Optional[ReplaySet] = ReplaySet.from_args(gere_args, tok) if self.general else None
         self.schedule = ReplaySchedule(len(self.replay), self.per_step, gere_args.gere_seed) if self.replay else None
         model = _unwrap(trainer, trainer.model)
@@ -246,6 +298,19 @@ class ReplayStep:
         if self.regularizer in ("l1", "l2", "kl") and ref_model is None and not _is_peft(model):
             # Full fine-tune without a reference: keep a frozen copy of the base model.
             self._own_ref = frozen_copy(model)
+        # Replay CE (and KL) from hidden states, a chunk of tokens at a time (logits.py); None = full logits.
+        # The same head serves the earlier-task rows' CE.
+        if self.replay is not None and len(self.replay):
+            sample: Sequence[int] = self.replay.input_ids[0]
+        else:
+            sample = self.task_replay.rows.input_ids[0] if self.task_replay is not None and len(self.task_replay.rows) else []
+        self.logit_head = replay_logit_head(model, sample, verify=not _is_zero3(trainer))
+        self._base_head: Optional[LogitHead] = None
+        if self.logit_head is not None and self.regularizer == "kl":
+            self._base_head = self._kl_base_head(model, sample)
+            if self._base_head is None:
+                self.logit_head = None
+        self.logit_chunk = chunk_tokens(self.logit_head.vocab_size) if self.logit_head is not None else 0
         self._cur_step = -1
         self._step_targets = 0
         self._micro = 0
@@ -324,7 +389,8 @@ class ReplayStep:
         sharded. A DDP-wrapped forward broadcasts buffers (e.g. rotary ``inv_freq``) to every rank, so a
         forward that only some ranks run (replay rows not a multiple of the ranks) waited forever for the
         others; gradients of the unwrapped forward still reach DDP's reducer through the parameters.
-        ZeRO-3 / FSDP need the wrapped forward (it gathers the parameters) and equal rows per rank."""
+        ZeRO-3 / FSDP need the wrapped forward (it gathers the parameters) and all-or-none rows per
+        micro-batch over ranks (:func:`uneven_micro_batches`)."""
         return model if _is_sharded(trainer) else _unwrap(trainer, model)
 
     @property
@@ -337,8 +403,9 @@ class ReplayStep:
         """This micro-batch's part of ``c * rho * CE_earlier`` (``None`` without earlier-task rows here).
 
         The rows come from the earlier-task schedule (their own per-step count, never counted against
-        ``gere_replay_per_step``); one forward, logits only; cross-entropy only, so the regularizer stays
-        on the general replay rows.
+        ``gere_replay_per_step``); one forward; cross-entropy only, so the regularizer stays on the general
+        replay rows. The CE is chunked from hidden states like the general replay CE when the logit head
+        allows it (no full-vocabulary logits), else taken from the model's logits.
         """
         tr = self.task_replay
         self._task_rows_now = [] if tr is None else tr.schedule.rows_for_micro(
@@ -346,22 +413,64 @@ class ReplayStep:
         if not self._task_rows_now:
             return None
         assert tr is not None
-        ce_micro = tr.cross_entropy(self.forward_module(trainer, model), self._task_rows_now, self.pad_token_id, device)
+        module = self.forward_module(trainer, model)
+        if self.logit_head is None:
+            ce_micro = tr.cross_entropy(module, self._task_rows_now, self.pad_token_id, device)
+        else:
+            pad_to = self._chunks_over_ranks(tr.schedule, lambda i: int(tr.rows.targets[i]), step, micro,
+                                             scaling.accumulation, self.logit_chunk)
+            with _autocast(trainer):
+                ce_micro = tr.cross_entropy(module, self._task_rows_now, self.pad_token_id, device,
+                                            self.logit_head.in_fsdp_unit(model), self.logit_chunk, pad_to)
         self._metric(trainer, "gere/task_replay_ce", ce_micro)
         return scaling.extra_factor * self.task_coef * tr.weight * tr.share(step, self._task_rows_now) * ce_micro
 
-    def _base_forward(self, trainer: Any, model: torch.nn.Module, batch: dict, need_logits: bool):
+    def _base_forward(self, trainer: Any, model: torch.nn.Module, batch: dict, need_logits: bool,
+                      layers: Optional[list[int]] = None):
         unwrapped = _unwrap(trainer, model)
+        layers = self.layers if layers is None else layers
         with torch.no_grad():
             if self.ref_model is not None:
-                return forward_hidden(self.ref_model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+                return forward_hidden(self.ref_model, batch["input_ids"], batch["attention_mask"], layers, need_logits)
             if self._own_ref is not None:
-                return forward_hidden(self._own_ref, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+                return forward_hidden(self._own_ref, batch["input_ids"], batch["attention_mask"], layers, need_logits)
             with unwrapped.disable_adapter():
-                return forward_hidden(unwrapped, batch["input_ids"], batch["attention_mask"], self.layers, need_logits)
+                return forward_hidden(unwrapped, batch["input_ids"], batch["attention_mask"], layers, need_logits)
 
-    def regularize(self, trainer: Any, model: torch.nn.Module, rows: list[int], batch: dict, logits, hidden):
-        """The regularizer over this micro-batch's replay rows: ``(value, out_of_state)``."""
+    def _kl_base_head(self, model: torch.nn.Module, sample: Sequence[int]) -> Optional[LogitHead]:
+        """The KL reference's logit head (checked like the model's), or None for full-logit KL."""
+        ref = self.ref_model if self.ref_model is not None else self._own_ref
+        if ref is not None:
+            return replay_logit_head(ref, sample)
+        assert self.logit_head is not None
+        with model.disable_adapter():  # PEFT: the base is the model with adapters bypassed
+            reason = head_mismatch(model, self.logit_head.without_adapters(), torch.tensor([list(sample)[:16]]))
+        if reason:
+            logger.warning("gere: kl uses full-vocabulary logits: the adapter-free head does not match (%s).", reason)
+            return None
+        return self.logit_head.without_adapters()
+
+    def _chunks_over_ranks(self, schedule: ReplaySchedule, tokens_of: Callable[[int], int], step: int, micro: int,
+                           accumulation: int, chunk: int) -> int:
+        """Head calls the busiest rank makes for this micro-batch's rows of ``schedule`` (``tokens_of(row)``
+        tokens reach the head per row; host ints, no communication).
+
+        Every rank makes as many (empty chunks pad), since a sharded head all-gathers on every call.
+        """
+        if self.world_size == 1:
+            return 0
+        most = max(
+            sum(tokens_of(i) for i in schedule.rows_for_micro(step, micro, accumulation, r, self.world_size))
+            for r in range(self.world_size)
+        )
+        return num_chunks(most, chunk)
+
+    def regularize(self, trainer: Any, model: torch.nn.Module, rows: list[int], batch: dict, logits, hidden,
+                   last: Optional[torch.Tensor] = None, kl_chunks: int = 0):
+        """The regularizer over this micro-batch's replay rows: ``(value, out_of_state)``.
+
+        ``logits`` is None on the chunked path; then ``last`` (``hidden_states[-1]``) feeds a chunked KL.
+        """
         mask = batch["attention_mask"]
         if self.regularizer == "none":
             z = torch.zeros((), device=mask.device)
@@ -375,6 +484,13 @@ class ReplayStep:
                 vals.append(r.loss)
                 oos.append(r.out_of_state)
             return torch.stack(vals).mean(), torch.stack(oos).mean()
+        if self.regularizer == "kl" and logits is None:
+            assert self.logit_head is not None and self._base_head is not None and last is not None
+            _, (base_last,) = self._base_forward(trainer, model, batch, need_logits=False, layers=[-1])
+            with _autocast(trainer):
+                r = chunked_kl(self.logit_head.in_fsdp_unit(model), self._base_head.in_fsdp_unit(model), last, base_last,
+                               mask, kl_chunk_tokens(self.logit_chunk), kl_chunks)
+            return r.loss, r.out_of_state
         base_logits, base_hidden = self._base_forward(trainer, model, batch, need_logits=self.regularizer == "kl")
         if self.regularizer == "kl":
             r = kl_loss(logits, base_logits, mask)
@@ -383,28 +499,65 @@ class ReplayStep:
         vals = [masked_feature_loss(h, b, mask, p).loss for h, b in zip(hidden, base_hidden)]
         return torch.stack(vals).mean(), torch.zeros((), device=mask.device)
 
-    def __call__(self, trainer: Any, model: torch.nn.Module, task_loss: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    def replay_forward(self, trainer: Any, model: torch.nn.Module, num_items_in_batch: Any = None) -> ReplayForward:
+        """Pick this micro-batch's replay rows and build their CE and regularizer (forward only).
+
+        :class:`GeReTrainerMixin` calls it BEFORE the parent's task forward. Autograd runs nodes built
+        later first, so the replay rows' backward then comes after the task rows': no replay gradient
+        (every weight's, the embedding's included) waits in memory while the task activations are
+        still alive (measured: otherwise one extra embedding gradient in the peak, benchmarks/memory.py).
+        """
         scaling = self._scaling(trainer, num_items_in_batch)
         step, micro, rows = self.rows_now(trainer, scaling.accumulation)
+        device = getattr(getattr(trainer, "args", None), "device", None) or next(model.parameters()).device
+        out = ReplayForward(step, micro, rows, scaling)
+        out.earlier = self.earlier_tasks(trainer, model, step, micro, scaling, device)
+        if not rows:
+            return out
+        assert self.replay is not None and self.schedule is not None
+        batch = self.replay.collate(rows, self.pad_token_id, device=device)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        chunked = self.logit_head is not None
+        logits, hidden = forward_hidden(self.forward_module(trainer, model), ids, mask, [*self.layers, -1],
+                                        need_logits=not chunked)
+        last = hidden.pop()  # hidden_states[-1], the logit head's input
+        lengths = self.replay.lengths
+        if chunked:
+            assert self.logit_head is not None
+            head = self.logit_head.in_fsdp_unit(model)
+            pad_to = self._chunks_over_ranks(self.schedule, lambda i: int(lengths[i]) - 1, step, micro,
+                                             scaling.accumulation, self.logit_chunk)
+            with _autocast(trainer):  # the autocast accelerate wraps the model's forward in
+                ce_sum, ce_count = chunked_token_ce(head, last, ids, mask, self.logit_chunk, pad_to)
+        else:
+            ce_sum, ce_count = token_ce(logits, ids, mask)
+        kl_chunks = (self._chunks_over_ranks(self.schedule, lambda i: int(lengths[i]), step, micro, scaling.accumulation,
+                                             kl_chunk_tokens(self.logit_chunk))
+                     if chunked and self.regularizer == "kl" else 0)
+        out.ce = ce_sum / ce_count.clamp_min(1)
+        out.reg, out.out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden, last, kl_chunks)
+        return out
+
+    def __call__(self, trainer: Any, model: torch.nn.Module, task_loss: torch.Tensor, num_items_in_batch: Any = None,
+                 replay: Optional[ReplayForward] = None) -> torch.Tensor:
+        """The micro-batch's loss: task loss + scaled replay terms (``replay`` from :meth:`replay_forward`,
+        computed here when not given)."""
+        r = replay if replay is not None else self.replay_forward(trainer, model, num_items_in_batch)
+        step, micro, rows, scaling = r.step, r.micro, r.rows, r.scaling
         # the task term: c * task loss, or with earlier tasks c * ((1 - rho) * task loss + rho * CE_earlier)
         task_factor = self.task_coef * (1.0 - self.task_replay.weight if self.task_replay else 1.0)
         self._metric(trainer, "gere/task_loss", task_loss.detach().float() * scaling.task_unscale)
-        earlier = self.earlier_tasks(trainer, model, step, micro, scaling, task_loss.device)
-        if earlier is not None:
-            task_loss_scaled = task_factor * task_loss + earlier.to(task_loss.dtype)
+        if r.earlier is not None:
+            task_loss_scaled = task_factor * task_loss + r.earlier.to(task_loss.dtype)
         else:
             task_loss_scaled = task_factor * task_loss
         if not rows:
             self._record(trainer, step, micro, rows, scaling)
             return task_loss_scaled
-        batch = self.replay.collate(rows, self.pad_token_id, device=task_loss.device)
-        logits, hidden = forward_hidden(self.forward_module(trainer, model), batch["input_ids"], batch["attention_mask"],
-                                        self.layers, need_logits=True)
-        ce_sum, ce_count = token_ce(logits, batch["input_ids"], batch["attention_mask"])
-        ce_micro = ce_sum / ce_count.clamp_min(1)
+        assert r.ce is not None and r.reg is not None and r.out_of_state is not None
+        ce_micro, reg, out_of_state = r.ce, r.reg, r.out_of_state
         ce_share = self._target_count(rows) / max(self._step_targets, 1)
         reg_share = len(rows) / self.per_step
-        reg, out_of_state = self.regularize(trainer, model, rows, batch, logits, hidden)
         task_micro = task_loss.detach().float() * scaling.task_unscale
         primary = 0.5 * (task_micro + ce_micro.detach()) if self.combine == "mean" else task_micro
         if self.regularizer == "none":
@@ -629,6 +782,11 @@ class GeReTrainerMixin:
                 p.requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step: Optional[ReplayStep] = getattr(self, "gere_step", None)
+        active = step is not None and model.training
+        self._gere_refreeze()
+        # The replay rows' forward runs first, so that their backward runs last (ReplayStep.replay_forward).
+        replay = step.replay_forward(self, model, num_items_in_batch) if active else None
         self._gere_refreeze()
         task = getattr(self, "gere_task", None)  # FLOW / task KL / EWC (task_step.py)
         if task is not None and task.owns_task_loss and model.training:
@@ -636,13 +794,12 @@ class GeReTrainerMixin:
         else:
             out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         self._gere_refreeze()
-        step: Optional[ReplayStep] = getattr(self, "gere_step", None)
         if (step is None and task is None) or not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
         task_term = loss
-        if step is not None:
-            loss = step(self, model, loss, num_items_in_batch)
+        if active:
+            loss = step(self, model, loss, num_items_in_batch, replay=replay)
             self._gere_refreeze()
         if task is not None:
             loss = task.add_terms(self, loss, task_term, num_items_in_batch)

@@ -412,11 +412,11 @@ def test_every_gere_key_is_in_a_bad_input_table() -> None:
     ("cfg", "procs", "says"),
     [
         ({"fsdp_config": {"fsdp_version": 2}, "gradient_accumulation_steps": 2, "gere_replay_per_step": 3}, 2,
-         "(2 x 2 = 4) under FSDP"),
+         "(2 processes x 2 accumulation steps) under FSDP"),
         ({"deepspeed": "deepspeed_configs/zero3_bf16.json", "gradient_accumulation_steps": 4,
-          "gere_replay_per_step": 6}, None, "(1 x 4 = 4) under DeepSpeed ZeRO-3"),
+          "gere_replay_per_step": 5}, None, "2 processes assumed"),
         ({"deepspeed": {"zero_optimization": {"stage": 3}}, "batch_size": 8, "micro_batch_size": 2,
-          "gere_replay_per_step": 2}, 1, "(1 x 4 = 4) under DeepSpeed ZeRO-3"),
+          "gere_replay_per_step": 3}, 2, "(2 processes x 4 accumulation steps) under DeepSpeed ZeRO-3"),
         ({"micro_batch_size": 2, "gradient_accumulation_steps": 1, "gere_replay_per_step": 4}, 2,
          "must be smaller than the global batch (4"),
     ],
@@ -437,7 +437,17 @@ def test_axolotl_check_batch_layout_accepts_good_layouts(monkeypatch: Any) -> No
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert batch_problems({"deepspeed": {"zero_optimization": {"stage": 3}}, "gradient_accumulation_steps": 2,
                            "micro_batch_size": 4, "gere_replay_per_step": 4}, 2) == []
+    # a multiple of the processes: micro-batch 1 has no rows on any rank, which does not hang
+    assert batch_problems({"fsdp_config": {"fsdp_version": 2}, "gradient_accumulation_steps": 2,
+                           "micro_batch_size": 4, "gere_replay_per_step": 2}, 2) == []
+    # at least processes x accumulation: every micro-batch of every rank has rows (3 and 2 per rank)
+    assert batch_problems({"fsdp_config": {"fsdp_version": 2}, "gradient_accumulation_steps": 2,
+                           "micro_batch_size": 4, "gere_replay_per_step": 5}, 2) == []
     assert batch_problems({"deepspeed": {"zero_optimization": {"stage": 2}}, "gradient_accumulation_steps": 2,
                            "gere_replay_per_step": 3}, 2) == []  # ZeRO-2: any value
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert "(4 x 1 = 4)" in batch_problems({"fsdp": ["full_shard"], "micro_batch_size": 4, "gere_replay_per_step": 2})[0]
+    assert "(4 processes x 1 accumulation steps)" in batch_problems(
+        {"fsdp": ["full_shard"], "micro_batch_size": 4, "gere_replay_per_step": 2})[0]
+    problems = batch_problems({"fsdp": ["full_shard"], "micro_batch_size": 4, "gere_replay_per_step": 4,
+                               "gere_task_replay_per_step": 1})
+    assert len(problems) == 1 and "gere_task_replay_per_step=1" in problems[0]

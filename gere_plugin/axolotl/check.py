@@ -25,7 +25,8 @@ nor torch, lists every problem at once, and catches:
 * training modes GeRe does not wrap (``rl`` other than ``dpo``/``ipo``/``grpo``, asynchronous or
   sequence-parallel GRPO, reward models).
 * what training would only find later (:func:`setup_problems`): ``gere_replay_per_step`` not below
-  the global batch, or not a multiple of processes x accumulation under DeepSpeed ZeRO-3 / FSDP;
+  the global batch, or giving rows to some ranks and not others in a micro-batch under DeepSpeed
+  ZeRO-3 / FSDP (neither a multiple of the processes nor at least processes x accumulation);
   ``gere_freeze_layers`` / ``gere_layers`` beyond the depth of a local ``base_model``; a
   ``gere_state_cache``, ``gere_flow_cache`` or EWC folder GeRe would refuse (user files, a model folder, ...).
 """
@@ -43,6 +44,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..config import GeReConfigError, gere_value_problems, resolve_replay_per_step
+from ..mixing import uneven_micro_batches
 from .args import PLUGIN_PATH, PLUGIN_PATHS, check_gere_request, is_gere_plugin_entry
 from .compat import AxolotlFacts, axolotl_facts
 
@@ -267,36 +269,42 @@ def sharding_of(data: Mapping) -> Optional[str]:
 
 
 def batch_problems(data: Mapping, num_processes: Optional[int] = None) -> list[str]:
-    """``gere_replay_per_step`` against the batch layout.
+    """``gere_replay_per_step`` (and ``gere_task_replay_per_step``) against the batch layout.
 
-    Under DeepSpeed ZeRO-3 / FSDP it must be a multiple of processes x accumulation (a YAML does not
-    say how many processes will run: ``num_processes``, else ``$WORLD_SIZE``, else 1, which still
-    catches a value that is not a multiple of the accumulation). Against the global batch it is
-    checked only when the number of processes is known (``num_processes`` or ``$WORLD_SIZE``).
+    Under DeepSpeed ZeRO-3 / FSDP no micro-batch may hold replay rows on some ranks and none on others
+    (the trainer's rule, :func:`gere_plugin.mixing.uneven_micro_batches`): a multiple of the number of
+    processes, or at least processes x accumulation. A YAML does not say how many processes will run:
+    ``num_processes``, else ``$WORLD_SIZE``; unknown, the layout is checked for the smallest uneven case,
+    2 processes, with a hint to pass the real number. Against the global batch ``gere_replay_per_step``
+    is checked only when the number of processes is known.
     """
     per_step = data.get("gere_replay_per_step")
     if per_step is not None and (not isinstance(per_step, int) or isinstance(per_step, bool) or per_step < 1):
         return []  # reported by the value checks
     env_world = os.environ.get("WORLD_SIZE", "")
     known = num_processes or (int(env_world) if env_world.isdigit() and int(env_world) > 0 else None)
-    procs = known or 1
+    procs = known or 2
     accum = accumulation_steps(data)
     problems = []
     if known and isinstance(data.get("micro_batch_size"), int):
         try:
-            per_step = resolve_replay_per_step(per_step, data["micro_batch_size"] * accum * procs)
+            per_step = resolve_replay_per_step(per_step, data["micro_batch_size"] * accum * known)
         except GeReConfigError as e:
-            return [f"{e} (micro_batch_size x gradient_accumulation_steps x {procs} process(es))"]
+            return [f"{e} (micro_batch_size x gradient_accumulation_steps x {known} process(es))"]
     sharded = sharding_of(data)
-    slots = procs * accum
-    if sharded and per_step is not None and per_step % slots:
-        fix = slots * max(1, per_step // slots)
-        problems.append(
-            f"gere_replay_per_step={per_step} must be a multiple of processes x gradient_accumulation_steps "
-            f"({procs} x {accum} = {slots}) under {sharded}: every micro-batch of every rank must run the same replay "
-            f"forward or the parameter all-gathers hang. Use e.g. {fix}"
-            + ("." if known else "; pass the number of training processes with --num-processes to check the real layout.")
-        )
+    task_per_step = data.get("gere_task_replay_per_step")
+    for key, count in (("gere_replay_per_step", per_step), ("gere_task_replay_per_step", task_per_step)):
+        if not sharded or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            continue
+        if uneven_micro_batches(count, procs, accum):
+            problems.append(
+                f"{key}={count} would give replay rows to some ranks but not others in one micro-batch "
+                f"({procs} processes x {accum} accumulation steps) under {sharded}: the parameter all-gathers of "
+                f"the replay forward would hang. Use a multiple of the number of processes ({procs}) or at least "
+                f"processes x gradient_accumulation_steps ({procs * accum})"
+                + ("." if known else f"; {procs} processes assumed: pass the number of training processes with "
+                   "--num-processes to check the real layout.")
+            )
     return problems
 
 

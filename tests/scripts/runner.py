@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -160,3 +161,63 @@ def replay_rows(path_pattern: str, ranks: int = 1, field: str = "rows") -> dict[
             assert key not in out[int(e["step"])], f"micro-batch {key} of step {e['step']} logged twice in {path}"
             out[int(e["step"])][key] = list(e[field])
     return dict(out)
+
+
+FSDP_SCRIPT = Path(__file__).with_name("fsdp_tiny.py")
+
+
+@dataclass
+class Launch:
+    """A finished or timed-out multi-process launch."""
+
+    returncode: Optional[int]  # None: still running at the timeout (then killed with its process group)
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from ``/proc``): torchrun starts its ranks in sessions of their own."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def launch(cmd: list[str], env: dict[str, str], timeout: float) -> Launch:
+    """Run ``cmd`` to the end; on timeout SIGKILL it and every process it started (launcher and ranks)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return Launch(proc.returncode, out, err, time.monotonic() - t0)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = proc.communicate()
+        return Launch(None, out, err, time.monotonic() - t0)
+
+
+def fsdp_command(args: list[str], num_processes: int) -> list[str]:
+    """``fsdp_tiny.py`` on ``num_processes`` CPU processes (``torch.distributed.run``; 1 = plain python)."""
+    if num_processes == 1:
+        return [sys.executable, str(FSDP_SCRIPT), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+            "--master_port", str(free_port()), str(FSDP_SCRIPT), *args]

@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per_step", type=int, default=2, help="gere_replay_per_step")
     p.add_argument("--replay_size", type=int, default=16, help="gere_replay_size")
     p.add_argument("--weight", default="dynamic", help="gere_weight")
+    p.add_argument("--ddp_broadcast_buffers", default=None, choices=["true", "false"],
+                   help="TrainingArguments.ddp_broadcast_buffers (default: unset = torch's True)")
     p.add_argument("--sampling", default="random", choices=["random", "sequential"], help="train_sampling_strategy")
     p.add_argument("--resume", default=None, help="checkpoint folder to resume from")
     p.add_argument("--hang_at_step", type=int, default=0, help="hang in on_step_end once global_step reaches this")
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         disable_tqdm=True,
         dataloader_num_workers=0,
         gradient_checkpointing=False,
+        ddp_broadcast_buffers=None if args.ddp_broadcast_buffers is None else args.ddp_broadcast_buffers == "true",
         gere_replay=args.replay,
         gere_replay_size=args.replay_size,
         gere_replay_max_length=32,
