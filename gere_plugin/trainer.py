@@ -549,6 +549,9 @@ class GeReTrainerMixin:
         checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
         if step is not None and checkpoint is not None:
             check_resume(step, checkpoint)
+        monitor = getattr(self, "gere_monitor", None)
+        if monitor is not None:
+            monitor.resume_checkpoint = checkpoint  # its base snapshot travels with the checkpoint
         if hasattr(self, "gere_frozen") and self.is_world_process_zero():
             announce(describe_gere(self, checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -590,8 +593,10 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
     gere_args = getattr(trainer, "gere_args", None) or trainer.args
     step: Optional[ReplayStep] = getattr(trainer, "gere_step", None)
     frozen = _describe_frozen(trainer, gere_args)
+    monitor = getattr(trainer, "gere_monitor", None)
+    watching = f"; {monitor.describe()}" if monitor is not None else ""
     if step is None:
-        return f"gere: no replay (gere_replay is not set); {frozen}"
+        return f"gere: no replay (gere_replay is not set); {frozen}{watching}"
     parts = [
         f"gere: {step.per_step} replay rows per optimizer step from {len(step.replay)} samples "
         f"({step.replay.num_tokens} tokens) of {step.replay.source}",
@@ -604,7 +609,7 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
         parts.append(f"resuming {checkpoint} (replay settings checked)")
     total = "mean(task, replay CE)" if step.combine == "mean" else "task + replay CE"
     parts.append(f"logged loss = {total}{'' if step.regularizer == 'none' else ' + w*R'}; task term alone: gere/task_loss")
-    return "; ".join(parts)
+    return "; ".join(parts) + watching
 
 
 def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optional[torch.nn.Module] = None) -> Optional[ReplayStep]:
@@ -625,7 +630,10 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
         trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         trainer._gere_own_metrics = True
     step: Optional[ReplayStep] = None
-    if gere_args.gere_replay is None:
+    monitoring = getattr(gere_args, "gere_monitor", None) is not None
+    if gere_args.gere_replay is None and monitoring:
+        logger.info("gere: gere_replay is not set: no replay; the forgetting monitor (gere_monitor) watches the run.")
+    elif gere_args.gere_replay is None:
         logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
     else:
         if ref_model is not None:  # the user's gere_ref_model (a DPO reference needs no check)
@@ -637,6 +645,18 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
         step = ReplayStep(trainer, gere_args, combine=getattr(trainer, "gere_combine", "mean"), ref_model=ref_model)
         trainer.add_callback(GeReCheckpointCallback(step))
     trainer.gere_step = step
+    trainer.gere_monitor = None
+    if monitoring:
+        from .monitor import ForgettingMonitor
+
+        trainer.gere_monitor = ForgettingMonitor(
+            trainer, gere_args, _tokenizer_of(getattr(trainer, "processing_class", None)),
+            replay_texts=step.replay.texts if step is not None else None,
+            replay_source=step.replay.source if step is not None else "",
+            states=step.states if step is not None else None,
+            sharded=_is_sharded(trainer),
+        )
+        trainer.add_callback(trainer.gere_monitor)
     trainer.gere_frozen = []
     trainer._gere_frozen_params = []
     if gere_args.gere_freeze_layers or gere_args.gere_freeze_embeddings:

@@ -54,6 +54,14 @@ BAD_VALUES: dict[str, list[Any]] = {
     "gere_freeze_layers": [-1, 1.5, "2", None, True],
     "gere_freeze_embeddings": ["yes", "true", 1, 0, None],
     "gere_seed": [-1, 1.5, "42", None, True],
+    "gere_weight_max": [0, -1, NAN, INF, "1", True],
+    "gere_monitor": [123, "", "   ", ["a.jsonl"], True],
+    "gere_monitor_size": [0, -1, 1.5, "64", None, True],
+    "gere_monitor_steps": [0, -5, 2.5, "100", None, True],
+    "gere_monitor_max_length": [1, 0, 2.0, "128", None],
+    "gere_monitor_task_size": [-1, 1.5, "16", None, True],
+    "gere_monitor_max_ppl_rise": [0, -0.1, NAN, INF, "0.2", True],
+    "gere_monitor_action": ["halt", "", None, 1, "WARN"],
 }
 
 

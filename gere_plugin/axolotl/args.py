@@ -12,8 +12,9 @@ Validation (same messages as the TRL configs, each naming the key):
   name, instead of being dropped like any other unknown Axolotl key;
 * ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
   config asks for GeRe (lists the plugin, or sets any ``gere_*`` key: :func:`gere_requested`),
-  ``gere_replay`` is required and the training mode must be one GeRe supports (SFT, ``rl: dpo`` or
-  ``rl: ipo``), so GeRe never runs half-configured or silently off.
+  ``gere_replay`` is required (or ``gere_monitor`` alone, the forgetting monitor without replay) and
+  the training mode must be one GeRe supports (SFT, ``rl: dpo`` or ``rl: ipo``), so GeRe never runs
+  half-configured or silently off.
 
 This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
 """
@@ -25,7 +26,15 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from ..config import GeReArguments, GeReConfigError, gere_defaults, gere_fields, validate_gere_values
+from ..config import (
+    MONITOR_KEYS,
+    GeReArguments,
+    GeReConfigError,
+    check_guard_has_monitor,
+    gere_defaults,
+    gere_fields,
+    validate_gere_values,
+)
 
 #: Dotted paths that load the plugin in ``plugins:`` (Axolotl imports ``module`` and takes ``Class``).
 PLUGIN_PATHS = (
@@ -85,22 +94,39 @@ def gere_requested(values: Any) -> bool:
     return lists_gere_plugin(getter("plugins")) or bool(gere_keys_set(values))
 
 
+#: Keys a monitor-only config (``gere_monitor`` without ``gere_replay``) may set: the monitor's own, and
+#: the ones its texts are read and sampled with.
+MONITOR_ONLY_KEYS = (*MONITOR_KEYS, "gere_replay_text_field", "gere_replay_split", "gere_seed")
+
+
 def check_gere_request(values: Any) -> None:
-    """Raise :class:`GeReConfigError` when a config asks for GeRe but cannot run it (no ``gere_replay``,
-    or a training mode GeRe does not wrap). A config that does not ask for GeRe passes untouched."""
+    """Raise :class:`GeReConfigError` when a config asks for GeRe but cannot run it (neither
+    ``gere_replay`` nor ``gere_monitor``; replay settings without ``gere_replay``; or a training mode GeRe
+    does not wrap). A config that does not ask for GeRe passes untouched. ``gere_monitor`` alone (with
+    its own keys) is a valid config: the forgetting monitor on a plain run."""
     if not gere_requested(values):
         return
     getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    check_guard_has_monitor(values)
     if getter("gere_replay") in (None, ""):
-        why = (
-            f"plugins: lists {PLUGIN_PATH}"
-            if lists_gere_plugin(getter("plugins"))
-            else f"the config sets {', '.join(gere_keys_set(values))}"
-        )
-        raise GeReConfigError(
-            f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
-            "file (jsonl/json/parquet/txt), a folder or a datasets id, or remove the gere_* keys and the plugin line."
-        )
+        replay_keys = [k for k in gere_keys_set(values) if k not in MONITOR_ONLY_KEYS]
+        if getter("gere_monitor") in (None, ""):
+            why = (
+                f"plugins: lists {PLUGIN_PATH}"
+                if lists_gere_plugin(getter("plugins"))
+                else f"the config sets {', '.join(gere_keys_set(values))}"
+            )
+            raise GeReConfigError(
+                f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
+                "file (jsonl/json/parquet/txt), a folder or a datasets id (or only watch forgetting: gere_monitor "
+                "with held-out general texts), or remove the gere_* keys and the plugin line."
+            )
+        if replay_keys:
+            raise GeReConfigError(
+                f"gere_replay is not set, but the config sets {', '.join(replay_keys)}, which only act with replay. "
+                "Point gere_replay at a general-text replay file, or remove those keys (gere_monitor alone runs the "
+                "forgetting monitor without replay)."
+            )
     check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model")})
 
 
