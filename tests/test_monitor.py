@@ -330,3 +330,55 @@ def test_metric_keys_are_documented():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [k for k in METRIC_KEYS if f"`{k}`" not in readme]
     assert missing == [], f"README does not describe {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Continual runner and report
+# ---------------------------------------------------------------------------------------------
+def test_run_sequence_records_the_monitor_and_gere_report_draws_it(tmp_path, tiny_dir, replay_file, monitor_file):
+    import dataclasses
+    import json
+    import struct
+
+    from gere_plugin.continual import run_sequence
+    from gere_plugin.evaluation.report import monitor_series, report_main
+
+    from .test_continual import SETTINGS, TASKS
+
+    settings = dataclasses.replace(SETTINGS, gere_monitor=str(monitor_file), gere_monitor_steps=1,
+                                   gere_monitor_size=12, gere_monitor_max_length=32, gere_monitor_task_size=4)
+    results = []
+    for method in ("plain", "gere"):
+        path = tmp_path / f"{method}.json"
+        run_sequence(str(tiny_dir), TASKS, method, tmp_path / method, settings=settings, replay=replay_file,
+                     state_cache=tmp_path / "states", seed=3, result_path=path)
+        results.append(path)
+    plain, gere = (json.loads(p.read_text()) for p in results)
+    for run in (plain, gere):
+        for stage in run["stages"]:
+            steps = [h["step"] for h in stage["history"] if "gere/monitor_kl" in h]
+            assert steps == [0, 1, 2], steps
+            assert stage["history"][0]["gere/monitor_kl"] == 0.0
+            assert stage["monitor"]["texts"] == 12 and stage["monitor"]["task_rows"] == 4
+            assert [s for s, _ in stage["monitor"]["pass_seconds"]] == [0, 1, 2]
+    # both methods score the same texts: identical step-0 perplexity (the same base model)
+    assert plain["stages"][0]["history"][0]["gere/monitor_ppl"] == gere["stages"][0]["history"][0]["gere/monitor_ppl"]
+    last = {name: [h for h in run["stages"][1]["history"] if "gere/monitor_kl" in h][-1]
+            for name, run in (("plain", plain), ("gere", gere))}
+    assert last["gere"]["gere/monitor_out_of_state"] > 0  # GeRe's state cache exists
+    assert "gere/monitor_out_of_state" not in last["plain"]
+
+    series = monitor_series(plain)
+    assert series["steps"] == [0, 1, 2, 2, 3, 4] and series["boundaries"] == [2, 4]
+    # the rise stays relative to the ORIGINAL base across tasks: task 2's start = task 1's end
+    assert series["ppl_rise"][0] == 0.0
+    assert series["ppl_rise"][3] == pytest.approx(series["ppl_rise"][2], rel=1e-6, abs=1e-12)
+    assert series["kl"][3] == 0.0  # task 2's KL compares with the model at its start
+
+    out_png = tmp_path / "report.png"
+    assert report_main([str(p) for p in results] + ["--png", str(out_png), "--md", str(tmp_path / "r.md")]) == 0
+    monitor_png = tmp_path / "report_monitor.png"
+    data = monitor_png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24])[0] > 800
+    table = (tmp_path / "r.md").read_text()
+    assert "Forgetting monitor" in table and "| plain | 6 | 4 |" in table and "| gere | 6 | 4 |" in table

@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hang_in_cache_save", action="store_true", help="hang inside StateCache.save (after labels.bin)")
     p.add_argument("--hang_marker", default=None, help="file created right before hanging")
     p.add_argument("--build_only", action="store_true", help="build the trainer (and the state cache), do not train")
+    p.add_argument("--monitor", default=None, help="gere_monitor: held-out general-text jsonl (the forgetting monitor)")
+    p.add_argument("--monitor_steps", type=int, default=1, help="gere_monitor_steps")
     return p.parse_args(argv)
 
 
@@ -128,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         gere_weight=args.weight,
         gere_state_cache=args.state_cache,
         gere_state_batch_size=8,
+        gere_monitor=args.monitor,
+        gere_monitor_steps=args.monitor_steps,
+        gere_monitor_size=16,
+        gere_monitor_max_length=32,
+        gere_monitor_task_size=6,
     )
 
     class HangAtStep(TrainerCallback):
