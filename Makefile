@@ -65,15 +65,16 @@ test-main: $(VENV)/.installed
 	$(VENV)/bin/ruff check gere_plugin tests benchmarks recipes
 	$(TEST_ENV) $(VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The GeRe trainer contract (losses, states, schedule, SFT/DPO trainers, recipes) on the newest stack.
+# The GeRe trainer contract (losses, states, schedule, SFT/DPO/GRPO trainers, loss families, recipes) on the newest stack.
 test-latest: $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -c "import trl, transformers; print('newest stack: trl', trl.__version__, 'transformers', transformers.__version__)"
 	$(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_losses.py tests/test_mixing.py tests/test_states.py tests/test_sft_trainer.py \
-		tests/test_dpo_trainer.py tests/test_cli_recipes.py tests/test_any_trainer.py tests/test_freeze.py $(PYTEST_ARGS)
+		tests/test_dpo_trainer.py tests/test_grpo_trainer.py tests/test_families.py tests/test_cli_recipes.py \
+		tests/test_any_trainer.py tests/test_freeze.py tests/test_task_replay.py $(PYTEST_ARGS)
 
 # Every Axolotl test (config, recipes, plugin-line forms, `axolotl gere` subcommands, end-to-end
-# `axolotl train` SFT/DPO full/LoRA) on the newest Axolotl as well.
+# `axolotl train` SFT/DPO full/LoRA, GRPO full) on the newest Axolotl as well.
 AXOLOTL_TESTS := tests/test_axolotl_config.py tests/test_axolotl_train.py
 test-axolotl-latest: $(VENV_AXL)/.installed
 	$(VENV_AXL)/bin/python -c "import sys, axolotl, trl, transformers; print('newest axolotl:', axolotl.__version__, 'python', sys.version.split()[0], 'trl', trl.__version__, 'transformers', transformers.__version__)"

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -51,7 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment_info  # noqa: E402
 
 from gere_plugin import assets  # noqa: E402
-from gere_plugin.continual import METHODS, SequenceTask, TrainSettings, evaluate_stage, run_sequence  # noqa: E402
+from gere_plugin.continual import (  # noqa: E402
+    METHODS,
+    MethodSpec,
+    SequenceTask,
+    TrainSettings,
+    evaluate_stage,
+    run_sequence,
+)
 from gere_plugin.evaluation.report import markdown_table, plot_summary, summarize_runs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -340,46 +346,70 @@ def paired_differences(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, 
     return out
 
 
-# Weightings compared by --diagnose-gradients (GeRe's TM regularizer, first task only).
-GRADIENT_VARIANTS: dict[str, dict[str, Any]] = {
-    "paper: dynamic, violations": {"gere_weight": "dynamic", "gere_weight_max": None, "gere_tm_reduction": "violations"},
-    "dynamic capped at 100, mean": {"gere_weight": "dynamic", "gere_weight_max": 100.0, "gere_tm_reduction": "mean"},
-    "dynamic capped at 1000, mean": {"gere_weight": "dynamic", "gere_weight_max": 1000.0, "gere_tm_reduction": "mean"},
-    "fixed 100, mean": {"gere_weight": "100", "gere_weight_max": None, "gere_tm_reduction": "mean"},
+# Weightings compared by --diagnose-gradients (first task only): GeRe's TM under several weight rules,
+# and the feature-distillation regularizers under the paper's dynamic weight.
+GRADIENT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "TM, paper: dynamic, violations": ("tm", {"gere_weight": "dynamic", "gere_weight_max": None,
+                                              "gere_tm_reduction": "violations"}),
+    "TM, dynamic <= 100, mean": ("tm", {"gere_weight": "dynamic", "gere_weight_max": 100.0, "gere_tm_reduction": "mean"}),
+    "TM, dynamic <= 1000, mean": ("tm", {"gere_weight": "dynamic", "gere_weight_max": 1000.0,
+                                         "gere_tm_reduction": "mean"}),
+    "L2, dynamic": ("l2", {"gere_weight": "dynamic", "gere_weight_max": None}),
+    "KL, dynamic": ("kl", {"gere_weight": "dynamic", "gere_weight_max": None}),
 }
+PLAIN_VARIANT = "plain SFT (no replay)"
 
 
 def diagnose_gradients(args: Any, cfg: dict[str, Any], model_dir: Path, tasks: list[SequenceTask], replay: Path,
-                       work: Path, settings: TrainSettings, out_dir: Path) -> int:
+                       work: Path, settings: TrainSettings, out_dir: Path, general: Any) -> int:
     """Train the first task once per weighting with the gradient-balance diagnostic on; record per step
-    the gradient norms of the CE part and of the regularizer part, before and after clipping, and the
-    dev accuracy reached (plasticity). Writes ``grad_balance_<preset>.json`` and ``.png``."""
-    from gere_plugin.continual import MethodSpec
+    the gradient norms of the CE part and of the regularizer part, before and after clipping, the dev
+    accuracy reached (plasticity) and held-out perplexity after the task (general ability). Writes
+    ``grad_balance_<preset>.json`` and ``.png``; several invocations (``--variants``) may fill one file."""
+    import fcntl
+
 
     first = tasks[0]
     dev_task = SequenceTask(first.name, first.train, test=first.dev or first.test)
     diag = dataclasses.replace(settings, grad_diagnostics=True, logging_steps=1)
-    out: dict[str, Any] = {"environment": environment_info(), "task": first.name, "eval": "dev" if first.dev else "test",
-                           "settings": dataclasses.asdict(diag), "variants": {}}
-    variants = {"plain SFT (no replay)": None, **GRADIENT_VARIANTS}
-    for label, keys in variants.items():
-        spec = METHODS["plain"] if keys is None else MethodSpec("gere", replay=True, regularizer="tm",
-                                                                gere=tuple(sorted(keys.items())))
-        t0 = time.perf_counter()
-        run = run_sequence(str(model_dir), [dev_task], spec, work / "grad_balance" / label.replace(" ", "_"),
-                           settings=diag, replay=replay, state_cache=work / "states", seed=cfg.get("lr_seed", 1))
-        hist = [h for h in run["stages"][0]["history"] if "loss" in h]
-        out["variants"][label] = {
-            "gere": keys, "accuracy": run["matrix"][0][0], "base_accuracy": run["base_row"][0],
-            "majority_share": run["stages"][0]["eval"]["majority_share"][first.name],
-            "seconds": time.perf_counter() - t0, "steps": hist,
-        }
-        logging.info("gradient balance %s: accuracy %.3f", label, run["matrix"][0][0])
+    ppl_only = dataclasses.replace(general, mc_items={}, general_score_tasks=())
+    names = args.variants or [PLAIN_VARIANT, *GRADIENT_VARIANTS]
+    unknown = [n for n in names if n != PLAIN_VARIANT and n not in GRADIENT_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {[PLAIN_VARIANT, *GRADIENT_VARIANTS]}")
     path = out_dir / f"grad_balance_{args.preset}.json"
-    path.write_text(json.dumps(out, indent=1, default=float), encoding="utf-8")
-    plot_gradient_balance(out, out_dir / f"grad_balance_{args.preset}.png")
-    for label, v in out["variants"].items():
-        print(f"{label:34s} accuracy {100 * v['accuracy']:.1f} (majority {v['majority_share']:.2f})")
+    for label in names:
+        if label == PLAIN_VARIANT:
+            spec, keys, reg = METHODS["plain"], None, None
+        else:
+            reg, keys = GRADIENT_VARIANTS[label]
+            spec = MethodSpec("diagnostic", replay=True, regularizer=reg, gere=tuple(sorted(keys.items())))
+        lr = float(args.lr or settings.learning_rate)
+        t0 = time.perf_counter()
+        run = run_sequence(str(model_dir), [dev_task], spec, work / "grad_balance" / "".join(
+            c if c.isalnum() else "_" for c in label), settings=dataclasses.replace(diag, learning_rate=lr),
+            replay=replay, state_cache=work / "states", seed=cfg.get("lr_seed", 1), general=ppl_only)
+        stage = run["stages"][0]
+        record = {
+            "regularizer": reg, "gere": keys, "learning_rate": lr, "accuracy": run["matrix"][0][0],
+            "base_accuracy": run["base_row"][0], "majority_share": stage["eval"]["majority_share"][first.name],
+            "ppl": stage["eval"]["general"]["ppl"], "base_ppl": run["base"]["general"]["ppl"],
+            "seconds": time.perf_counter() - t0, "steps": [h for h in stage["history"] if "loss" in h],
+        }
+        logging.info("gradient balance %s: accuracy %.3f", label, record["accuracy"])
+        with open(out_dir / f".grad_balance_{args.preset}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # parallel invocations add their variants to one file
+            doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {
+                "environment": environment_info(), "task": first.name, "eval": "dev" if first.dev else "test",
+                "settings": dataclasses.asdict(diag), "variants": {}}
+            doc["variants"][label] = record
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(doc, indent=1, default=float), encoding="utf-8")
+            os.replace(tmp, path)
+            plot_gradient_balance(doc, out_dir / f"grad_balance_{args.preset}.png")
+    for label, v in json.loads(path.read_text(encoding="utf-8"))["variants"].items():
+        rise = {k: f"{100 * (v['ppl'][k] / v['base_ppl'][k] - 1):+.1f}%" for k in v["ppl"]}
+        print(f"{label:34s} accuracy {100 * v['accuracy']:.1f} (majority {v['majority_share']:.2f}) ppl rise {rise}")
     return 0
 
 
@@ -390,7 +420,9 @@ def plot_gradient_balance(doc: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = {k: v for k, v in doc["variants"].items() if v["gere"] is not None}
+    variants = {k: v for k, v in doc["variants"].items() if v.get("regularizer")}
+    if not variants:  # only the plain run so far: nothing to draw
+        return
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.8), sharey=True, squeeze=False)
     for ax, (label, v) in zip(axes[0], variants.items()):
         steps = [h["step"] for h in v["steps"] if "gere/grad_norm_ce" in h]
@@ -398,7 +430,7 @@ def plot_gradient_balance(doc: dict[str, Any], png: Path) -> None:
         ce = [c * h["gere/grad_norm_ce"] for c, h in zip(clip, [h for h in v["steps"] if "gere/grad_norm_ce" in h])]
         reg = [c * h["gere/grad_norm_reg"] for c, h in zip(clip, [h for h in v["steps"] if "gere/grad_norm_ce" in h])]
         ax.semilogy(steps, ce, label="task + replay CE")
-        ax.semilogy(steps, reg, label="w x TM")
+        ax.semilogy(steps, reg, label=f"w x {v['regularizer'].upper()}")
         ax.set_title(f"{label}\n{doc['task']} {doc['eval']} acc {100 * v['accuracy']:.0f}%", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -426,6 +458,57 @@ def write_outputs(doc: dict[str, Any], preset: str, out_dir: Path) -> None:
     os.replace(tmp, out_dir / f"forgetting_{preset}.json")
 
 
+def settings_differ(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Settings keys whose values differ between two result files (methods, seeds and method specs are
+    compared elsewhere). A key only one file has counts as equal when its value there is the
+    :class:`TrainSettings` default: files written before a setting existed stay comparable."""
+    defaults = {f.name: getattr(TrainSettings(), f.name) for f in dataclasses.fields(TrainSettings)}
+
+    def value(d: dict[str, Any], k: str) -> str:
+        return json.dumps(d[k] if k in d else defaults.get(k), default=float)
+
+    return sorted(k for k in set(a) | set(b) if k not in ("methods", "seeds", "method_specs") and value(a, k) != value(b, k))
+
+
+def method_spec_json(spec: dict[str, Any]) -> str:
+    """A method spec as canonical JSON: fields a file written before they existed take the
+    :class:`MethodSpec` default, and tuples compare equal to the lists JSON stores them as."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MethodSpec)
+                if f.default is not dataclasses.MISSING}
+    return json.dumps(json.loads(json.dumps({**defaults, **spec}, default=str)), sort_keys=True)
+
+
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """One result document from several of the same preset and settings (methods may differ; a
+    (method, seed) pair must not appear twice). Learning-rate selections and timings are combined."""
+    docs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    first = docs[0]
+    for path, doc in zip(paths[1:], docs[1:]):
+        if doc.get("preset") != first.get("preset"):
+            raise SystemExit(f"--merge: {path} is preset {doc.get('preset')}, {paths[0]} is {first.get('preset')}")
+        differ = settings_differ(first["settings"], doc["settings"])
+        if differ:
+            raise SystemExit(f"--merge: {path} has other settings than {paths[0]}: {', '.join(differ)}")
+    merged = {**first, "runs": [], "lr_selection": {}, "timings": {}}
+    merged["settings"] = dict(first["settings"])
+    seen: set[tuple[str, int]] = set()
+    for path, doc in zip(paths, docs):
+        for run in doc.get("runs", []):
+            key = (run["method"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"--merge: {key[0]} seed {key[1]} appears twice (again in {path})")
+            seen.add(key)
+            merged["runs"].append(run)
+        merged["lr_selection"].update(doc.get("lr_selection", {}))
+        merged["timings"].update({f"{path.parent.name}/{k}": v for k, v in doc.get("timings", {}).items()})
+        merged["settings"]["methods"] = list(dict.fromkeys(merged["settings"]["methods"] + doc["settings"]["methods"]))
+        merged["settings"]["seeds"] = sorted(set(merged["settings"]["seeds"]) | set(doc["settings"]["seeds"]))
+        merged["settings"]["method_specs"] = {**merged["settings"].get("method_specs", {}),
+                                              **doc["settings"].get("method_specs", {})}
+    merged["merged_from"] = [str(p) for p in paths]
+    return merged
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
@@ -443,11 +526,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--resume", action="store_true", help="keep finished (method, seed) runs of the output JSON")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="combine result files of the same preset written by parallel invocations (each with its own "
+                        "--out-dir and disjoint --methods) into --out-dir, then re-render")
     p.add_argument("--report-only", action="store_true",
                    help="re-render the .md/.png/summary/verdicts of the existing JSON without training")
     p.add_argument("--diagnose-gradients", action="store_true",
                    help="gradient balance of each weighting on the first task (writes grad_balance_<preset>.json/.png)")
+    p.add_argument("--variants", nargs="+", help="with --diagnose-gradients: only these variants (by label)")
     args = p.parse_args(argv)
+    if args.merge:
+        doc = merge_results([Path(f) for f in args.merge])
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_outputs(doc, args.preset, out_dir)
+        print(markdown_table(doc["summary"]))
+        print(json.dumps(doc["verdicts"], indent=2, default=float))
+        return 0
     if args.report_only:
         out_json = Path(args.out_dir) / f"forgetting_{args.preset}.json"
         if not out_json.is_file():
@@ -482,7 +577,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     general = assets.general_eval_config(splits, cfg["wiki_texts"], cfg["sciq_texts"], cfg["cloze"],
                                          ppl_max_length=cfg["ppl_max_length"])
     if "lr_grid" in cfg:  # the fair protocol: warm-up ratio + decay, lr chosen per method
-        schedule = {"lr_scheduler_type": cfg["scheduler"], "warmup_steps": max(1, math.ceil(cfg["warmup_ratio"] * steps))}
+        schedule = {"lr_scheduler_type": cfg["scheduler"], "warmup_ratio": cfg["warmup_ratio"]}
         default_lr = args.lr or cfg["lr_grid"][len(cfg["lr_grid"]) // 2]
     else:  # legacy presets
         schedule = {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 3}
@@ -495,7 +590,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         general_every_task=cfg["general_every_task"], logging_steps=5, **schedule,
     )
     if args.diagnose_gradients:
-        return diagnose_gradients(args, cfg, model_dir, tasks, replay, work, settings, out_dir)
+        return diagnose_gradients(args, cfg, model_dir, tasks, replay, work, settings, out_dir, general)
     out_json = out_dir / f"forgetting_{args.preset}.json"
     doc: dict[str, Any] = {
         "preset": args.preset,
@@ -518,12 +613,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
         prev = TrainSettings.upgrade_dict(old.get("settings", {}))  # files written before the renames too
-        differ = sorted(k for k in set(prev) | set(doc["settings"]) if k not in ("methods", "seeds")
-                        and json.dumps(prev.get(k), default=float) != json.dumps(doc["settings"].get(k), default=float))
-        differ = [k for k in differ if k != "method_specs"]
+        differ = settings_differ(prev, doc["settings"])
         old_specs, new_specs = prev.get("method_specs", {}), doc["settings"]["method_specs"]
         differ += [f"method {m} (now {new_specs[m]}, then {old_specs[m]})" for m in sorted(set(old_specs) & set(new_specs))
-                   if json.dumps(old_specs[m], default=str) != json.dumps(new_specs[m], default=str)]
+                   if method_spec_json(old_specs[m]) != method_spec_json(new_specs[m])]
         if differ:
             raise SystemExit(f"--resume: {out_json} was made with other settings ({', '.join(differ)}); "
                              "rerun with the same options, or drop --resume / pass another --out-dir")

@@ -31,6 +31,8 @@ _EXPORTS = {
     "GeReSFTTrainer": ".sft",
     "GeReDPOConfig": ".dpo",
     "GeReDPOTrainer": ".dpo",
+    "GeReGRPOConfig": ".grpo",
+    "GeReGRPOTrainer": ".grpo",
     "GeRePlugin": ".axolotl.plugin",
 }
 

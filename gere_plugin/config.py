@@ -21,7 +21,6 @@ MONITOR_ACTIONS = ("warn", "stop")
 #: Replay samples drawn when ``gere_replay_size`` is not set (the paper's 1,000), or fewer when the
 #: source has fewer usable texts.
 DEFAULT_REPLAY_SIZE = 1000
-TM_REDUCTIONS = ("violations", "mean")
 #: Forgetting-monitor defaults: texts scored, and optimizer steps between two measurements (chosen so
 #: the monitor costs <= 3% of SmolLM2-135M training time: benchmarks/monitor_cost.py).
 DEFAULT_MONITOR_SIZE = 64
@@ -31,6 +30,9 @@ MONITOR_KEYS = (
     "gere_monitor", "gere_monitor_size", "gere_monitor_steps", "gere_monitor_max_length", "gere_monitor_task_size",
     "gere_monitor_max_ppl_rise", "gere_monitor_action",
 )  # fmt: skip
+TM_REDUCTIONS = ("mean", "violations")
+#: Rows drawn from each earlier task when ``gere_task_replay_size`` is not changed.
+DEFAULT_TASK_REPLAY_SIZE = 100
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +59,33 @@ class GeReArguments:
         gere_replay_min_tokens: Samples with fewer tokens are dropped (counted and logged).
         gere_replay_per_step: Replay rows added to every optimizer step, spread over micro-batches,
             gradient accumulation and ranks. ``None`` = a quarter of the global batch (at least 1).
+        gere_task_replay: Earlier tasks' training data, replayed next to the general replay (experience
+            replay): a list of sources, one per earlier task, each a file / folder / ``datasets`` folder or
+            id like ``gere_replay``. Rows keep their format: ``prompt``/``completion`` (loss on the
+            completion), ``messages`` (chat template), ``text``, ``prompt``/``chosen``/``rejected`` (CE on
+            the chosen answer) or pre-tokenized ``input_ids`` (+ ``completion_mask`` or ``labels``).
+        gere_task_replay_split: Split read from a ``datasets`` folder or id of ``gere_task_replay``.
+        gere_task_replay_size: At most this many rows are drawn (seeded) from each earlier task; a task
+            with fewer usable rows is used whole (logged).
+        gere_task_replay_per_step: Earlier-task rows in every optimizer step (over micro-batches,
+            accumulation and ranks), in addition to the task rows and to ``gere_replay_per_step``.
+            ``None`` = an eighth of the global batch (at least 1).
+        gere_task_replay_weight: Share ``rho`` of the task term given to earlier-task rows: task term =
+            ``(1 - rho) * loss_task + rho * CE_earlier``. ``None`` = their row share,
+            ``gere_task_replay_per_step / (global batch + gere_task_replay_per_step)``.
         gere_regularizer: ``tm`` (GeRe), ``l1``/``l2`` (hidden-state distance to the base model),
             ``kl`` (logit KL to the base model) or ``none`` (vanilla replay, CE only).
         gere_weight: ``dynamic`` (weight = CE / regularizer, both detached: the paper's rule) or a
             fixed number.
-        gere_weight_max: Upper bound of the dynamic weight, ``w = min(CE / R, gere_weight_max)``;
-            ``None`` = no bound (the paper). Ignored with a fixed ``gere_weight``.
+        gere_weight_max: Upper bound of the dynamic weight, ``w = min(CE / R, gere_weight_max)``
+            (default 100, with the ``mean`` TM reduction: the regularizer's pull grows with the share
+            of activations that left their state, and never drowns the task early in training).
+            ``None`` = no bound: the paper's exact rule (with an unbounded dynamic weight the TM
+            reduction does not change the gradient, ``w * R`` has gradient ``CE * grad(S) / S``).
+            Ignored with a fixed ``gere_weight``.
         gere_sigma: Threshold multiplier k in ``mu +- k * sigma``.
-        gere_tm_reduction: ``violations`` (sum / number of non-zero elements, the reference) or
-            ``mean`` (sum / number of elements).
+        gere_tm_reduction: ``mean`` (sum / number of elements, the default) or ``violations`` (sum /
+            number of non-zero elements, the reference implementation's).
         gere_layers: Hidden-state indices (``hidden_states[i]`` of the HF output) the regularizer uses.
         gere_state_cache: Folder for the base-model state cache; reused when its fingerprints match.
             ``None`` = ``<output_dir>/gere_states``.
@@ -116,6 +136,36 @@ class GeReArguments:
             "Default: a quarter of the global batch, at least 1."
         },
     )
+    # -- earlier tasks (experience replay), next to the general replay ------------------------------
+    gere_task_replay: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Earlier tasks' training data replayed next to the general replay, one source per task (files, "
+            "folders or datasets ids). Rows keep their format (prompt/completion, messages, text, DPO pairs: CE on "
+            "chosen, or input_ids + completion_mask); CE only."
+        },
+    )
+    gere_task_replay_split: str = field(
+        default="train", metadata={"help": "Split read from a datasets folder or id of gere_task_replay."}
+    )
+    gere_task_replay_size: int = field(
+        default=DEFAULT_TASK_REPLAY_SIZE,
+        metadata={"help": "At most this many rows are drawn (seeded) from each earlier task (fewer usable rows: all)."},
+    )
+    gere_task_replay_per_step: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Earlier-task rows in every optimizer step (over micro-batches, accumulation and ranks), on top of "
+            "gere_replay_per_step. Default: an eighth of the global batch, at least 1."
+        },
+    )
+    gere_task_replay_weight: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Share rho of the task term for earlier-task rows: (1 - rho) * task loss + rho * CE_earlier. "
+            "Default: their row share, per_step / (global batch + per_step)."
+        },
+    )
     gere_regularizer: str = field(
         default="tm",
         metadata={
@@ -128,19 +178,19 @@ class GeReArguments:
         metadata={"help": "'dynamic' (CE / regularizer, detached) or a fixed non-negative number."},
     )
     gere_weight_max: Optional[float] = field(
-        default=None,
+        default=100.0,
         metadata={
-            "help": "Upper bound of the dynamic weight: w = min(CE / R, gere_weight_max). null = unbounded (the "
-            "paper). Ignored with a fixed gere_weight."
+            "help": "Upper bound of the dynamic weight: w = min(CE / R, gere_weight_max). null = unbounded: the "
+            "paper's exact rule. Ignored with a fixed gere_weight."
         },
     )
     gere_sigma: float = field(
         default=1.0, metadata={"help": "Threshold multiplier k: states split at mu +- k*sigma."}
     )
     gere_tm_reduction: str = field(
-        default="violations",
+        default="mean",
         metadata={
-            "help": "violations (sum / non-zero count, the reference) or mean.",
+            "help": "mean (sum / number of elements) or violations (sum / non-zero count, the reference code's).",
             "choices": list(TM_REDUCTIONS),
         },
     )
@@ -314,6 +364,7 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
     per_step = get("gere_replay_per_step")
     if per_step is not None:
         _check_int("gere_replay_per_step", per_step, 1, "Use null/None for the default (a quarter of the global batch).")
+    _validate_task_replay(get, out)
     reg = get("gere_regularizer")
     if reg not in REGULARIZERS:
         raise GeReConfigError(f"gere_regularizer={reg!r} is not one of {', '.join(REGULARIZERS)}.")
@@ -327,7 +378,8 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
             raise GeReConfigError(
                 f"gere_weight_max={cap!r} must be a number > 0 (an upper bound of the dynamic weight) or null for no bound."
             )
-        out["gere_weight_max"] = float(cap) if "gere_weight_max" in out else cap
+        if "gere_weight_max" in out:
+            out["gere_weight_max"] = float(cap)
     sigma = get("gere_sigma")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise GeReConfigError(f"gere_sigma={sigma!r} must be a number > 0 (the paper uses 1.0).")
@@ -392,6 +444,41 @@ def check_guard_has_monitor(values: Any) -> None:
         )
 
 
+def _validate_task_replay(get: Any, out: dict[str, Any]) -> None:
+    """The ``gere_task_replay*`` keys (normalising one source given as a string to a list of one)."""
+    sources = get("gere_task_replay")
+    if isinstance(sources, str):
+        sources = [sources]
+        out["gere_task_replay"] = sources
+    if sources is not None:
+        if isinstance(sources, tuple):
+            sources = list(sources)
+            out["gere_task_replay"] = sources
+        if not isinstance(sources, list) or not sources or not all(isinstance(x, str) and x.strip() for x in sources):
+            raise GeReConfigError(
+                f"gere_task_replay={sources!r} must be a non-empty list of paths or datasets ids (one per earlier "
+                "task), e.g. [task1/train.jsonl, task2/train.jsonl]; null = no earlier-task replay."
+            )
+        if len(set(sources)) != len(sources):
+            raise GeReConfigError(f"gere_task_replay={sources!r} lists a source twice; give each earlier task once.")
+    split = get("gere_task_replay_split")
+    if not isinstance(split, str) or not split:
+        raise GeReConfigError(f"gere_task_replay_split={split!r} must be a non-empty string.")
+    _check_int("gere_task_replay_size", get("gere_task_replay_size"), 1,
+               "It is the most rows kept per earlier task (a few percent of its data is the usual choice).")
+    per_step = get("gere_task_replay_per_step")
+    if per_step is not None:
+        _check_int("gere_task_replay_per_step", per_step, 1, "Use null/None for the default (an eighth of the global batch).")
+    rho = get("gere_task_replay_weight")
+    if rho is not None:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(float(rho)) or not 0 < rho < 1:
+            raise GeReConfigError(
+                f"gere_task_replay_weight={rho!r} must be a number strictly between 0 and 1 (the earlier tasks' share "
+                "of the task term), or null for their row share."
+            )
+        out["gere_task_replay_weight"] = float(rho) if "gere_task_replay_weight" in out else rho
+
+
 def gere_value_problems(values: dict[str, Any]) -> list[str]:
     """Every problem of a mapping of ``gere_*`` values, one message per key (not only the first).
 
@@ -419,10 +506,14 @@ def validate_gere_args(args: Any) -> None:
     check_guard_has_monitor(args)
 
 
-def resolve_replay_per_step(per_step: Optional[int], global_batch: int) -> int:
-    """Replay rows per optimizer step; checks they leave room for task rows in the global batch."""
+def resolve_replay_per_step(per_step: Optional[int], global_batch: int, default_basis: Optional[int] = None) -> int:
+    """Replay rows per optimizer step; checks they leave room for task rows in the global batch.
+
+    ``default_basis``: what the default (a quarter) is taken of when it is not the global batch (GRPO:
+    the step's prompts, ``global_batch / num_generations``).
+    """
     if per_step is None:
-        per_step = max(1, global_batch // 4)
+        per_step = max(1, (global_batch if default_basis is None else default_basis) // 4)
     if per_step >= global_batch:
         raise GeReConfigError(
             f"gere_replay_per_step={per_step} must be smaller than the global batch ({global_batch} = per-device "
@@ -430,6 +521,26 @@ def resolve_replay_per_step(per_step: Optional[int], global_batch: int) -> int:
             "gere_replay_per_step or raise the batch size / gradient_accumulation_steps."
         )
     return per_step
+
+
+def resolve_task_replay_per_step(per_step: Optional[int], global_batch: int) -> int:
+    """Earlier-task rows per optimizer step; at most as many as the step's task rows."""
+    if per_step is None:
+        per_step = max(1, global_batch // 8)
+    if per_step > global_batch:
+        raise GeReConfigError(
+            f"gere_task_replay_per_step={per_step} is larger than the global batch ({global_batch} = per-device batch x "
+            "gradient accumulation x processes): a step would hold more earlier-task rows than rows of the task being "
+            "learned. Lower gere_task_replay_per_step or raise the batch size / gradient_accumulation_steps."
+        )
+    return per_step
+
+
+def resolve_task_replay_weight(weight: Optional[float], per_step: int, global_batch: int) -> float:
+    """The earlier tasks' share ``rho`` of the task term: the key, or the row share ``T / (B + T)``."""
+    if weight is not None:
+        return float(weight)
+    return per_step / (global_batch + per_step)
 
 
 def keys_markdown() -> str:

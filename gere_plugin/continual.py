@@ -18,7 +18,15 @@ Method presets (:data:`METHODS`):
 ``gere``        replay + threshold-margin loss on the base model's 3-way state labels (package defaults)
 ``gere_paper``  ``gere`` with the paper's exact weighting (:data:`PAPER_WEIGHTING`)
 ``gere_freeze`` ``gere`` + frozen embeddings and bottom layers from the second task on
+``gere_er``     ``gere`` + experience replay of earlier tasks (``gere_task_replay*`` keys)
+``replay_er``   ``replay`` + experience replay of earlier tasks (ablation: no TM)
+``plain_er``    experience replay of earlier tasks only (ablation: no general replay)
 =============== ===================================================================================
+
+Methods with earlier-task replay (``task_replay=True``) keep, after every finished task, a seeded
+sample of at most ``gere_task_replay_size`` of its training rows as token ids (tokenized exactly as
+the task trained on them) in ``output_dir/task_replay/<k>_<name>.jsonl``; every later task replays
+all kept files through ``gere_task_replay``. The result records the budget and what was kept.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -49,8 +58,10 @@ __all__ = ["METHODS", "MethodSpec", "SequenceTask", "TrainSettings", "evaluate_s
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How one method trains. ``freeze_from`` is the 0-based task index where freezing starts;
-    ``gere`` holds extra ``gere_*`` keys of the method (e.g. its weighting), as ``(key, value)`` pairs."""
+    """How one method trains. ``replay`` is the general replay (``gere_replay``); ``task_replay`` replays
+    kept samples of the earlier tasks of the sequence (``gere_task_replay``). ``freeze_from`` is the 0-based
+    task index where freezing starts; ``gere`` holds extra ``gere_*`` keys of the method (e.g. its
+    weighting), as ``(key, value)`` pairs."""
 
     name: str
     replay: bool
@@ -59,6 +70,7 @@ class MethodSpec:
     freeze_embeddings: bool = False
     freeze_from: int = 1
     gere: tuple[tuple[str, Any], ...] = ()
+    task_replay: bool = False
 
     def gere_kwargs(self, task_index: int) -> dict[str, Any]:
         """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
@@ -78,15 +90,21 @@ PAPER_WEIGHTING: tuple[tuple[str, Any], ...] = (
     ("gere_tm_reduction", "violations"), ("gere_weight", "dynamic"), ("gere_weight_max", None),
 )
 
+#: The feature-distillation baselines keep the paper's dynamic weight whatever the package default is.
+FD_WEIGHTING: tuple[tuple[str, Any], ...] = (("gere_weight", "dynamic"), ("gere_weight_max", None))
+
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
     "replay": MethodSpec("replay", replay=True, regularizer="none"),
-    "kl": MethodSpec("kl", replay=True, regularizer="kl"),
-    "l1": MethodSpec("l1", replay=True, regularizer="l1"),
-    "l2": MethodSpec("l2", replay=True, regularizer="l2"),
+    "kl": MethodSpec("kl", replay=True, regularizer="kl", gere=FD_WEIGHTING),
+    "l1": MethodSpec("l1", replay=True, regularizer="l1", gere=FD_WEIGHTING),
+    "l2": MethodSpec("l2", replay=True, regularizer="l2", gere=FD_WEIGHTING),
     "gere": MethodSpec("gere", replay=True, regularizer="tm"),
     "gere_paper": MethodSpec("gere_paper", replay=True, regularizer="tm", gere=PAPER_WEIGHTING),
     "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
+    "gere_er": MethodSpec("gere_er", replay=True, regularizer="tm", task_replay=True),
+    "replay_er": MethodSpec("replay_er", replay=True, regularizer="none", task_replay=True),
+    "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
 }
 
 
@@ -141,10 +159,14 @@ class TrainSettings:
     per_device_train_batch_size: int = _train_field(8, "Task rows per micro-batch and process.")
     gradient_accumulation_steps: int = _train_field(1, "Micro-batches per optimizer step.")
     max_length: int = _train_field(128, "Task rows are truncated to this many tokens.")
-    warmup_steps: int = _train_field(0, "Linear warm-up steps.")
-    lr_scheduler_type: str = _train_field("constant", "transformers scheduler name (constant, linear, cosine, ...).")
+    warmup_ratio: float = _train_field(0.1, "Linear warm-up over this share of max_steps (0.1 = 10%).")
+    warmup_steps: int = _train_field(0, "Linear warm-up steps; > 0 overrides warmup_ratio.")
+    lr_scheduler_type: str = _train_field("cosine", "transformers scheduler name (cosine, linear, constant, ...).")
     weight_decay: float = _train_field(0.0, "AdamW weight decay.")
     bf16: bool = _train_field(False, "Train in bf16 mixed precision.")
+    completion_eos: bool = _train_field(
+        False, "Append EOS to prompt/completion rows (TRL's default) and train on it; false (default) = the loss "
+        "is on the completion's own tokens only (for label-word tasks: the label).")
     logging_steps: int = _train_field(5, "Log every this many optimizer steps.")
     gere_replay_size: Optional[int] = _gere_field("gere_replay_size", None)
     gere_replay_max_length: int = _gere_field("gere_replay_max_length", 128)
@@ -157,6 +179,9 @@ class TrainSettings:
     gere_monitor_steps: int = _gere_field("gere_monitor_steps", 5)
     gere_monitor_max_length: int = _gere_field("gere_monitor_max_length", 128)
     gere_monitor_task_size: int = _gere_field("gere_monitor_task_size", 16)
+    gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
+    gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
+    gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
@@ -174,8 +199,15 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise GeReConfigError(f"{name}={value!r} must be an integer >= 1.")
+        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
+            raise GeReConfigError(f"warmup_ratio={self.warmup_ratio!r} must be a number in [0, 1).")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise GeReConfigError(f"learning_rate={self.learning_rate!r} must be a number > 0.")
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """``warmup_steps`` when set, else ``ceil(warmup_ratio x max_steps)``."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
 
     def __getattr__(self, name: str) -> Any:  # old attribute names (read) keep working
         new = _RENAMED_SETTINGS.get(name)
@@ -295,10 +327,10 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from .monitor import METRIC_KEYS as MONITOR_METRICS
 
-    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/replay_ce", "gere/reg_loss", "gere/weight",
+    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
             "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
-            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "train_runtime", "train_loss",
-            *MONITOR_METRICS)
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce",
+            "gere/task_replay_rows", "train_runtime", "train_loss", *MONITOR_METRICS)
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
 
 
@@ -318,6 +350,61 @@ def _monitor_record(trainer: Any) -> Optional[dict[str, Any]]:
     }
 
 
+def _tokenized_without_eos(rows: Sequence[dict[str, str]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Prompt/completion rows as TRL's pre-tokenized format (``input_ids`` + ``completion_mask``) without the
+    EOS that TRL would append, so the loss falls on the completion's tokens only; ``text`` rows unchanged
+    apart from tokenization. Tokenized exactly as TRL does (prompt, then prompt + completion)."""
+    out = []
+    for row in rows:
+        if "prompt" in row:
+            prompt_ids = tokenizer(row["prompt"])["input_ids"]
+            ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+            if ids[: len(prompt_ids)] != prompt_ids:
+                raise ValueError(f"prompt tokens change when the completion is appended: {row['prompt']!r}")
+            out.append({"input_ids": ids, "completion_mask": [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))})
+        else:
+            out.append({"input_ids": tokenizer(row["text"])["input_ids"]})
+    return out
+
+
+def _tokenized_for_training(rows: Sequence[dict[str, str]], tokenizer: Any, settings: TrainSettings) -> list[dict[str, Any]]:
+    """Rows as token ids, tokenized exactly as the task's trainer tokenizes them: without EOS
+    (:func:`_tokenized_without_eos`) or, with ``completion_eos``, TRL's own rules (EOS appended)."""
+    if not settings.completion_eos:
+        return _tokenized_without_eos(rows, tokenizer)
+    from .task_replay import Tokenization, tokenize_row
+
+    out = []
+    for row in rows:
+        got = tokenize_row(row, tokenizer, Tokenization(add_eos=True))
+        assert got is not None, f"not a prompt/completion or text row: {sorted(row)}"
+        ids, mask = got
+        out.append({"input_ids": ids, "completion_mask": mask} if "prompt" in row else {"input_ids": ids})
+    return out
+
+
+def keep_task_sample(task: SequenceTask, tokenizer: Any, settings: TrainSettings, seed: int, index: int,
+                     folder: Path) -> tuple[Path, int]:
+    """Write a seeded sample of at most ``gere_task_replay_size`` of ``task``'s training rows, as the token
+    ids the task trained on, to ``folder/<index>_<name>.jsonl`` (atomically); return ``(path, rows kept)``.
+
+    Only these ids are kept for later tasks (not a copy of the dataset), so memory and disk grow with the
+    per-task budget, not with the tasks' sizes."""
+    import numpy as np
+
+    n = min(settings.gere_task_replay_size, len(task.train))
+    chosen = sorted(np.random.default_rng([seed, index]).choice(len(task.train), size=n, replace=False).tolist())
+    rows = _tokenized_for_training([task.train[i] for i in chosen], tokenizer, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{index}_{task.name}.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path, n
+
+
 def _build_trainer(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -330,12 +417,21 @@ def _build_trainer(
     output_dir: Path,
     seed: int,
     ref_model: Optional[torch.nn.Module],
+    task_replay: Sequence[Path] = (),
 ) -> Any:
     from datasets import Dataset
 
     from .sft import GeReSFTConfig
 
     gere: dict[str, Any] = {}
+    if task_replay:
+        gere.update(
+            gere_task_replay=[str(p) for p in task_replay],
+            gere_task_replay_size=settings.gere_task_replay_size,
+            gere_task_replay_per_step=settings.gere_task_replay_per_step,
+            gere_task_replay_weight=settings.gere_task_replay_weight,
+            gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
+        )
     if method.replay:
         if replay is None:
             raise ValueError(f"method {method.name!r} replays general samples: pass replay=PATH")
@@ -366,7 +462,7 @@ def _build_trainer(
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.warmup_steps,
+        warmup_steps=settings.resolved_warmup_steps,
         weight_decay=settings.weight_decay,
         max_steps=settings.max_steps,
         logging_steps=settings.logging_steps,
@@ -382,7 +478,10 @@ def _build_trainer(
         **gere,
         **settings.extra_config,
     )
-    ds = Dataset.from_list(task.train)
+    rows = task.train if settings.completion_eos else _tokenized_without_eos(task.train, tokenizer)
+    if not settings.completion_eos and any("completion_mask" in r for r in rows):
+        cfg.completion_only_loss = True  # TRL infers it only from prompt/completion columns
+    ds = Dataset.from_list(rows)
     trainer = _make_trainer(model, tokenizer, cfg, ds, method, ref_model)
     if settings.grad_diagnostics and getattr(trainer, "gere_step", None) is not None:
         trainer.gere_step.grad_diagnostics = True
@@ -475,6 +574,13 @@ def run_sequence(
         "settings": dataclasses.asdict(settings),
         "replay": str(replay) if replay is not None else None,
         "state_cache": str(cache) if spec.replay else None,
+        "task_replay": {
+            "per_task": settings.gere_task_replay_size,
+            "per_step": settings.gere_task_replay_per_step,
+            "weight": settings.gere_task_replay_weight,
+            "folder": str(out_dir / "task_replay"),
+            "kept": {},
+        } if spec.task_replay else None,
         "base": base,
         "base_row": [base["tasks"][n] for n in names],
         "stages": [],
@@ -489,14 +595,22 @@ def run_sequence(
             tmp.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
             os.replace(tmp, path)
 
+    kept: list[Path] = []  # earlier tasks' kept samples (methods with task_replay)
+    keep_seed = settings.gere_seed if settings.gere_seed is not None else seed
     for k, task in enumerate(tasks):
         stage: dict[str, Any] = {"task": task.name, "index": k}
         stage["start_fingerprint"] = model_fingerprint(net)
         stage["state_cache_before"] = _cache_state(cache) if spec.replay else None
         trainer = _build_trainer(
             net, tok, task, spec, k, settings, str(replay) if replay is not None else None,
-            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model,
+            cache, out_dir / f"task_{k}_{task.name}", seed, ref_model, task_replay=kept,
         )
+        task_step = getattr(getattr(trainer, "gere_step", None), "task_replay", None)
+        if spec.task_replay:
+            stage["task_replay"] = None if task_step is None else {
+                "sources": list(task_step.rows.sources), "rows": list(task_step.rows.kept),
+                "per_step": task_step.per_step, "weight": task_step.weight,
+            }
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
         t0 = time.perf_counter()
         train_out = trainer.train()
@@ -511,8 +625,12 @@ def run_sequence(
         before, after = stage["state_cache_before"], stage["state_cache_after"]
         stage["state_cache_reused"] = bool(before and before.get("exists") and before == after)
         net = trainer.model
-        del trainer  # frees the optimizer state before evaluating
+        del trainer, task_step  # frees the optimizer state before evaluating
         gc.collect()
+        if spec.task_replay and k < len(tasks) - 1:
+            path, n = keep_task_sample(task, tok, settings, keep_seed, k, out_dir / "task_replay")
+            kept.append(path)
+            result["task_replay"]["kept"][task.name] = {"rows": n, "of": len(task.train), "path": str(path)}
         stage["end_fingerprint"] = model_fingerprint(net)
         is_last = k == len(tasks) - 1
         stage["eval"] = evaluate_stage(net, tok, tasks, eval_general if not is_last else general,

@@ -26,4 +26,4 @@ class GeReDPOTrainer(GeReTrainerMixin, DPOTrainer):
     :class:`~gere_plugin.GeReSFTTrainer`'s.
     """
 
-    gere_combine = "sum"
+    gere_family = "dpo"

@@ -1,5 +1,10 @@
 """Pure loss functions: threshold-margin (TM), L1/L2 feature distillation, logit KL, and weighting.
 
+Two dynamic weights exist, chosen by the trainer's loss family (:mod:`gere_plugin.families`):
+:func:`resolve_weight` matches ``w * R`` to the primary (CE-like, non-negative) term, the paper's rule for
+SFT and the DPO rule; :func:`replay_ce_weight` matches it to the replay CE, for parent losses of any sign
+(GRPO), and is never negative.
+
 All functions take a ``mask`` of shape ``[batch, seq]`` (1 = real token, 0 = padding) and never
 touch padded positions. State labels use the integer codes of :mod:`gere_plugin.states`:
 ``NEG = 0``, ``INACTIVE = 1``, ``POS = 2``.
@@ -111,6 +116,19 @@ def token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) 
     return ce.sum(), tmask.sum()
 
 
+def target_ce(logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal-LM cross-entropy summed over the tokens marked in ``target_mask`` (as TRL's labels: token ``t``
+    is a target when ``target_mask[t] == 1``, predicted from position ``t - 1``); returns ``(sum, count)``.
+
+    ``target_mask`` is 0 on padding and, for completion-only loss, on the prompt."""
+    shift_logits = logits[:, :-1, :].float()
+    targets = input_ids[:, 1:].to(logits.device)
+    keep = target_mask[:, 1:].to(logits.device).bool()
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none")
+    ce = ce.view_as(targets) * keep
+    return ce.sum(), keep.sum()
+
+
 def dynamic_weight(primary: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
     """GeRe's dynamic weight ``primary.detach() / (reg.detach() + 1e-8)`` (so ``w * reg`` matches ``primary``)."""
     return primary.detach() / (reg.detach() + EPS)
@@ -125,3 +143,20 @@ def resolve_weight(
         w = dynamic_weight(primary, reg)
         return w if cap is None else w.clamp(max=float(cap))
     return torch.tensor(float(fixed), device=reg.device, dtype=torch.float32)
+
+
+def replay_ce_weight(
+    fixed: Optional[float], replay_ce: torch.Tensor, reg: torch.Tensor, cap: Optional[float] = None
+) -> torch.Tensor:
+    """The regularizer weight of the ``grpo`` loss family: the fixed number, or ``CE_replay / (R + 1e-8)``.
+
+    For parent losses that are not positive CE-like quantities (the GRPO policy loss is near 0 and often
+    negative) the paper's ``primary / R`` would be tiny or negative. Here ``w * R`` is matched to the
+    replay cross-entropy of the same rows instead, so the weight never depends on the sign of the parent
+    loss and is never negative (both inputs are clamped at 0: CE and every regularizer are >= 0 anyway).
+    Both values are detached; ``cap`` bounds the dynamic weight from above (``gere_weight_max``).
+    """
+    if fixed is not None:
+        return torch.tensor(float(fixed), device=reg.device, dtype=torch.float32)
+    w = replay_ce.detach().float().clamp_min(0) / (reg.detach().float().clamp_min(0) + EPS)
+    return w if cap is None else w.clamp(max=float(cap))

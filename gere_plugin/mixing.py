@@ -31,11 +31,14 @@ class ReplaySchedule:
         per_step: replay rows ``k`` per optimizer step; ``n >= 2k`` is required so that no step ever
             needs a sample twice.
         seed: schedule seed.
+        stream: ``0`` for the general replay; another number gives an independent seeded stream from
+            the same seed (the earlier-task replay uses ``1``), so two schedules never move in lockstep.
     """
 
     num_samples: int
     per_step: int
     seed: int = 0
+    stream: int = 0
     _epochs: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,7 +57,7 @@ class ReplaySchedule:
             return self._epochs[epoch]
         start = max([e for e in self._epochs if e < epoch], default=-1) + 1
         for e in range(start, epoch + 1):
-            rng = np.random.default_rng([self.seed, e])
+            rng = np.random.default_rng([self.seed, e] if self.stream == 0 else [self.seed, e, self.stream])
             perm = rng.permutation(self.num_samples)
             if e > 0:
                 perm = self._avoid_tail(perm, self._epochs[e - 1][-(self.per_step - 1) :] if self.per_step > 1 else [])
@@ -105,4 +108,7 @@ class ReplaySchedule:
         return self.rows_for_step(step)[g::g_total]
 
     def state_dict(self) -> dict:
-        return {"num_samples": self.num_samples, "per_step": self.per_step, "seed": self.seed}
+        out = {"num_samples": self.num_samples, "per_step": self.per_step, "seed": self.seed}
+        if self.stream:
+            out["stream"] = self.stream
+        return out

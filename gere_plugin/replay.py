@@ -70,21 +70,21 @@ def read_jsonl_objects(
     return records
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [obj for _, obj in read_jsonl_objects(path, "gere_replay", '{"text": "..."}', ReplayError)]
+def _read_jsonl(path: Path, key: str = "gere_replay") -> list[dict]:
+    return [obj for _, obj in read_jsonl_objects(path, key, '{"text": "..."}', ReplayError)]
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(path: Path, key: str = "gere_replay") -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise ReplayError(f"gere_replay: {path} is not UTF-8 text ({e.reason}). Re-encode it as UTF-8.") from None
+        raise ReplayError(f"{key}: {path} is not UTF-8 text ({e.reason}). Re-encode it as UTF-8.") from None
     except json.JSONDecodeError as e:
         # Maybe it is JSON lines with a .json suffix.
         try:
-            return _read_jsonl(path)
+            return _read_jsonl(path, key)
         except ReplayError:
-            raise ReplayError(f"gere_replay: {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+            raise ReplayError(f"{key}: {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if "data" in data and isinstance(data["data"], list):
@@ -93,45 +93,45 @@ def _read_json(path: Path) -> list[dict]:
             data = lists[0]
     if not isinstance(data, list):
         raise ReplayError(
-            f"gere_replay: {path} must hold a JSON list of objects (or strings), e.g. [{{\"text\": \"...\"}}]."
+            f"{key}: {path} must hold a JSON list of objects (or strings), e.g. [{{\"text\": \"...\"}}]."
         )
     return [x if isinstance(x, dict) else {"text": x} for x in data]
 
 
-def _read_txt(path: Path) -> list[dict]:
+def _read_txt(path: Path, key: str = "gere_replay") -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
-        raise ReplayError(f"gere_replay: {path} is not UTF-8 text ({e.reason}). Re-encode it as UTF-8.") from None
+        raise ReplayError(f"{key}: {path} is not UTF-8 text ({e.reason}). Re-encode it as UTF-8.") from None
     return [{"text": line} for line in lines]
 
 
-def _read_parquet(path: Path) -> list[dict]:
+def _read_parquet(path: Path, key: str = "gere_replay") -> list[dict]:
     try:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises many types for unreadable files
-        raise ReplayError(f"gere_replay: {path} could not be read as parquet ({e}).") from None
+        raise ReplayError(f"{key}: {path} could not be read as parquet ({e}).") from None
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt, ".parquet": _read_parquet}
 
 
-def _read_file(path: Path, source: str) -> list[dict]:
+def _read_file(path: Path, source: str, key: str = "gere_replay") -> list[dict]:
     """Read one replay file; OS errors (permissions, I/O) become a :class:`ReplayError` naming the file."""
     try:
-        return _READERS[path.suffix.lower()](path)
+        return _READERS[path.suffix.lower()](path, key)
     except PermissionError:
         raise ReplayError(
-            f"gere_replay={source!r}: {path} cannot be read (permission denied). Make it readable by the "
+            f"{key}={source!r}: {path} cannot be read (permission denied). Make it readable by the "
             "training user (e.g. `chmod a+r`) or copy it somewhere readable."
         ) from None
     except OSError as e:
-        raise ReplayError(f"gere_replay={source!r}: {path} cannot be read ({e.strerror or e}).") from None
+        raise ReplayError(f"{key}={source!r}: {path} cannot be read ({e.strerror or e}).") from None
 
 
-def _load_hf(source: str, split: str, from_disk: bool) -> list[dict]:
+def _load_hf(source: str, split: str, from_disk: bool, key: str = "gere_replay") -> list[dict]:
     import datasets
 
     try:
@@ -142,49 +142,50 @@ def _load_hf(source: str, split: str, from_disk: bool) -> list[dict]:
     except Exception as e:
         where = "folder" if from_disk else "datasets id (there is no local file or folder of that name)"
         raise ReplayError(
-            f"gere_replay={source!r} could not be loaded as a {where} ({type(e).__name__}: {str(e)[:300]}). "
+            f"{key}={source!r} could not be loaded as a {where} ({type(e).__name__}: {str(e)[:300]}). "
             "Offline, only local files and datasets already in the local cache work: export it with "
             "`gere build-replay --from CORPUS --out replay.jsonl` where the data is available, or point "
-            "gere_replay at a local jsonl/json/parquet/txt file."
+            f"{key} at a local jsonl/json/parquet/txt file."
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ReplayError(
-                f"gere_replay_split={split!r} is not in {source!r}; available splits: {', '.join(ds.keys())}."
+                f"{key}_split={split!r} is not in {source!r}; available splits: {', '.join(ds.keys())}."
             )
         ds = ds[split]
     return ds.to_list()
 
 
-def load_records(source: str, split: str = "train") -> list[dict]:
-    """Read every record of a replay source as a list of dicts."""
+def load_records(source: str, split: str = "train", key: str = "gere_replay") -> list[dict]:
+    """Read every record of a replay source as a list of dicts. ``key`` is the setting that named the
+    source (``gere_replay`` or ``gere_task_replay``): every error message names it."""
     if source is None:
-        raise ReplayError("gere_replay is not set: point it at a general-text file, folder or datasets id.")
+        raise ReplayError(f"{key} is not set: point it at a {'general-text ' if key == 'gere_replay' else ''}file, folder or datasets id.")
     path = Path(os.path.expanduser(source))
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix not in _READERS:
             raise ReplayError(
-                f"gere_replay={source!r}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}."
+                f"{key}={source!r}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}."
             )
-        return _read_file(path, source)
+        return _read_file(path, source, key)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            return _load_hf(str(path), split, from_disk=True)
+            return _load_hf(str(path), split, from_disk=True, key=key)
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS)
         if not files:
             raise ReplayError(
-                f"gere_replay={source!r} is a folder without replay files ({', '.join(FILE_SUFFIXES)}) and is "
+                f"{key}={source!r} is a folder without {'replay' if key == 'gere_replay' else 'data'} files ({', '.join(FILE_SUFFIXES)}) and is "
                 "not a datasets folder."
             )
         records: list[dict] = []
         for f in files:
-            records.extend(_read_file(f, source))
+            records.extend(_read_file(f, source, key))
         return records
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(FILE_SUFFIXES) or source.count("/") > 1
     if looks_like_path:
-        raise ReplayError(f"gere_replay={source!r} does not exist. Check the path (relative paths start at the working directory: {os.getcwd()}).")
-    return _load_hf(source, split, from_disk=False)
+        raise ReplayError(f"{key}={source!r} does not exist. Check the path (relative paths start at the working directory: {os.getcwd()}).")
+    return _load_hf(source, split, from_disk=False, key=key)
 
 
 def extract_texts(records: Sequence[dict], text_field: str, source: str) -> tuple[list[str], int]:

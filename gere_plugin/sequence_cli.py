@@ -7,7 +7,10 @@ Each ``--task NAME TRAIN TEST`` names a task, its training rows and its test ite
   (or ``"answer": " yes"`` instead of ``gold``).
 
 The tasks run in the order given, carrying the model forward; replay methods share one base-state
-cache built from the ORIGINAL model. The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task
+cache built from the ORIGINAL model. Methods ending in ``_er`` (``gere_er``, ``replay_er``, ``plain_er``)
+also replay earlier tasks: after each task a seeded sample of at most ``--gere_task_replay_size`` of its
+training rows is kept as token ids in ``OUT/task_replay/`` and replayed in every later task
+(``--gere_task_replay_per_step`` rows per step, share ``--gere_task_replay_weight`` of the task term). The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task
 logs, general ability when ``--ppl`` / ``--cloze`` are given) is rewritten after every task and can be
 turned into tables and plots with ``gere report``. Library equivalent: :func:`gere_plugin.continual.run_sequence`.
 """
@@ -81,12 +84,12 @@ def load_test_items(path: str | os.PathLike) -> list[Any]:
 #: TrainSettings fields that become flags (spelled as the TRL / gere_* settings they feed).
 TRAIN_FLAGS = (
     "max_steps", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-    "warmup_steps", "lr_scheduler_type", "weight_decay", "bf16", "logging_steps",
+    "warmup_ratio", "warmup_steps", "lr_scheduler_type", "weight_decay", "bf16", "completion_eos", "logging_steps",
 )  # fmt: skip
 GERE_SETTING_FLAGS = (
     "gere_replay_size", "gere_replay_max_length", "gere_replay_per_step", "gere_weight", "gere_seed",
-    "gere_state_batch_size", "gere_monitor", "gere_monitor_size", "gere_monitor_steps", "gere_monitor_max_length",
-    "gere_monitor_task_size",
+    "gere_state_batch_size", "gere_task_replay_size", "gere_task_replay_per_step", "gere_task_replay_weight",
+    "gere_monitor", "gere_monitor_size", "gere_monitor_steps", "gere_monitor_max_length", "gere_monitor_task_size",
 )  # fmt: skip
 #: Old spellings (still accepted, with a note) -> the flag they now are.
 DEPRECATED_FLAGS = {

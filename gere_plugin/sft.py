@@ -30,4 +30,4 @@ class GeReSFTTrainer(GeReTrainerMixin, SFTTrainer):
     that ``l1``/``l2``/``kl`` compare against (default: a copy of ``model`` as given).
     """
 
-    gere_combine = "mean"
+    gere_family = "sft"

@@ -1,4 +1,4 @@
-"""GeRe for TRL: the shared replay step and the thin SFT / DPO trainers built on it.
+"""GeRe for TRL: the shared replay step and the thin SFT / DPO / GRPO trainers built on it.
 
 :class:`ReplayStep` is the ONE implementation of GeRe's per-step work (pick the replay rows of this
 micro-batch, one extra forward with hidden states, replay CE + regularizer, combine with the task
@@ -6,11 +6,14 @@ loss with the right scaling for gradient accumulation and data parallelism, log 
 metrics). :class:`GeReTrainerMixin` wires it into any ``transformers.Trainer`` whose
 ``compute_loss`` returns the task loss; :func:`with_gere` makes such a class on the fly.
 
-Loss per optimizer step (``k`` replay rows spread over its micro-batches and ranks)::
+Loss per optimizer step (``k`` replay rows spread over its micro-batches and ranks), by the loss
+family of the trainer (:mod:`gere_plugin.families`)::
 
-    SFT:  loss = mean(CE_task, CE_replay) + w * R          (R = tm | l1 | l2 | kl, or 0 for none)
-    DPO:  loss = L_dpo + CE_replay + w * R
-    w    = primary.detach() / (R.detach() + 1e-8)  (dynamic)   or a fixed number
+    SFT:  loss = mean(CE_task, CE_replay) + w * R,  w = mean(CE_task, CE_replay) / (R + 1e-8)
+    DPO:  loss = L_dpo + CE_replay + w * R,         w = L_dpo / (R + 1e-8)
+    GRPO: loss = L_grpo + CE_replay + w * R,        w = CE_replay / (R + 1e-8)   (never negative)
+
+(``R`` = tm | l1 | l2 | kl, or 0 for none; weights detached; a fixed ``gere_weight`` replaces ``w``.)
 
 ``CE_replay`` is the token mean over all replay tokens of the step and ``R`` the row-weighted mean
 of the per-micro-batch regularizers, so the result does not depend on how rows are split over
@@ -35,8 +38,9 @@ import torch
 from transformers import TrainerCallback
 
 from .config import GeReArguments, GeReConfigError, parse_weight, resolve_replay_per_step
+from .families import COMBINE_FAMILIES, FAMILIES, LossFamily, family_for, prompts_per_step
 from .freeze import check_freeze_depth, freeze_bottom, prepare_for_gradient_checkpointing
-from .losses import kl_loss, masked_feature_loss, resolve_weight, tm_loss, token_ce
+from .losses import kl_loss, masked_feature_loss, replay_ce_weight, resolve_weight, tm_loss, token_ce
 from .mixing import ReplaySchedule
 from .replay import ReplaySet
 from .resume import resolve_resume_checkpoint
@@ -49,6 +53,7 @@ from .states import (
     hidden_size_of,
     state_cache_folder,
 )
+from .task_replay import TaskReplay, Tokenization
 
 logger = logging.getLogger(__name__)
 
@@ -155,26 +160,38 @@ class ReplayStep:
     Args:
         trainer: the ``transformers.Trainer`` it serves (read for state, accelerator, args, metrics).
         gere_args: object with the ``gere_*`` attributes (a GeRe config or :class:`GeReArguments`).
-        combine: ``"mean"`` (SFT: ``mean(task, replay CE)``) or ``"sum"`` (DPO: ``task + replay CE``).
+        combine: older spelling of ``family``: ``"mean"`` (the ``sft`` family) or ``"sum"`` (``dpo``).
         tokenizer: tokenizer of the model (defaults to the trainer's processing class).
         ref_model: frozen reference model for l1/l2/kl (the ``gere_ref_model`` trainer argument, else
             DPO's reference when it has one, else a frozen copy of the model at trainer init, or for a
             PEFT model the base with adapters disabled).
+        family: the trainer's loss family (``sft`` / ``dpo`` / ``grpo`` or a :class:`LossFamily`): how
+            the task loss, replay CE and regularizer combine, which dynamic weight applies and what the
+            default ``gere_replay_per_step`` counts. Default: from ``combine``, else :func:`resolve_family`.
     """
 
     def __init__(
         self,
         trainer: Any,
         gere_args: Any,
-        combine: str = "mean",
+        combine: Optional[str] = None,
         tokenizer: Any = None,
         ref_model: Optional[torch.nn.Module] = None,
+        family: Optional[Any] = None,
     ) -> None:
-        if combine not in ("mean", "sum"):
+        if combine is not None and combine not in COMBINE_FAMILIES:
             raise ValueError("combine must be 'mean' or 'sum'")
+        if isinstance(family, LossFamily):
+            self.family = family
+        elif family is not None or combine is None:
+            self.family = resolve_family(trainer, family)
+        else:
+            self.family = FAMILIES[COMBINE_FAMILIES[combine]]
         self.args = gere_args
-        self.combine = combine
-        self.regularizer = gere_args.gere_regularizer
+        self.combine = self.family.combine
+        #: the general replay (gere_replay) is on; off when only earlier tasks are replayed (gere_task_replay)
+        self.general = gere_args.gere_replay is not None
+        self.regularizer = gere_args.gere_regularizer if self.general else "none"
         self.fixed_weight = parse_weight(gere_args.gere_weight)
         self.weight_cap: Optional[float] = getattr(gere_args, "gere_weight_max", None)
         #: diagnostic mode (off by default; costs two extra backward passes per replay micro-batch):
@@ -190,8 +207,23 @@ class ReplayStep:
         self.rank = trainer.accelerator.process_index if getattr(trainer, "accelerator", None) else 0
         self.world_size = world
         global_batch = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
-        self.per_step = resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch)
+        basis = None  # the default counts the parent's batch unit: GRPO's batch counts completions, not prompts
+        if self.family.batch_unit == "prompts" and gere_args.gere_replay_per_step is None:
+            basis = prompts_per_step(trainer, global_batch)
+        self.per_step = (resolve_replay_per_step(gere_args.gere_replay_per_step, global_batch, default_basis=basis)
+                         if self.general else 0)
         slots = world * targs.gradient_accumulation_steps
+        self.task_replay: Optional[TaskReplay] = None
+        if getattr(gere_args, "gere_task_replay", None):
+            self.task_replay = TaskReplay.from_args(gere_args, tok, Tokenization.of_trainer_args(targs), global_batch)
+            if _is_sharded(trainer) and self.task_replay.per_step % slots:
+                raise GeReConfigError(
+                    f"gere_task_replay_per_step={self.task_replay.per_step} must be a multiple of processes x "
+                    f"gradient_accumulation_steps ({slots}) under DeepSpeed ZeRO-3 or FSDP, so that every micro-batch "
+                    "of every rank runs the same forwards. Pick a multiple or use ZeRO-2 / DDP."
+                )
+        self._task_rows_now: list[int] = []
+        self._step_task_rows = 0
         if _is_sharded(trainer) and self.per_step % slots:
             # A micro-batch without replay rows skips the extra forward; with sharded parameters
             # (ZeRO-3 / FSDP) every rank must run the same forwards or the all-gathers hang.
@@ -200,8 +232,8 @@ class ReplayStep:
                 f"({slots}) under DeepSpeed ZeRO-3 or FSDP, so that every micro-batch of every rank holds the same "
                 "number of replay rows. Pick a multiple or use ZeRO-2 / DDP."
             )
-        self.replay = ReplaySet.from_args(gere_args, tok)
-        self.schedule = ReplaySchedule(len(self.replay), self.per_step, gere_args.gere_seed)
+        self.replay: Optional[ReplaySet] = ReplaySet.from_args(gere_args, tok) if self.general else None
+        self.schedule = ReplaySchedule(len(self.replay), self.per_step, gere_args.gere_seed) if self.replay else None
         model = _unwrap(trainer, trainer.model)
         self.hidden_size = hidden_size_of(model)
         self.autocast_dtype = torch.bfloat16 if getattr(targs, "bf16", False) else (torch.float16 if getattr(targs, "fp16", False) else None)
@@ -221,10 +253,13 @@ class ReplayStep:
         self._pending: dict[str, list[tuple[torch.Tensor, Optional[torch.Tensor]]]] = defaultdict(list)
         self.history: list[dict] = []
         self._log_path = os.environ.get("GERE_REPLAY_LOG")
-        logger.info(
-            "gere: %d replay samples (%d tokens), %d rows per optimizer step, regularizer=%s, weight=%s",
-            len(self.replay), self.replay.num_tokens, self.per_step, self.regularizer, gere_args.gere_weight,
-        )
+        if self.replay is not None:
+            logger.info(
+                "gere: %d replay samples (%d tokens), %d rows per optimizer step, regularizer=%s, weight=%s",
+                len(self.replay), self.replay.num_tokens, self.per_step, self.regularizer, gere_args.gere_weight,
+            )
+        if self.task_replay is not None:
+            logger.info("gere: %s", self.task_replay.describe())
 
     # -- base-model states -----------------------------------------------------------------------
     def cache_dir(self, trainer: Any) -> str:
@@ -270,9 +305,9 @@ class ReplayStep:
         """Advance the micro-batch counter; return ``(step, micro, replay indices)`` for this call."""
         step = int(trainer.state.global_step)
         if step != self._cur_step:
-            self._cur_step, self._micro, self._step_rows = step, 0, 0
+            self._cur_step, self._micro, self._step_rows, self._step_task_rows = step, 0, 0, 0
             # target tokens of the whole step's replay rows (host ints: no device sync), for CE shares
-            self._step_targets = self._target_count(self.schedule.rows_for_step(step))
+            self._step_targets = self._target_count(self.schedule.rows_for_step(step)) if self.schedule else 0
         micro = self._micro
         self._micro += 1
         if micro >= accumulation:
@@ -280,8 +315,40 @@ class ReplayStep:
                 f"gere: micro-batch {micro} of optimizer step {step} exceeds the {accumulation} accumulation steps; "
                 "compute_loss was called more often than the Trainer's loop expects."
             )
-        rows = self.schedule.rows_for_micro(step, micro, accumulation, self.rank, self.world_size)
+        rows = self.schedule.rows_for_micro(step, micro, accumulation, self.rank, self.world_size) if self.schedule else []
         return step, micro, rows
+
+    @staticmethod
+    def forward_module(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the extra (replay) forwards run through: the unwrapped model unless parameters are
+        sharded. A DDP-wrapped forward broadcasts buffers (e.g. rotary ``inv_freq``) to every rank, so a
+        forward that only some ranks run (replay rows not a multiple of the ranks) waited forever for the
+        others; gradients of the unwrapped forward still reach DDP's reducer through the parameters.
+        ZeRO-3 / FSDP need the wrapped forward (it gathers the parameters) and equal rows per rank."""
+        return model if _is_sharded(trainer) else _unwrap(trainer, model)
+
+    @property
+    def task_coef(self) -> float:
+        """Coefficient ``c`` of the task term: 0.5 in SFT's ``mean(task, replay CE)``, else 1."""
+        return 0.5 if self.combine == "mean" and self.general else 1.0
+
+    def earlier_tasks(self, trainer: Any, model: torch.nn.Module, step: int, micro: int, scaling: StepScaling,
+                      device: torch.device) -> Optional[torch.Tensor]:
+        """This micro-batch's part of ``c * rho * CE_earlier`` (``None`` without earlier-task rows here).
+
+        The rows come from the earlier-task schedule (their own per-step count, never counted against
+        ``gere_replay_per_step``); one forward, logits only; cross-entropy only, so the regularizer stays
+        on the general replay rows.
+        """
+        tr = self.task_replay
+        self._task_rows_now = [] if tr is None else tr.schedule.rows_for_micro(
+            step, micro, scaling.accumulation, self.rank, self.world_size)
+        if not self._task_rows_now:
+            return None
+        assert tr is not None
+        ce_micro = tr.cross_entropy(self.forward_module(trainer, model), self._task_rows_now, self.pad_token_id, device)
+        self._metric(trainer, "gere/task_replay_ce", ce_micro)
+        return scaling.extra_factor * self.task_coef * tr.weight * tr.share(step, self._task_rows_now) * ce_micro
 
     def _base_forward(self, trainer: Any, model: torch.nn.Module, batch: dict, need_logits: bool):
         unwrapped = _unwrap(trainer, model)
@@ -319,13 +386,20 @@ class ReplayStep:
     def __call__(self, trainer: Any, model: torch.nn.Module, task_loss: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         scaling = self._scaling(trainer, num_items_in_batch)
         step, micro, rows = self.rows_now(trainer, scaling.accumulation)
-        task_factor = 0.5 if self.combine == "mean" else 1.0
+        # the task term: c * task loss, or with earlier tasks c * ((1 - rho) * task loss + rho * CE_earlier)
+        task_factor = self.task_coef * (1.0 - self.task_replay.weight if self.task_replay else 1.0)
         self._metric(trainer, "gere/task_loss", task_loss.detach().float() * scaling.task_unscale)
+        earlier = self.earlier_tasks(trainer, model, step, micro, scaling, task_loss.device)
+        if earlier is not None:
+            task_loss_scaled = task_factor * task_loss + earlier.to(task_loss.dtype)
+        else:
+            task_loss_scaled = task_factor * task_loss
         if not rows:
             self._record(trainer, step, micro, rows, scaling)
-            return task_factor * task_loss
+            return task_loss_scaled
         batch = self.replay.collate(rows, self.pad_token_id, device=task_loss.device)
-        logits, hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"], self.layers, need_logits=True)
+        logits, hidden = forward_hidden(self.forward_module(trainer, model), batch["input_ids"], batch["attention_mask"],
+                                        self.layers, need_logits=True)
         ce_sum, ce_count = token_ce(logits, batch["input_ids"], batch["attention_mask"])
         ce_micro = ce_sum / ce_count.clamp_min(1)
         ce_share = self._target_count(rows) / max(self._step_targets, 1)
@@ -335,16 +409,19 @@ class ReplayStep:
         primary = 0.5 * (task_micro + ce_micro.detach()) if self.combine == "mean" else task_micro
         if self.regularizer == "none":
             weight = torch.zeros((), device=reg.device)
+        elif self.family.weight_basis == "replay_ce":
+            # GRPO-like parent losses can be ~0 or negative: match w * R to the replay CE instead (w >= 0)
+            weight = replay_ce_weight(self.fixed_weight, ce_micro, reg, self.weight_cap)
         else:
             weight = resolve_weight(self.fixed_weight, primary, reg, self.weight_cap)
         ce_factor = 0.5 if self.combine == "mean" else 1.0
         ce_part = scaling.extra_factor * ce_factor * ce_share * ce_micro
         reg_part = scaling.extra_factor * reg_share * weight * reg
         if self.grad_diagnostics and torch.is_grad_enabled() and self.regularizer != "none":
-            for key, value in grad_balance(model, task_factor * task_loss + ce_part, reg_part,
+            for key, value in grad_balance(model, task_loss_scaled + ce_part, reg_part,
                                            getattr(trainer.args, "max_grad_norm", None)).items():
                 self._metric(trainer, key, value)
-        loss = task_factor * task_loss + (ce_part + reg_part).to(task_loss.dtype)
+        loss = task_loss_scaled + (ce_part + reg_part).to(task_loss.dtype)
         self._metric(trainer, "gere/replay_ce", ce_micro)
         self._metric(trainer, "gere/reg_loss", reg)
         self._metric(trainer, "gere/weight", weight, keep=reg.detach() != 0)  # meaningless where R == 0
@@ -356,7 +433,7 @@ class ReplayStep:
     # -- bookkeeping ------------------------------------------------------------------------------
     METRIC_KEYS = ("gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state",
                    "gere/grad_norm_ce", "gere/grad_norm_reg", "gere/grad_norm_total", "gere/clip_coef",
-                   "gere/grad_cosine")
+                   "gere/grad_cosine", "gere/task_replay_ce")
 
     def _metric(self, trainer: Any, key: str, value: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
         # Kept on the device until the end of the optimizer step (no host sync per micro-batch), then
@@ -389,6 +466,7 @@ class ReplayStep:
             count = sum((zero + 1 if k is None else k.to(device) for _, k in vals), zero)
             local += [total, count]
         local.append(zero + self._step_rows)
+        local.append(zero + self._step_task_rows)
         self._pending.clear()
         totals = torch.stack(local)
         if acc is not None and acc.num_processes > 1:
@@ -400,11 +478,17 @@ class ReplayStep:
         for i, key in enumerate(self.METRIC_KEYS):
             if totals[2 * i + 1] > 0:
                 store["train"][key].append(float(totals[2 * i] / totals[2 * i + 1]))
-        store["train"]["gere/replay_rows"].append(float(totals[-1]))
+        if self.general:
+            store["train"]["gere/replay_rows"].append(float(totals[-2]))
+        if self.task_replay is not None:
+            store["train"]["gere/task_replay_rows"].append(float(totals[-1]))
 
     def _record(self, trainer: Any, step: int, micro: int, rows: list[int], scaling: StepScaling) -> None:
         self._step_rows += len(rows)
-        entry = {"step": step, "micro": micro, "rank": self.rank, "rows": rows}
+        entry: dict[str, Any] = {"step": step, "micro": micro, "rank": self.rank, "rows": rows}
+        if self.task_replay is not None:
+            self._step_task_rows += len(self._task_rows_now)
+            entry["task_rows"] = self._task_rows_now
         self.history.append(entry)
         if self._log_path:
             path = self._log_path.replace("{rank}", str(self.rank))
@@ -414,12 +498,15 @@ class ReplayStep:
             self._flush_metrics(trainer)
 
     def state_dict(self) -> dict:
-        return {
-            "schedule": self.schedule.state_dict(),
-            "replay_fingerprint": self.replay.fingerprint,
+        out = {
+            "schedule": self.schedule.state_dict() if self.schedule else None,
+            "replay_fingerprint": self.replay.fingerprint if self.replay else None,
             "regularizer": self.regularizer,
             "cache_meta": {k: (self.states.meta.get(k) if self.states else None) for k in ("replay_fingerprint", "base_model", "sigma")},
         }
+        if self.task_replay is not None:
+            out["task_replay"] = self.task_replay.state_dict()
+        return out
 
 
 def grad_balance(
@@ -489,11 +576,18 @@ def check_resume(step: ReplayStep, checkpoint: str) -> None:
         logger.warning("gere: %s has no %s; resuming without checking the replay schedule.", checkpoint, GERE_STATE_FILE)
         return
     saved = json.loads(path.read_text())
-    if saved.get("replay_fingerprint") != step.replay.fingerprint or saved.get("schedule") != step.schedule.state_dict():
+    now = step.state_dict()
+    if saved.get("replay_fingerprint") != now["replay_fingerprint"] or saved.get("schedule") != now["schedule"]:
         raise GeReConfigError(
             f"Checkpoint {checkpoint} was trained with another replay set or schedule "
-            f"(saved {saved.get('schedule')}, now {step.schedule.state_dict()}). Resume with the same gere_replay, "
+            f"(saved {saved.get('schedule')}, now {now['schedule']}). Resume with the same gere_replay, "
             "gere_replay_size, gere_replay_max_length, gere_replay_per_step and gere_seed, or start a new run."
+        )
+    if saved.get("task_replay") != now.get("task_replay"):
+        raise GeReConfigError(
+            f"Checkpoint {checkpoint} was trained with other earlier-task replay (saved {saved.get('task_replay')}, "
+            f"now {now.get('task_replay')}). Resume with the same gere_task_replay, gere_task_replay_size, "
+            "gere_task_replay_per_step, gere_task_replay_weight, max_length and gere_seed, or start a new run."
         )
 
 
@@ -509,9 +603,13 @@ class GeReTrainerMixin:
     model as it is when the trainer is built (DPO: TRL's reference), which on the second task of a
     sequence is the first task's result; pass the original base model to keep every task anchored
     to it. TM does not read it: its anchor is the base-state cache (``gere_state_cache``).
+
+    ``gere_family`` (class attribute: ``sft`` / ``dpo`` / ``grpo``, see :mod:`gere_plugin.families`) says
+    how the parent's loss combines with replay; unset, it is derived from the parent class, and a TRL
+    trainer GeRe has no rule for is refused when the trainer is built.
     """
 
-    gere_combine = "mean"
+    gere_family: Optional[str] = None
 
     def __init__(
         self,
@@ -597,43 +695,74 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
     watching = f"; {monitor.describe()}" if monitor is not None else ""
     if step is None:
         return f"gere: no replay (gere_replay is not set); {frozen}{watching}"
-    parts = [
-        f"gere: {step.per_step} replay rows per optimizer step from {len(step.replay)} samples "
-        f"({step.replay.num_tokens} tokens) of {step.replay.source}",
-        f"regularizer {step.regularizer}" + ("" if step.regularizer == "none" else f" with weight {gere_args.gere_weight}"),
-    ]
+    weight = f" with weight {gere_args.gere_weight}"
+    if step.family.weight_basis == "replay_ce" and step.fixed_weight is None:
+        weight += " (w*R matched to the replay CE: the task loss may be negative)"
+    parts = []
+    if step.replay is not None:
+        parts += [
+            f"{step.per_step} replay rows per optimizer step from {len(step.replay)} samples "
+            f"({step.replay.num_tokens} tokens) of {step.replay.source}",
+            f"regularizer {step.regularizer}" + ("" if step.regularizer == "none" else weight),
+        ]
+    else:
+        parts.append("no general replay (gere_replay is not set)")
+    if step.task_replay is not None:
+        parts.append(step.task_replay.describe())
+    parts.append(f"loss family {step.family.name}")
     if step.states is not None:
         parts.append(f"state cache {step.cache_dir(trainer)} {step.cache_action}")
     parts.append(frozen)
     if checkpoint is not None:
         parts.append(f"resuming {checkpoint} (replay settings checked)")
-    total = "mean(task, replay CE)" if step.combine == "mean" else "task + replay CE"
+    task = "task" if step.task_replay is None else "((1-rho)*task + rho*CE_earlier)"
+    if step.replay is None:
+        total = task
+    else:
+        total = f"mean({task}, replay CE)" if step.combine == "mean" else f"{task} + replay CE"
     parts.append(f"logged loss = {total}{'' if step.regularizer == 'none' else ' + w*R'}; task term alone: gere/task_loss")
-    return "; ".join(parts) + watching
+    return "gere: " + "; ".join(parts) + watching
 
 
-def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optional[torch.nn.Module] = None) -> Optional[ReplayStep]:
+def resolve_family(trainer: Any, family: Optional[str] = None) -> LossFamily:
+    """The loss family of ``trainer``: ``family``, else its ``gere_family``, else its older ``gere_combine``
+    attribute, else derived from its class (:func:`gere_plugin.families.family_for`, which refuses
+    TRL trainers GeRe has no rule for, naming them)."""
+    family = family if family is not None else getattr(trainer, "gere_family", None)
+    combine = None if family is not None else getattr(trainer, "gere_combine", None)
+    return family_for(type(trainer), family=family, combine=combine)
+
+
+def setup_gere(
+    trainer: Any, gere_args: Optional[Any] = None, ref_model: Optional[torch.nn.Module] = None, family: Optional[str] = None
+) -> Optional[ReplayStep]:
     """Attach GeRe to a built trainer: freeze layers, build/load the state cache, create the replay step.
 
     Must run before training starts (the optimizer must not exist yet for the freeze to matter).
+    ``family``: the loss family (default: :func:`resolve_family`).
     """
     gere_args = gere_args if gere_args is not None else trainer.args
     if not hasattr(gere_args, "gere_replay"):
-        raise GeReConfigError("GeRe settings missing: use GeReSFTConfig/GeReDPOConfig or pass gere_args=GeReArguments(...).")
+        raise GeReConfigError(
+            "GeRe settings missing: use GeReSFTConfig/GeReDPOConfig/GeReGRPOConfig or pass gere_args=GeReArguments(...)."
+        )
+    loss_family = resolve_family(trainer, family)
+    trainer.gere_family, trainer.gere_combine = loss_family.name, loss_family.combine
     model = _unwrap(trainer, trainer.model)
     # Every check that needs the model but no forward pass runs here, before the state build.
     check_freeze_depth(model, gere_args.gere_freeze_layers)
     if gere_args.gere_replay is not None:
         check_layer_indices(model, gere_args.gere_layers)
+    task_replay = getattr(gere_args, "gere_task_replay", None)
     trainer.gere_args = gere_args
     if getattr(trainer, "_metrics", None) is None:
         trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         trainer._gere_own_metrics = True
     step: Optional[ReplayStep] = None
     monitoring = getattr(gere_args, "gere_monitor", None) is not None
-    if gere_args.gere_replay is None and monitoring:
+    if gere_args.gere_replay is None and not task_replay and monitoring:
         logger.info("gere: gere_replay is not set: no replay; the forgetting monitor (gere_monitor) watches the run.")
-    elif gere_args.gere_replay is None:
+    elif gere_args.gere_replay is None and not task_replay:
         logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
     else:
         if ref_model is not None:  # the user's gere_ref_model (a DPO reference needs no check)
@@ -642,17 +771,18 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
             ref_model = getattr(trainer, "ref_model", None)
         # Built BEFORE freezing: PEFT's disable_adapter() (used for the base states) re-enables
         # requires_grad on adapter weights when it exits.
-        step = ReplayStep(trainer, gere_args, combine=getattr(trainer, "gere_combine", "mean"), ref_model=ref_model)
+        step = ReplayStep(trainer, gere_args, ref_model=ref_model, family=loss_family)
         trainer.add_callback(GeReCheckpointCallback(step))
     trainer.gere_step = step
     trainer.gere_monitor = None
     if monitoring:
         from .monitor import ForgettingMonitor
 
+        general = step.replay if step is not None else None
         trainer.gere_monitor = ForgettingMonitor(
             trainer, gere_args, _tokenizer_of(getattr(trainer, "processing_class", None)),
-            replay_texts=step.replay.texts if step is not None else None,
-            replay_source=step.replay.source if step is not None else "",
+            replay_texts=general.texts if general is not None else None,
+            replay_source=general.source if general is not None else "",
             states=step.states if step is not None else None,
             sharded=_is_sharded(trainer),
         )
@@ -667,28 +797,44 @@ def setup_gere(trainer: Any, gere_args: Optional[Any] = None, ref_model: Optiona
     return step
 
 
-_GERE_CLASSES: dict[type, type] = {}
+_GERE_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def with_gere(trainer_cls: type, combine: str = "mean") -> type:
-    """A subclass of ``trainer_cls`` with GeRe (cached per class). ``combine``: ``mean`` (SFT-like) or ``sum``."""
+def with_gere(trainer_cls: type, combine: Optional[str] = None, family: Optional[str] = None) -> type:
+    """A subclass of ``trainer_cls`` with GeRe (cached per class and family).
+
+    The loss family (how the parent's loss combines with replay, which dynamic weight applies) comes
+    from ``trainer_cls``: TRL's ``SFTTrainer`` / ``DPOTrainer`` / ``GRPOTrainer`` and their subclasses get
+    their own, any other ``transformers.Trainer`` is treated as a language-model CE trainer (``sft``),
+    and every other TRL trainer (KTO, ORPO, online DPO, RLOO, ...) is refused with a
+    :class:`GeReConfigError` naming it. ``family`` (``sft`` / ``dpo`` / ``grpo``) states it explicitly;
+    ``combine`` is the older spelling (``mean`` = ``sft``, ``sum`` = ``dpo``).
+    """
     if issubclass(trainer_cls, GeReTrainerMixin):
         return trainer_cls
-    key = (trainer_cls, combine)
+    chosen = family_for(trainer_cls, family=family, combine=combine)
+    key = (trainer_cls, chosen.name)
     if key not in _GERE_CLASSES:
-        _GERE_CLASSES[key] = type(f"GeRe{trainer_cls.__name__}", (GeReTrainerMixin, trainer_cls), {"gere_combine": combine})
+        _GERE_CLASSES[key] = type(
+            f"GeRe{trainer_cls.__name__}", (GeReTrainerMixin, trainer_cls), {"gere_family": chosen.name}
+        )
     return _GERE_CLASSES[key]
 
 
 def enable_gere(
-    trainer: Any, gere_args: Any, combine: Optional[str] = None, ref_model: Optional[torch.nn.Module] = None
+    trainer: Any,
+    gere_args: Any,
+    combine: Optional[str] = None,
+    ref_model: Optional[torch.nn.Module] = None,
+    family: Optional[str] = None,
 ) -> Optional[ReplayStep]:
     """Turn an already built trainer into a GeRe trainer in place (class swap + :func:`setup_gere`).
 
     ``ref_model``: the l1/l2/kl reference (see :class:`GeReTrainerMixin`, ``gere_ref_model``).
+    ``family`` / ``combine``: as for :func:`with_gere` (an unknown TRL trainer is refused, naming it).
     """
     if not isinstance(trainer, GeReTrainerMixin):
-        trainer.__class__ = with_gere(type(trainer), combine or "mean")
-    elif combine:
-        trainer.gere_combine = combine
+        trainer.__class__ = with_gere(type(trainer), combine=combine, family=family)
+    elif family is not None or combine is not None:
+        trainer.gere_family = family_for(type(trainer), family=family, combine=combine).name
     return setup_gere(trainer, gere_args, ref_model=ref_model)

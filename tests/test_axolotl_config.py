@@ -19,7 +19,9 @@ from gere_plugin.axolotl.args import (  # noqa: E402
     PLUGIN_PATH,
     PLUGIN_PATHS,
     GeReArgs,
+    check_gere_request,
     gere_arguments_from_cfg,
+    loss_family_for_rl,
 )
 from gere_plugin.axolotl.check import check_config  # noqa: E402
 from gere_plugin.axolotl.compat import axolotl_facts  # noqa: E402
@@ -180,6 +182,28 @@ def test_unsupported_rl_mode_is_rejected(plugin_manager):
     with pytest.raises(GeReConfigError, match="rl: kto"):
         axolotl_validate(raw)
     assert check_config(raw, raise_on_error=False).problems
+
+
+def test_grpo_is_accepted_but_its_async_and_sequence_parallel_trainers_are_refused(plugin_manager):
+    raw = load_recipe("tiny-cpu-grpo-full.yml")
+    assert raw["rl"] == "grpo"
+    cfg = axolotl_validate(raw)
+    assert cfg["rl"] == "grpo" and cfg["gere_replay_per_step"] == 3
+    assert check_config(raw, raise_on_error=False).problems == []
+    for key in ("async_prefetch", "use_data_producer"):
+        bad = copy.deepcopy(raw)
+        bad["trl"][key] = True
+        with pytest.raises(GeReConfigError, match=f"trl.{key}: true switches Axolotl to its asynchronous GRPO"):
+            check_gere_request(bad)
+        assert any(f"trl.{key}" in p for p in check_config(bad, raise_on_error=False).problems)
+    bad = dict(copy.deepcopy(raw), context_parallel_size=2)
+    with pytest.raises(GeReConfigError, match="context_parallel_size > 1 with rl: grpo"):
+        check_gere_request(bad)
+
+
+@pytest.mark.parametrize(("rl", "family"), [(None, "sft"), ("dpo", "dpo"), ("ipo", "dpo"), ("grpo", "grpo")])
+def test_each_supported_training_mode_has_a_loss_family(rl, family):
+    assert loss_family_for_rl(rl) == family
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,7 +513,7 @@ def test_post_trainer_create_uses_sum_for_dpo_and_ignores_configs_without_gere(
     GeRePlugin().post_trainer_create(DictDefault({"plugins": [], "learning_rate": 1e-3}), trainer)
     assert not isinstance(trainer, GeReTrainerMixin)
     GeRePlugin().post_trainer_create(_gere_cfg(replay_file, tmp_path, rl="dpo"), trainer)
-    assert trainer.gere_combine == "sum"
+    assert trainer.gere_combine == "sum" and trainer.gere_family == "dpo"
     # gere_* keys without the plugin line are served too (on 0.21 that is how the entry point runs GeRe)
     keys_only = _gere_cfg(replay_file, tmp_path)
     keys_only["plugins"] = []

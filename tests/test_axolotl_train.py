@@ -1,4 +1,4 @@
-"""End-to-end: ``axolotl train`` with the GeRe plugin on CPU, for SFT and DPO, full and LoRA.
+"""End-to-end: ``axolotl train`` with the GeRe plugin on CPU: SFT and DPO (full and LoRA), GRPO (full).
 
 Each test copies a ``recipes/axolotl/tiny-cpu-*.yml`` recipe, points it at the tiny random Llama
 from ``conftest.py`` and a temporary output folder, runs Axolotl in a subprocess (exactly as a user
@@ -60,9 +60,11 @@ def prepare_recipe(name: str, tmp_path: Path, model_dir: Path, plugin_line: bool
     return path, raw
 
 
-def run(cmd: list[str], cwd: Path, replay_log: Path, expect_fail: bool = False) -> str:
+def run(cmd: list[str], cwd: Path, replay_log: Path, expect_fail: bool = False, importable_repo: bool = False) -> str:
     env = runner.child_env(replay_log)  # offline, 1 thread, no leaked ACCELERATE_LOG_LEVEL / rank vars
     env.update(AXOLOTL_DO_NOT_TRACK="1", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
+    if importable_repo:  # the GRPO recipe names its reward function by a dotted path from the repository root
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
     out = proc.stdout + proc.stderr
     if expect_fail:
@@ -79,7 +81,7 @@ def axolotl_train(cfg_path: Path, tmp_path: Path, cli: bool = False) -> str:
         cmd = [str(VENV_BIN / "axolotl"), "train", str(cfg_path)]
     else:
         cmd = [sys.executable, "-m", "axolotl.cli.train", str(cfg_path)]
-    return run(cmd, tmp_path, tmp_path / "replay.jsonl")
+    return run(cmd, tmp_path, tmp_path / "replay.jsonl", importable_repo=True)
 
 
 def train_with_gere(cfg_path: Path, tmp_path: Path, cli: bool = False) -> str:
@@ -278,3 +280,43 @@ def test_sft_monitor_only_without_replay(tmp_path, tiny_dir):
     assert (ckpt / "gere_monitor_rank0.safetensors").is_file()
     # nothing was frozen and no state cache was built without replay
     assert not (Path(raw["output_dir"]) / "gere_states").exists()
+
+
+def test_grpo_full_with_axolotl_train_cli(tmp_path, tiny_dir):
+    """``rl: grpo`` (online RL, rule-based reward, no vLLM) through the real ``axolotl train`` CLI."""
+    cfg, raw = prepare_recipe("tiny-cpu-grpo-full.yml", tmp_path, tiny_dir)
+    log = train_with_gere(cfg, tmp_path, cli=True)
+    assert "loss family=grpo" in log and "combine=sum" in log
+    history = check_gere_ran(raw, tmp_path)
+    assert all("reward" in h and "completions/mean_length" in h for h in history), "not a GRPO run"
+    # the GRPO weight is matched to the replay CE: never negative, and w * R == CE_replay per micro-batch
+    weights = [h["gere/weight"] for h in history if "gere/weight" in h]
+    assert weights and min(weights) >= 0
+    check_full_freeze(raw, tiny_dir)
+
+
+def test_sft_full_with_earlier_tasks(tmp_path, tiny_dir):
+    """``gere_task_replay`` from Axolotl YAML: exact earlier-task rows per step next to the general replay."""
+    from gere_plugin.mixing import ReplaySchedule
+
+    earlier = tmp_path / "earlier-task.jsonl"
+    earlier.write_text("".join(
+        json.dumps({"prompt": f"Question {i}: is the river {w}?\nAnswer:", "completion": " yes" if i % 2 else " no"}) + "\n"
+        for i, w in enumerate(("long", "wide", "cold", "deep", "calm", "old"))))
+    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
+    raw.update(gere_task_replay=[str(earlier)], gere_task_replay_size=6, gere_task_replay_per_step=2)
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = train_with_gere(cfg, tmp_path)
+    assert "2 earlier-task rows per optimizer step from 6 rows of 1 earlier tasks" in log
+    history = check_gere_ran(raw, tmp_path)  # the general replay keeps its own rows per step
+    assert [h["gere/task_replay_rows"] for h in history] == [2.0] * int(raw["max_steps"])
+    assert all(h["gere/task_replay_ce"] > 0 for h in history)
+    schedule = ReplaySchedule(6, 2, int(raw.get("gere_seed", 42)), stream=1)
+    entries = [json.loads(line) for line in (tmp_path / "replay.jsonl").read_text().splitlines() if line.strip()]
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for e in entries:
+        by_step[e["step"]].extend(e["task_rows"])
+    assert {s: sorted(r) for s, r in by_step.items()} == {
+        s: sorted(schedule.rows_for_step(s)) for s in range(int(raw["max_steps"]))}
+    state = json.loads((Path(raw["output_dir"]) / f"checkpoint-{raw['max_steps']}" / "gere_state.json").read_text())
+    assert state["task_replay"]["kept"] == [6]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -58,3 +59,103 @@ def test_a_cloze_drop_above_half_of_plains_fails_the_target():
     assert v["cloze_drop_points"]["gere"] == pytest.approx(6.0)
     assert v["checks"]["gere_cloze_drop_at_most_half_of_plain"] is False
     assert v["issue_target_met"] is False
+
+
+# ------------------------------------------------------------------------------------------------
+# The fair protocol (cpu-fair): learning-rate choice, shared selections, verdicts, merging
+# ------------------------------------------------------------------------------------------------
+def test_learning_rate_choice_is_best_dev_accuracy_with_ties_to_the_smaller_rate():
+    grid = {"0.0001": {"dev_accuracy": 0.80}, "0.0002": {"dev_accuracy": 0.86}, "0.0004": {"dev_accuracy": 0.86}}
+    assert forgetting.choose_learning_rate(grid) == pytest.approx(2e-4)
+    assert forgetting.choose_learning_rate({"0.0004": {"dev_accuracy": 0.9}, "0.0001": {"dev_accuracy": 0.5}}) == 4e-4
+
+
+def test_methods_that_train_the_first_task_alike_share_one_selection():
+    sig = forgetting.first_task_signature
+    assert sig("gere") == sig("gere_freeze")  # the freeze starts at the second task
+    assert sig("gere") != sig("gere_paper")  # another weighting
+    assert sig("plain") != sig("replay") and sig("l1") != sig("l2")
+
+
+def _fair_run(method, seed, plast, final_row, sciq, general):
+    tasks = ["a", "b"]
+    return {
+        "method": method, "seed": seed, "tasks": tasks, "base_row": [0.5, 0.4],
+        "base": {"general": {"general_score": 0.40, "ppl": {"wiki": 20.0, "sciq_support": 10.0}}},
+        "matrix": [[plast[0], 0.4], [final_row[0], plast[1]]],
+        "stages": [{"eval": {"majority_share": {"a": 0.6}}}, {"eval": {"majority_share": {"b": 0.7}}}],
+        "final": {"general": {"general_score": general, "ppl": {"wiki": 22.0, "sciq_support": sciq}}},
+    }
+
+
+FAIR_RUNS = [
+    _fair_run("plain", 1, [0.9, 0.8], [0.6], 20.0, 0.30),   # ood +100%, cloze -10 points, BWT -0.3
+    _fair_run("plain", 2, [0.9, 0.8], [0.7], 20.0, 0.32),   # ood +100%, cloze -8, BWT -0.2
+    _fair_run("gere", 1, [0.89, 0.8], [0.8], 11.0, 0.39),   # ood +10%, cloze -1, BWT -0.09
+    _fair_run("gere", 2, [0.89, 0.8], [0.8], 13.0, 0.41),   # ood +30%, cloze +1, BWT -0.09
+]
+
+
+def test_fair_verdicts_match_hand_computation():
+    base = {"tasks": {"a": 0.5, "b": 0.4}}
+    v = forgetting.fair_verdicts(summarize_runs(FAIR_RUNS), FAIR_RUNS, base)
+    g = v["per_method"]["gere"]
+    assert g["ood_ppl_rise_share_of_plain"] == pytest.approx(0.20 / 1.00)
+    assert g["cloze_drop_share_of_plain"] == pytest.approx(0.0 / 9.0)
+    assert g["plasticity_minus_plain_points"] == pytest.approx(100 * (0.845 - 0.85))
+    assert g["BWT_minus_plain_points"] == pytest.approx(100 * (-0.09 + 0.25))
+    c = v["checks"]
+    assert c["plain_learns/a/accuracy_at_least_base_plus_15"] is True  # 0.9 >= 0.5 + 0.15
+    assert c["plain_learns/b/accuracy_at_least_base_plus_15"] is True  # 0.8 >= 0.4 + 0.15
+    assert c["plain_learns/a/majority_share_at_most_0.75"] is True
+    assert c["gere/ood_ppl_rise_at_most_25pct_of_plain"] is True
+    assert c["gere/plasticity_within_2_points_of_plain"] is True
+    assert c["gere/BWT_at_least_plain"] is True
+    assert v["issue_target_met"] is True
+    # a GeRe that learns less fails the plasticity target even though it forgets less
+    lazy = [r if r["method"] != "gere" else {**r, "matrix": [[0.8, 0.4], [0.8, 0.7]]} for r in FAIR_RUNS]
+    v2 = forgetting.fair_verdicts(summarize_runs(lazy), lazy, base)
+    assert v2["checks"]["gere/plasticity_within_2_points_of_plain"] is False
+    assert v2["issue_target_met"] is False
+
+
+def test_merge_combines_parallel_invocations_and_refuses_duplicates(tmp_path):
+    settings = {"methods": ["plain"], "seeds": [1], "max_steps": 40, "method_specs": {"plain": {}}}
+    a = {"preset": "cpu-fair", "settings": settings, "runs": FAIR_RUNS[:2], "lr_selection": {"plain": {"chosen": 1e-4}},
+         "base": None, "timings": {"x": 1}}
+    b = {"preset": "cpu-fair", "settings": {**settings, "methods": ["gere"], "method_specs": {"gere": {}}},
+         "runs": FAIR_RUNS[2:], "lr_selection": {"gere": {"chosen": 2e-4}}, "base": None, "timings": {"x": 2}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pa, pb = tmp_path / "a" / "r.json", tmp_path / "b" / "r.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    merged = forgetting.merge_results([pa, pb])
+    assert len(merged["runs"]) == 4 and set(merged["lr_selection"]) == {"plain", "gere"}
+    assert merged["settings"]["methods"] == ["plain", "gere"]
+    assert merged["timings"] == {"a/x": 1, "b/x": 2}
+    with pytest.raises(SystemExit, match="appears twice"):
+        forgetting.merge_results([pa, pa])
+    pb.write_text(json.dumps({**b, "settings": {**b["settings"], "max_steps": 50}}))
+    with pytest.raises(SystemExit, match="max_steps"):
+        forgetting.merge_results([pa, pb])
+
+
+def test_settings_comparison_tolerates_settings_added_later_at_their_default():
+    old = {"max_steps": 40, "methods": ["plain"]}
+    new = {"max_steps": 40, "methods": ["gere"], "gere_task_replay_size": 100}  # a later field, at its default
+    assert forgetting.settings_differ(old, new) == []
+    assert forgetting.settings_differ(old, {**new, "gere_task_replay_size": 50}) == ["gere_task_replay_size"]
+    assert forgetting.settings_differ(old, {**new, "max_steps": 30}) == ["max_steps"]
+
+
+def test_method_specs_of_older_files_compare_equal_at_the_new_fields_defaults():
+    import dataclasses
+
+    from gere_plugin.continual import METHODS
+
+    new = dataclasses.asdict(METHODS["gere"])  # tuples, every current field
+    old = {k: (list(v) if isinstance(v, tuple) else v) for k, v in new.items() if k != "task_replay"}
+    assert forgetting.method_spec_json(old) == forgetting.method_spec_json(new)
+    assert forgetting.method_spec_json({**old, "task_replay": True}) != forgetting.method_spec_json(new)
+    assert forgetting.method_spec_json({**old, "freeze_layers": 3}) != forgetting.method_spec_json(new)

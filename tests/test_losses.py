@@ -110,3 +110,60 @@ def test_weight_cap_bounds_only_the_dynamic_weight():
     assert resolve_weight(None, ce, small, cap=10.0).item() == pytest.approx(10.0)  # bounded
     assert resolve_weight(None, ce, large, cap=10.0).item() == pytest.approx(4.0)  # below the bound: CE / R
     assert resolve_weight(3.0, ce, small, cap=1.0).item() == pytest.approx(3.0)  # fixed weight ignores the cap
+
+
+def test_unbounded_dynamic_weight_makes_the_tm_reduction_irrelevant_and_the_bound_does_not():
+    """The paper's rule is one key away: with ``gere_weight_max=None`` the gradient of ``w * TM`` is
+    ``CE * grad(S) / S`` whatever the reduction, so ``violations`` and ``mean`` train identically; with the
+    default bound they differ (the bound acts on the mean-reduced value)."""
+    from gere_plugin.losses import resolve_weight
+
+    # early in training: every element is inactive at the base, and a few drift just past a threshold
+    h0 = torch.zeros(2, 5, 7)
+    h0[0, 1, 2], h0[0, 3, 5], h0[1, 0, 0] = 0.51, -0.52, 0.505
+    labels = torch.full((2, 5, 7), INACTIVE)
+    pos, neg = torch.full((7,), 0.5), torch.full((7,), -0.5)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    ce = torch.tensor(2.3)
+
+    def grad(reduction, cap):
+        h = h0.clone().requires_grad_(True)
+        r = tm_loss(h, labels, pos, neg, mask, reduction).loss
+        (resolve_weight(None, ce, r, cap) * r).backward()
+        return h.grad
+
+    torch.testing.assert_close(grad("violations", None), grad("mean", None), rtol=1e-4, atol=1e-6)  # up to the 1e-8 eps
+    assert not torch.allclose(grad("violations", 100.0), grad("mean", 100.0))
+    assert grad("mean", 100.0).abs().sum() < grad("mean", None).abs().sum()  # the bound binds here
+
+
+def test_replay_ce_weight_matches_replay_ce_and_ignores_the_sign_of_the_task_loss():
+    """The grpo family's weight: w = CE_replay / (R + 1e-8), detached, never negative, capped, or the fixed number."""
+    from gere_plugin.losses import replay_ce_weight, resolve_weight
+
+    ce = torch.tensor(3.0, requires_grad=True)
+    reg = torch.tensor(0.5, requires_grad=True)
+    w = replay_ce_weight(None, ce, reg)
+    assert not w.requires_grad
+    assert (w * reg).item() == pytest.approx(3.0)  # w * R matches the replay CE
+    # a negative GRPO loss would make the SFT/DPO rule negative; this rule does not read it at all
+    assert resolve_weight(None, torch.tensor(-0.2), reg).item() < 0
+    assert w.item() == pytest.approx(6.0)
+    assert replay_ce_weight(None, ce, reg, cap=4.0).item() == pytest.approx(4.0)
+    assert replay_ce_weight(2.5, ce, reg, cap=1.0).item() == pytest.approx(2.5)  # fixed: as given
+    assert replay_ce_weight(None, torch.tensor(0.0), reg).item() == 0.0
+    # R exactly 0 (TM at the first step): a finite weight, and w * R stays 0
+    w0 = replay_ce_weight(None, ce, torch.tensor(0.0))
+    assert torch.isfinite(w0) and (w0 * 0.0).item() == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_replay_ce_weight_is_never_negative(seed):
+    from gere_plugin.losses import replay_ce_weight
+
+    g = torch.Generator().manual_seed(seed)
+    ce = torch.randn(64, generator=g) * 5  # even malformed negative inputs cannot make it negative
+    reg = torch.randn(64, generator=g).abs() * torch.rand(64, generator=g)
+    for c, r in zip(ce, reg):
+        assert replay_ce_weight(None, c, r).item() >= 0
+        assert replay_ce_weight(None, c, -r).item() >= 0

@@ -39,8 +39,9 @@ def _ce(logits, labels):
     return ce, keep.sum()
 
 
-def _independent_reg(kind, model, base, replay, rows, pos=None, neg=None, thresholds_from=None):
-    """Regularizer on replay ``rows`` computed from scratch (no gere_plugin code)."""
+def _independent_reg(kind, model, base, replay, rows, pos=None, neg=None, thresholds_from=None, reduction="mean"):
+    """Regularizer on replay ``rows`` computed from scratch (no gere_plugin code). TM is reduced over all
+    elements (``mean``) or over its non-zero elements (``violations``)."""
     ids_list = [replay.input_ids[i] for i in rows]
     vals = []
     for ids in ids_list:  # one row at a time: no padding involved at all
@@ -66,7 +67,7 @@ def _independent_reg(kind, model, base, replay, rows, pos=None, neg=None, thresh
                 torch.relu(h - pos) + torch.relu(neg - h),
                 torch.where(lab == POS, torch.relu(pos - h), torch.relu(h - neg)),
             )
-            vals.append((v.sum(), (v > 0).sum()))
+            vals.append((v.sum(), (v > 0).sum() if reduction == "violations" else v.numel()))
     total = sum(v for v, _ in vals)
     count = sum(c for _, c in vals)
     return total / (count + 1e-8)
@@ -89,9 +90,11 @@ def _perturb(model, scale=0.05, seed=0):
             p.add_(scale * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("reg", ["tm", "l1", "l2", "kl", "none"])
+@pytest.mark.parametrize("reg", ["tm", "tm-violations", "l1", "l2", "kl", "none"])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_combined_loss_equals_hand_computed(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file, reg, accumulation):
+    reg, _, reduction = reg.partition("-")
+    reduction = reduction or "mean"  # the default
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
@@ -99,7 +102,7 @@ def test_combined_loss_equals_hand_computed(tmp_path, tiny_dir, tiny_tokenizer, 
     w = 3.0
     trainer = make_trainer(
         tmp_path, model, tiny_tokenizer, sft_dataset, replay_file,
-        gere_regularizer=reg, gere_weight=w, gere_replay_per_step=2,
+        gere_regularizer=reg, gere_weight=w, gere_replay_per_step=2, gere_tm_reduction=reduction,
         gradient_accumulation_steps=accumulation, per_device_train_batch_size=4 // accumulation,
     )
     replay = trainer.gere_step.replay
@@ -126,8 +129,8 @@ def test_combined_loss_equals_hand_computed(tmp_path, tiny_dir, tiny_tokenizer, 
         elif reg == "tm":
             pos, neg = _independent_thresholds(base, replay)
             # with accumulation each micro-batch holds one row: the step value is the mean of per-row values
-            per = [_independent_reg("tm", model, base, replay, [i], pos, neg) for i in rows] if accumulation > 1 else [
-                _independent_reg("tm", model, base, replay, rows, pos, neg)]
+            per = [_independent_reg("tm", model, base, replay, [i], pos, neg, reduction=reduction) for i in rows] if (
+                accumulation > 1) else [_independent_reg("tm", model, base, replay, rows, pos, neg, reduction=reduction)]
             r = sum(per) / len(per)
         else:
             per = [_independent_reg(reg, model, base, replay, [i]) for i in rows] if accumulation > 1 else [

@@ -12,8 +12,9 @@ Validation (same messages as the TRL configs, each naming the key):
   name, instead of being dropped like any other unknown Axolotl key;
 * ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
   config asks for GeRe (lists the plugin, or sets any ``gere_*`` key: :func:`gere_requested`),
-  ``gere_replay`` is required (or ``gere_monitor`` alone, the forgetting monitor without replay) and
-  the training mode must be one GeRe supports (SFT, ``rl: dpo`` or ``rl: ipo``), so GeRe never runs
+  ``gere_replay`` (or ``gere_task_replay``, earlier tasks only, or ``gere_monitor`` alone, the forgetting
+  monitor without replay) is required and the training mode must be one GeRe supports (SFT, ``rl: dpo``,
+  ``rl: ipo`` or ``rl: grpo``), so GeRe never runs
   half-configured or silently off.
 
 This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
@@ -49,14 +50,20 @@ PLUGIN_COLON_PATHS = tuple(":".join(p.rsplit(".", 1)) for p in PLUGIN_PATHS)
 #: The target of this package's ``axolotl.plugins`` entry point (see pyproject.toml), dotted.
 ENTRY_POINT_PATH = "gere_plugin.axolotl.plugin.GeRePlugin"
 
-#: ``rl:`` values GeRe supports (they use Axolotl's DPO trainer); ``None`` = SFT.
-SUPPORTED_RL = ("dpo", "ipo")
+#: ``rl:`` values GeRe supports (DPO / IPO use Axolotl's DPO trainer, GRPO its GRPO trainer); ``None`` = SFT.
+SUPPORTED_RL = ("dpo", "ipo", "grpo")
+#: The loss family (:mod:`gere_plugin.families`) of each supported ``rl:`` value; SFT is ``sft``.
+RL_FAMILIES = {"dpo": "dpo", "ipo": "dpo", "grpo": "grpo"}
+#: ``trl:`` keys that switch Axolotl's GRPO to its asynchronous trainer (a data producer that generates
+#: ahead of the optimizer steps), which GeRe has not been checked against.
+ASYNC_GRPO_KEYS = ("async_prefetch", "use_data_producer")
 
 # YAML gives ``gere_weight: 100`` as an int and ``gere_layers: -1`` as a scalar; both are accepted
 # (and normalised by validate_gere_values), so their schema types are wider than the dataclass's.
 _TYPE_OVERRIDES: dict[str, Any] = {
     "gere_weight": Union[float, str],
     "gere_layers": Union[list[int], int],
+    "gere_task_replay": Union[list[str], str],
 }
 
 
@@ -108,7 +115,7 @@ def check_gere_request(values: Any) -> None:
         return
     getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
     check_guard_has_monitor(values)
-    if getter("gere_replay") in (None, ""):
+    if getter("gere_replay") in (None, "") and not getter("gere_task_replay"):
         replay_keys = [k for k in gere_keys_set(values) if k not in MONITOR_ONLY_KEYS]
         if getter("gere_monitor") in (None, ""):
             why = (
@@ -118,8 +125,9 @@ def check_gere_request(values: Any) -> None:
             )
             raise GeReConfigError(
                 f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
-                "file (jsonl/json/parquet/txt), a folder or a datasets id (or only watch forgetting: gere_monitor "
-                "with held-out general texts), or remove the gere_* keys and the plugin line."
+                "file (jsonl/json/parquet/txt), a folder or a datasets id (and/or gere_task_replay at earlier tasks' "
+                "data; or only watch forgetting: gere_monitor with held-out general texts), or remove the gere_* keys "
+                "and the plugin line."
             )
         if replay_keys:
             raise GeReConfigError(
@@ -127,22 +135,50 @@ def check_gere_request(values: Any) -> None:
                 "Point gere_replay at a general-text replay file, or remove those keys (gere_monitor alone runs the "
                 "forgetting monitor without replay)."
             )
-    check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model")})
+    check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model", "trl", "context_parallel_size")})
 
 
-def _rl_name(rl: Any) -> Optional[str]:
+def rl_name(rl: Any) -> Optional[str]:
+    """The ``rl:`` value of a config as a lower-case string (``None`` for SFT); accepts Axolotl's enum."""
     if rl is None or rl is False:
         return None
     return str(getattr(rl, "value", rl)).lower()
 
 
+def loss_family_for_rl(rl: Any) -> str:
+    """The GeRe loss family of an Axolotl training mode: ``sft`` (no ``rl``), ``dpo`` (dpo/ipo), ``grpo``."""
+    name = rl_name(rl)
+    return "sft" if name is None else RL_FAMILIES[name]
+
+
+def _value(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
 def check_training_mode(values: dict[str, Any]) -> None:
     """Raise :class:`GeReConfigError` when the Axolotl config asks for a mode GeRe cannot wrap."""
-    rl = _rl_name(values.get("rl"))
+    rl = rl_name(values.get("rl"))
     if rl is not None and rl not in SUPPORTED_RL:
         raise GeReConfigError(
-            f"rl: {rl} is not supported by the GeRe plugin: use it for SFT (no rl key) or rl: dpo / rl: ipo."
+            f"rl: {rl} is not supported by the GeRe plugin: use it for SFT (no rl key), rl: dpo / rl: ipo or rl: grpo. "
+            f"GeRe has no defined way to combine replay with the {rl} loss (see docs/axolotl.md)."
         )
+    if rl == "grpo":
+        async_keys = [f"trl.{k}" for k in ASYNC_GRPO_KEYS if _value(values.get("trl"), k)]
+        if async_keys:
+            raise GeReConfigError(
+                f"{', '.join(async_keys)}: true switches Axolotl to its asynchronous GRPO trainer, which the GeRe plugin "
+                "does not support (untested): remove it for synchronous rl: grpo."
+            )
+        if (values.get("context_parallel_size") or 1) > 1:
+            raise GeReConfigError(
+                "context_parallel_size > 1 with rl: grpo uses Axolotl's sequence-parallel GRPO trainer, which the GeRe "
+                "plugin does not support (untested): set context_parallel_size: 1."
+            )
     for key in ("reward_model", "process_reward_model"):
         if values.get(key):
             raise GeReConfigError(

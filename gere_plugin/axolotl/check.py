@@ -21,7 +21,8 @@ nor torch, lists every problem at once, and catches:
   ``module:Class`` spelling on an Axolotl older than 0.21;
 * GeRe asked for without ``gere_replay``;
 * unknown ``gere_*`` keys (with the closest valid name) and out-of-range values;
-* training modes GeRe does not wrap (``rl`` other than ``dpo``/``ipo``, reward models).
+* training modes GeRe does not wrap (``rl`` other than ``dpo``/``ipo``/``grpo``, asynchronous or
+  sequence-parallel GRPO, reward models).
 * what training would only find later (:func:`setup_problems`): ``gere_replay_per_step`` not below
   the global batch, or not a multiple of processes x accumulation under DeepSpeed ZeRO-3 / FSDP;
   ``gere_freeze_layers`` / ``gere_layers`` beyond the depth of a local ``base_model``; a

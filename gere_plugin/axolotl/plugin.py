@@ -1,4 +1,4 @@
-"""``GeRePlugin``: GeRe replay for Axolotl SFT and DPO, LoRA/QLoRA and full fine-tunes.
+"""``GeRePlugin``: GeRe replay for Axolotl SFT, DPO and GRPO, LoRA/QLoRA and full fine-tunes.
 
 Use it with ``plugins: [gere_plugin.GeRePlugin]`` and ``gere_*`` keys in the Axolotl YAML. On
 Axolotl >= 0.21 the ``plugins:`` line is optional: Axolotl loads the plugin through this package's
@@ -18,7 +18,8 @@ How it hooks in (Axolotl 0.19 and 0.21):
 * ``get_input_args`` adds :class:`~gere_plugin.axolotl.args.GeReArgs` to Axolotl's config schema,
   so the ``gere_*`` keys survive validation and bad values are validation errors naming the key.
 * ``post_trainer_create`` turns the trainer Axolotl built (``AxolotlTrainer`` for SFT,
-  ``AxolotlDPOTrainer`` for ``rl: dpo``/``ipo``, or whatever ``trainer_cls`` / another plugin chose)
+  ``AxolotlDPOTrainer`` for ``rl: dpo``/``ipo``, ``AxolotlGRPOTrainer`` for ``rl: grpo``, or whatever
+  ``trainer_cls`` / another plugin chose)
   into its GeRe subclass in place with :func:`gere_plugin.enable_gere`: a class swap plus
   :func:`gere_plugin.trainer.setup_gere`, which freezes ``gere_freeze_layers`` /
   ``gere_freeze_embeddings``, loads or builds the base-model state cache (main process first) and
@@ -27,8 +28,10 @@ How it hooks in (Axolotl 0.19 and 0.21):
   optimizer. Swapping the class instead of returning one from ``get_trainer_cls`` keeps Axolotl's
   own trainer selection (and works for RL, where a plugin's trainer class is built without the
   model: Axolotl issue #2883).
-* DPO uses ``combine="sum"`` (``loss = L_dpo + CE_replay + w * R``); the reference model Axolotl
-  built (full fine-tune) or the adapter-disabled model (LoRA/QLoRA) serves ``l1``/``l2``/``kl``.
+* The loss family follows ``rl:`` (:mod:`gere_plugin.families`): SFT ``mean(CE_task, CE_replay) + w*R``;
+  DPO/IPO ``L_dpo + CE_replay + w*R``; GRPO ``L_grpo + CE_replay + w*R`` with ``w = CE_replay / R``
+  (the GRPO loss can be negative). The reference model Axolotl built (full fine-tune) or the
+  adapter-disabled model (LoRA/QLoRA) serves ``l1``/``l2``/``kl``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any, Optional
 from axolotl.integrations.base import BasePlugin
 
 from ..trainer import ReplayStep, enable_gere
-from .args import check_gere_request, gere_arguments_from_cfg, gere_requested
+from .args import check_gere_request, gere_arguments_from_cfg, gere_requested, loss_family_for_rl
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +139,15 @@ class GeRePlugin(BasePlugin):
                 "plugin?) created it early; list the GeRe plugin first in plugins:, or freeze with Axolotl's "
                 "unfrozen_parameters instead."
             )
-        combine = "sum" if cfg.get("rl") else "mean"
-        enable_gere(trainer, gere_args, combine=combine)
+        family = loss_family_for_rl(cfg.get("rl"))
+        enable_gere(trainer, gere_args, family=family)
         step: Optional[ReplayStep] = getattr(trainer, "gere_step", None)
         logger.info(
-            "gere: trainer runs as %s (combine=%s, replay rows per step=%s, regularizer=%s, frozen tensors=%d, "
-            "forgetting monitor=%s)",
+            "gere: trainer runs as %s (loss family=%s, combine=%s, replay rows per step=%s, regularizer=%s, "
+            "frozen tensors=%d, forgetting monitor=%s)",
             type(trainer).__name__,
-            combine,
+            family,
+            trainer.gere_combine,
             step.per_step if step is not None else 0,
             gere_args.gere_regularizer if step is not None else "none",
             len(getattr(trainer, "gere_frozen", []) or []),

@@ -147,8 +147,10 @@ def wait_for(predicate, proc: subprocess.Popen, log_file: Path, timeout: float =
         time.sleep(0.2)
 
 
-def replay_rows(path_pattern: str, ranks: int = 1) -> dict[int, dict[tuple[int, int], list[int]]]:
-    """Read ``GERE_REPLAY_LOG`` files: ``{step: {(micro, rank): rows}}`` (a repeated key is an error)."""
+def replay_rows(path_pattern: str, ranks: int = 1, field: str = "rows") -> dict[int, dict[tuple[int, int], list[int]]]:
+    """Read ``GERE_REPLAY_LOG`` files: ``{step: {(micro, rank): rows}}`` (a repeated key is an error).
+
+    ``field``: ``rows`` (general replay) or ``task_rows`` (earlier-task replay)."""
     out: dict[int, dict[tuple[int, int], list[int]]] = defaultdict(dict)
     for rank in range(ranks):
         path = Path(path_pattern.replace("{rank}", str(rank)))
@@ -156,5 +158,5 @@ def replay_rows(path_pattern: str, ranks: int = 1) -> dict[int, dict[tuple[int, 
             e = json.loads(line)
             key = (int(e["micro"]), int(e["rank"]))
             assert key not in out[int(e["step"])], f"micro-batch {key} of step {e['step']} logged twice in {path}"
-            out[int(e["step"])][key] = list(e["rows"])
+            out[int(e["step"])][key] = list(e[field])
     return dict(out)

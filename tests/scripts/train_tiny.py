@@ -1,8 +1,11 @@
-"""A tiny ``GeReSFTTrainer`` run that the slow tests launch as a subprocess.
+"""A tiny ``GeReSFTTrainer`` (or, with ``--trainer grpo``, ``GeReGRPOTrainer``) run that the slow tests
+launch as a subprocess.
 
 Run it with ``python`` (one process) or ``accelerate launch --multi_gpu --num_processes 2`` (CPU DDP
 over gloo: the script always sets ``use_cpu=True``). Everything it needs comes from the command
-line: the tiny model folder, a prompt/completion jsonl, a replay jsonl. It writes
+line: the tiny model folder, a prompt/completion jsonl (GRPO uses only its prompts, with a rule-based
+reward), a replay jsonl (optional), earlier tasks' jsonl files for ``gere_task_replay`` (optional). It
+writes
 
 * ``<output>/history.json``: ``trainer.state.log_history`` (main process, after training);
 * ``GERE_REPLAY_LOG`` rows (set by the caller; see :mod:`gere_plugin.trainer`);
@@ -37,7 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="folder with the tiny model and its tokenizer")
     p.add_argument("--data", required=True, help="prompt/completion jsonl (the task data)")
-    p.add_argument("--replay", required=True, help="general-text jsonl (gere_replay)")
+    p.add_argument("--replay", default=None, help="general-text jsonl (gere_replay); omit for no general replay")
+    p.add_argument("--task_replay", nargs="+", default=None, help="earlier tasks' jsonl files (gere_task_replay)")
+    p.add_argument("--task_per_step", type=int, default=None, help="gere_task_replay_per_step")
+    p.add_argument("--task_size", type=int, default=100, help="gere_task_replay_size")
     p.add_argument("--output", required=True, help="output_dir")
     p.add_argument("--state_cache", default=None, help="gere_state_cache (default <output>/gere_states)")
     p.add_argument("--batch", type=int, default=2, help="per-device train batch size")
@@ -55,7 +61,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--build_only", action="store_true", help="build the trainer (and the state cache), do not train")
     p.add_argument("--monitor", default=None, help="gere_monitor: held-out general-text jsonl (the forgetting monitor)")
     p.add_argument("--monitor_steps", type=int, default=1, help="gere_monitor_steps")
+    p.add_argument("--trainer", default="sft", choices=["sft", "grpo"], help="GeReSFTTrainer or GeReGRPOTrainer")
+    p.add_argument("--num_generations", type=int, default=2, help="GRPO: completions per prompt")
+    p.add_argument("--steps_per_generation", type=int, default=None, help="GRPO: optimizer micro-steps per generation")
+    p.add_argument("--num_iterations", type=int, default=1, help="GRPO: passes over each generation batch")
     return p.parse_args(argv)
+
+
+def vowel_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """Rule-based GRPO reward: the share of vowels among the letters of each completion."""
+    out = []
+    for c in completions:
+        letters = [ch for ch in c if ch.isalpha()]
+        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
+    return out
 
 
 def _hang(marker: str | None, what: str) -> None:
@@ -93,17 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from gere_plugin import GeReSFTConfig, GeReSFTTrainer
+    from gere_plugin import GeReGRPOConfig, GeReGRPOTrainer, GeReSFTConfig, GeReSFTTrainer
 
     torch.set_num_threads(1)
     if args.hang_in_cache_save:
         _patch_cache_save_to_hang(args.hang_marker)
 
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
-    dataset = Dataset.from_list(rows)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = GeReSFTConfig(
+    common: dict[str, Any] = dict(
         output_dir=args.output,
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.accum,
@@ -118,11 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
-        max_length=64,
         dataloader_num_workers=0,
         gradient_checkpointing=False,
-        average_tokens_across_devices=True,
-        train_sampling_strategy=args.sampling,
         gere_replay=args.replay,
         gere_replay_size=args.replay_size,
         gere_replay_max_length=32,
@@ -135,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         gere_monitor_size=16,
         gere_monitor_max_length=32,
         gere_monitor_task_size=6,
+        gere_task_replay=args.task_replay,
+        gere_task_replay_size=args.task_size,
+        gere_task_replay_per_step=args.task_per_step,
     )
 
     class HangAtStep(TrainerCallback):
@@ -143,9 +161,22 @@ def main(argv: list[str] | None = None) -> int:
                 _hang(args.hang_marker, f"step {state.global_step}")
             return control
 
-    trainer = GeReSFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=[HangAtStep()]
-    )
+    if args.trainer == "grpo":
+        config = GeReGRPOConfig(
+            **common, num_generations=args.num_generations, steps_per_generation=args.steps_per_generation,
+            num_iterations=args.num_iterations, max_completion_length=8, use_vllm=False, beta=0.0,
+        )
+        trainer: Any = GeReGRPOTrainer(
+            model=model, reward_funcs=vowel_reward, args=config, processing_class=tok, callbacks=[HangAtStep()],
+            train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
+        )
+    else:
+        config = GeReSFTConfig(
+            **common, max_length=64, average_tokens_across_devices=True, train_sampling_strategy=args.sampling
+        )
+        trainer = GeReSFTTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[HangAtStep()]
+        )
     if args.build_only:
         return 0
     trainer.train(resume_from_checkpoint=args.resume)
