@@ -1,5 +1,6 @@
 """The forgetting monitor (gere_monitor): values against independent computations, KL 0 at step 0,
-bit-identical training with and without it, the guard, SFT / DPO, full / LoRA, resume, config checks."""
+bit-identical training with and without it, the guard, SFT / DPO / GRPO, full / LoRA, earlier-task
+replay, resume, config checks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import torch
 from gere_plugin import GeReSFTTrainer
 from gere_plugin.config import GeReArguments, GeReConfigError
 from gere_plugin.evaluation.scoring import perplexity
-from gere_plugin.monitor import METRIC_KEYS, MonitorError, full_kl, load_monitor_texts, rest_logmass, topk_kl
+from gere_plugin.monitor import (
+    METRIC_KEYS,
+    MonitorError,
+    full_kl,
+    load_monitor_texts,
+    rest_logmass,
+    task_sample,
+    topk_kl,
+)
 
 from .conftest import general_texts, sft_config, write_jsonl
 
@@ -146,18 +155,35 @@ def test_kl_equals_an_independent_full_kl_when_k_covers_the_vocabulary(tmp_path,
             total, count = total + float(kl.sum()), count + len(ids) - 1
     assert got > 0
     assert got == pytest.approx(total / count, rel=1e-4)
+    # gere/monitor_task_kl: the same naive computation on the training rows the monitor drew (seeded, by index)
+    rows = task_sample(trainer.train_dataset, tiny_tokenizer, 8, trainer.args.gere_seed, 48)
+    assert len(rows) == trainer.gere_monitor.num_task_rows == 8
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in rows:
+            x = torch.tensor([ids])
+            kl = full_kl(base(x).logits[0, :-1], model.eval()(x).logits[0, :-1])
+            total, count = total + float(kl.sum()), count + len(ids) - 1
+    task_kl = _monitor_logs(trainer)[3]["gere/monitor_task_kl"]
+    assert task_kl > 0
+    assert task_kl == pytest.approx(total / count, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training is unchanged by the monitor
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["plain", "gere", "lora"])
+@pytest.mark.parametrize("kind", ["plain", "gere", "lora", "task_replay"])
 def test_weights_are_bit_identical_with_and_without_the_monitor(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset,
                                                                 replay_file, monitor_file, kind):
     lora = kind == "lora"
     extra = {}
     if kind == "gere":
         extra = dict(gere_replay=str(replay_file), gere_state_cache=str(tmp_path / "cache"), gere_replay_per_step=2)
+    if kind == "task_replay":  # earlier-task replay only (no general replay): the monitor runs next to it
+        earlier = write_jsonl(tmp_path / "earlier.jsonl", [
+            {"prompt": f"Question {i}: is it {w}?\nAnswer:", "completion": " yes" if i % 2 else " no"}
+            for i, w in enumerate(("long", "wide", "cold", "deep", "calm", "old"))])
+        extra = dict(gere_task_replay=[str(earlier)], gere_task_replay_size=6, gere_task_replay_per_step=2)
     runs = {}
     for name, watched in (("without", None), ("with", monitor_file)):
         model = _load(tiny_dir, lora=lora)
@@ -177,6 +203,9 @@ def test_weights_are_bit_identical_with_and_without_the_monitor(tmp_path, tiny_d
         # with a state cache: out-of-state fraction of the monitor texts, exactly 0 at step 0
         assert logs[0]["gere/monitor_out_of_state"] == 0.0 and logs[4]["gere/monitor_out_of_state"] > 0
         assert "gere/reg_loss" in logs[4]  # the replay metrics share the record
+    elif kind == "task_replay":
+        assert watched_trainer.gere_step is not None and watched_trainer.gere_step.replay is None
+        assert logs[4]["gere/task_replay_rows"] == 2.0 and "gere/monitor_out_of_state" not in logs[4]
     else:
         assert "gere/monitor_out_of_state" not in logs[4]
 
@@ -240,6 +269,53 @@ def test_dpo_monitor_only(tmp_path, tiny_dir, tiny_tokenizer, monitor_file):
     assert logs[0]["gere/monitor_kl"] == 0.0 and logs[0]["gere/monitor_task_kl"] == 0.0
     assert logs[3]["gere/monitor_kl"] > 0 and logs[3]["gere/monitor_task_kl"] > 0
     assert all("rewards/margins" in logs[s] for s in (1, 2, 3))
+
+
+def test_grpo_with_gere_monitor_values_and_bit_identical_weights(tmp_path, tiny_dir, tiny_tokenizer, replay_file,
+                                                                 monitor_file):
+    """GeReGRPOTrainer (real TRL GRPO, rule-based reward, replay + TM) with and without the monitor: the
+    same weights and losses (generation samples from the same RNG stream: the monitor draws no random
+    numbers), step 0 equals a separate perplexity evaluation of the base, KL 0 at step 0 and > 0 after,
+    task KL on the GRPO prompts, and the monitor values in the same record as GRPO's reward."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from gere_plugin import GeReGRPOConfig, GeReGRPOTrainer
+
+    from .test_grpo_trainer import vowel_reward
+
+    prompts = Dataset.from_list([{"prompt": t} for t in general_texts(24, seed=5, min_words=3, max_words=8)])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    runs = {}
+    for name, watched in (("without", None), ("with", monitor_file)):
+        cfg = GeReGRPOConfig(
+            output_dir=str(tmp_path / name), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+            max_steps=2, logging_steps=1, report_to=[], bf16=False, use_cpu=True, gradient_checkpointing=False,
+            save_strategy="no", disable_tqdm=True, learning_rate=1e-2, seed=0, use_vllm=False,
+            gere_replay=str(replay_file), gere_replay_size=32, gere_replay_max_length=32, gere_replay_per_step=2,
+            gere_state_cache=str(tmp_path / "cache"), gere_monitor=str(watched) if watched else None,
+            gere_monitor_steps=1, gere_monitor_size=16, gere_monitor_max_length=32, gere_monitor_task_size=4,
+        )
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+        trainer = GeReGRPOTrainer(model=model, reward_funcs=vowel_reward, args=cfg, train_dataset=prompts,
+                                  processing_class=tiny_tokenizer)
+        trainer.train()
+        runs[name] = (trainer, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    (plain, without), (watched_trainer, with_monitor) = runs["without"], runs["with"]
+    assert [k for k in without if not torch.equal(without[k], with_monitor[k])] == []
+    losses = {int(h["step"]): h["loss"] for h in plain.state.log_history if "loss" in h}
+    assert losses == {int(h["step"]): h["loss"] for h in watched_trainer.state.log_history if "loss" in h}
+    monitor = watched_trainer.gere_monitor
+    assert monitor.num_task_rows == 4  # the GRPO prompts (raw strings) tokenized
+    logs = _monitor_logs(watched_trainer)
+    assert sorted(logs) == [0, 1, 2]
+    base_ppl = perplexity(base, tiny_tokenizer, monitor.texts.texts, max_length=32)["ppl"]
+    assert logs[0]["gere/monitor_ppl"] == pytest.approx(base_ppl, rel=1e-6)
+    assert logs[0]["gere/monitor_kl"] == 0.0 and logs[0]["gere/monitor_task_kl"] == 0.0
+    assert logs[0]["gere/monitor_out_of_state"] == 0.0
+    assert logs[2]["gere/monitor_kl"] > 0 and logs[2]["gere/monitor_task_kl"] > 0
+    assert all("reward" in logs[s] and "gere/replay_ce" in logs[s] for s in (1, 2))
+    assert watched_trainer.model.training
 
 
 def test_resume_keeps_the_base_snapshot(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, monitor_file, caplog):
