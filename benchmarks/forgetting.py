@@ -309,26 +309,47 @@ def fair_verdicts(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
         if plain["BWT"] is not None and m["BWT"] is not None:
             rec["BWT_minus_plain_points"] = 100 * (m["BWT"] - plain["BWT"])
         per_method[method] = rec
-    g = per_method.get("gere")
-    if g is not None:
-        share = g.get("ood_ppl_rise_share_of_plain")
-        checks["gere/ood_ppl_rise_at_most_25pct_of_plain"] = None if share is None else share <= 0.25
-        cshare = g.get("cloze_drop_share_of_plain")
-        if plain["cloze_drop_points"] is not None and plain["cloze_drop_points"] <= 0:
-            checks["gere/cloze_drop_at_most_25pct_of_plain"] = None  # plain did not lose cloze accuracy
-        else:
-            checks["gere/cloze_drop_at_most_25pct_of_plain"] = None if cshare is None else cshare <= 0.25
-        gap = g.get("plasticity_minus_plain_points")
-        checks["gere/plasticity_within_2_points_of_plain"] = None if gap is None else gap >= -2.0
-        bwt = g.get("BWT_minus_plain_points")
-        checks["gere/BWT_at_least_plain"] = None if bwt is None else bwt >= 0.0
+    checks.update(_method_checks("gere", per_method.get("gere"), plain))
+    task_replay_checks = _method_checks("gere_er", per_method.get("gere_er"), plain, bwt_floor_points=-2.0)
     decided = [v for v in checks.values() if v is not None]
+    tr_decided = [v for v in task_replay_checks.values() if v is not None]
     return {
         "plain": plain, "plain_learns": plain_learns, "per_method": per_method, "checks": checks,
         "issue_target_met": bool(decided) and all(decided) and len(decided) == len(checks),
+        # issue 18: GeRe + earlier-task replay keeps earlier tasks (BWT >= plain's and >= -2 points) and
+        # general ability and plasticity as GeRe must
+        "task_replay_checks": task_replay_checks,
+        "task_replay_target_met": (bool(tr_decided) and all(tr_decided)
+                                   and len(tr_decided) == len(task_replay_checks)),
         "paired_gere_minus_plain": paired_differences(runs, "gere", "plain"),
         "paired_gere_minus_replay": paired_differences(runs, "gere", "replay"),
     }
+
+
+def _method_checks(method: str, rec: Optional[dict[str, Any]], plain: dict[str, Optional[float]],
+                   bwt_floor_points: Optional[float] = None) -> dict[str, Optional[bool]]:
+    """Issue 12's targets for one method's ``per_method`` record (None: undecidable): general-ability
+    loss <= 25% of plain SFT's (out-of-domain perplexity rise, cloze drop), plasticity within 2 points
+    of plain SFT's, BWT >= plain SFT's (and >= ``bwt_floor_points`` when given)."""
+    if rec is None:
+        return {}
+    out: dict[str, Optional[bool]] = {}
+    share = rec.get("ood_ppl_rise_share_of_plain")
+    out[f"{method}/ood_ppl_rise_at_most_25pct_of_plain"] = None if share is None else share <= 0.25
+    if plain["cloze_drop_points"] is not None and plain["cloze_drop_points"] <= 0:
+        out[f"{method}/cloze_drop_at_most_25pct_of_plain"] = None  # plain did not lose cloze accuracy
+    else:
+        cshare = rec.get("cloze_drop_share_of_plain")
+        out[f"{method}/cloze_drop_at_most_25pct_of_plain"] = None if cshare is None else cshare <= 0.25
+    gap = rec.get("plasticity_minus_plain_points")
+    out[f"{method}/plasticity_within_2_points_of_plain"] = None if gap is None else gap >= -2.0
+    bwt = rec.get("BWT_minus_plain_points")
+    out[f"{method}/BWT_at_least_plain"] = None if bwt is None else bwt >= 0.0
+    if bwt_floor_points is not None:
+        own = rec.get("BWT")
+        out[f"{method}/BWT_at_least_{bwt_floor_points:g}_points"] = (
+            None if own is None else 100 * own >= bwt_floor_points)
+    return out
 
 
 def paired_differences(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:

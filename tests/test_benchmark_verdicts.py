@@ -180,3 +180,24 @@ def test_write_outputs_draws_the_monitor_of_runs_that_recorded_it(tmp_path):
     forgetting.write_outputs({"runs": RUNS, "base": BASE}, "cpu-medium", tmp_path)
     assert not (tmp_path / "forgetting_cpu-medium_monitor.png").exists()
     assert "Forgetting monitor" not in (tmp_path / "forgetting_cpu-medium.md").read_text()
+
+
+def test_task_replay_verdicts_add_the_minus_two_point_bwt_floor():
+    base = {"tasks": {"a": 0.5, "b": 0.4}}
+    keeps = [_fair_run("gere_er", 1, [0.89, 0.8], [0.88], 11.0, 0.39),   # BWT -1 point
+             _fair_run("gere_er", 2, [0.89, 0.8], [0.88], 11.0, 0.39)]
+    v = forgetting.fair_verdicts(summarize_runs(FAIR_RUNS + keeps), FAIR_RUNS + keeps, base)
+    t = v["task_replay_checks"]
+    assert t["gere_er/BWT_at_least_-2_points"] is True
+    assert t["gere_er/BWT_at_least_plain"] is True  # -1 >= -25
+    assert t["gere_er/ood_ppl_rise_at_most_25pct_of_plain"] is True  # +10% of +100%
+    assert v["task_replay_target_met"] is True
+    # BWT -5 points: still better than plain SFT's -25, but below the floor of -2
+    slips = [{**r, "matrix": [[0.89, 0.4], [0.84, 0.8]]} for r in keeps]
+    v2 = forgetting.fair_verdicts(summarize_runs(FAIR_RUNS + slips), FAIR_RUNS + slips, base)
+    assert v2["task_replay_checks"]["gere_er/BWT_at_least_plain"] is True
+    assert v2["task_replay_checks"]["gere_er/BWT_at_least_-2_points"] is False
+    assert v2["task_replay_target_met"] is False
+    assert v2["issue_target_met"] is True  # issue 12's GeRe checks do not depend on gere_er
+    # without gere_er runs nothing is decided
+    assert forgetting.fair_verdicts(summarize_runs(FAIR_RUNS), FAIR_RUNS, base)["task_replay_target_met"] is False
