@@ -23,9 +23,12 @@ Every method sees the same data, task order and seeds; each run starts from the 
     python benchmarks/forgetting.py --diagnose-gradients              # gradient balance per weighting
     python benchmarks/forgetting.py --methods flow ewc task_kl sdft osf --out-dir DIR  # other methods,
                                                                       # then --merge (docs/evaluation.md)
+    python benchmarks/forgetting.py --monitor-steps 10                # + forgetting-monitor curves over steps
 
 Writes ``benchmarks/results/forgetting_<preset>.json`` (environment, settings, learning-rate selection,
-per-seed runs, mean and spread per method, verdicts), ``.md`` (table) and ``.png`` (plot). The JSON is
+per-seed runs, mean and spread per method, verdicts), ``.md`` (table) and ``.png`` (plot); with
+``--monitor-steps`` every run also records the forgetting monitor's values (``gere/monitor_*`` in each
+stage's history) and ``_monitor.png`` draws them per run. The JSON is
 rewritten after every run, and ``--resume`` skips (method, seed) pairs already in it. The older
 presets (``cpu-small``, ``cpu-medium``: SST-2 -> BoolQ -> Wikipedia topics, constant learning rate,
 no selection) are kept to re-render their committed results; their plain SFT baseline collapsed.
@@ -60,7 +63,14 @@ from gere_plugin.continual import (  # noqa: E402
     evaluate_stage,
     run_sequence,
 )
-from gere_plugin.evaluation.report import markdown_table, plot_summary, summarize_runs  # noqa: E402
+from gere_plugin.evaluation.report import (  # noqa: E402
+    markdown_table,
+    monitor_series,
+    monitor_table,
+    plot_monitor,
+    plot_summary,
+    summarize_runs,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -477,6 +487,12 @@ def write_outputs(doc: dict[str, Any], preset: str, out_dir: Path) -> None:
         else:
             doc["verdicts"] = verdicts(summary, runs)
         table = markdown_table(summary)
+        monitored = [r for r in runs if monitor_series(r) is not None]
+        if monitored:  # --monitor-steps: the forgetting monitor's curves over the training steps
+            table += "\nForgetting monitor (perplexity rise over the original base; KL to the model at each task's start):\n\n"
+            table += monitor_table(monitored)
+            plot_monitor(monitored, out_dir / f"forgetting_{preset}_monitor.png",
+                         title=f"forgetting monitor over training steps ({preset})")
         (out_dir / f"forgetting_{preset}.md").write_text(table, encoding="utf-8")
         plot_summary(summary, out_dir / f"forgetting_{preset}.png")
     tmp = out_dir / f".forgetting_{preset}.json.tmp"
@@ -545,6 +561,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, help="per-step batch size (preset default)")
     p.add_argument("--max-length", type=int, default=128, help="max tokens of a task row")
     p.add_argument("--replay-per-step", type=int, default=2)
+    p.add_argument("--monitor-steps", type=int, default=0,
+                   help="run the forgetting monitor (gere_monitor: 64 held-out Wikipedia texts, 16 training rows) "
+                        "every N optimizer steps of every run and draw its curves (0 = off)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (on by default only where it is faster; see docs/evaluation.md)")
     p.add_argument("--data-seed", type=int, default=1234, help="fixed seed of the data splits")
@@ -615,6 +634,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         gere_replay_per_step=args.replay_per_step, gere_seed=args.data_seed, bf16=args.bf16,
         general_every_task=cfg["general_every_task"], logging_steps=5, **schedule,
     )
+    if args.monitor_steps:  # held-out Wikipedia lead sections: disjoint from the replay pool
+        monitor_file = assets.write_jsonl([{"text": a.text} for a in splits.heldout],
+                                          assets.cache_dir() / "data" / f"wiki_heldout_{args.data_seed}_{len(splits.heldout)}.jsonl")
+        settings = dataclasses.replace(settings, gere_monitor=str(monitor_file), gere_monitor_steps=args.monitor_steps,
+                                       gere_monitor_size=64, gere_monitor_max_length=128, gere_monitor_task_size=16)
     if args.diagnose_gradients:
         return diagnose_gradients(args, cfg, model_dir, tasks, replay, work, settings, out_dir, general)
     out_json = out_dir / f"forgetting_{args.preset}.json"

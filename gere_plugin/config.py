@@ -16,9 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 REGULARIZERS = ("tm", "l1", "l2", "kl", "none")
+#: What the forgetting monitor does when ``gere_monitor_max_ppl_rise`` is crossed.
+MONITOR_ACTIONS = ("warn", "stop")
 #: Replay samples drawn when ``gere_replay_size`` is not set (the paper's 1,000), or fewer when the
 #: source has fewer usable texts.
 DEFAULT_REPLAY_SIZE = 1000
+#: Forgetting-monitor defaults: texts scored, and optimizer steps between two measurements (chosen so
+#: the monitor costs <= 3% of SmolLM2-135M training time: benchmarks/monitor_cost.py).
+DEFAULT_MONITOR_SIZE = 64
+DEFAULT_MONITOR_STEPS = 200
+#: Keys of the forgetting monitor (a config may set these without gere_replay).
+MONITOR_KEYS = (
+    "gere_monitor", "gere_monitor_size", "gere_monitor_steps", "gere_monitor_max_length", "gere_monitor_task_size",
+    "gere_monitor_max_ppl_rise", "gere_monitor_action",
+)  # fmt: skip
 TM_REDUCTIONS = ("mean", "violations")
 #: Rows drawn from each earlier task when ``gere_task_replay_size`` is not changed.
 DEFAULT_TASK_REPLAY_SIZE = 100
@@ -66,8 +77,9 @@ class GeReArguments:
         gere_replay: Replay set source: a ``.jsonl``/``.json``/``.parquet``/``.txt`` file, a folder
             of such files, a folder saved with ``datasets.save_to_disk``, or a ``datasets`` hub id
             (must be in the local cache when offline).
-        gere_replay_split: Split to read when the source is a ``datasets`` folder or id.
-        gere_replay_text_field: Column that holds the general text.
+        gere_replay_split: Split to read when the source is a ``datasets`` folder or id (``gere_replay``
+            and ``gere_monitor``).
+        gere_replay_text_field: Column that holds the general text (``gere_replay`` and ``gere_monitor``).
         gere_replay_size: Number of replay samples drawn (seeded) from the source. ``None`` = every
             usable text, at most 1,000 (the paper's size); a number is a requirement (an error when
             the source has fewer usable texts).
@@ -108,7 +120,7 @@ class GeReArguments:
         gere_state_batch_size: Batch size of the forward passes that build the state cache.
         gere_freeze_layers: Freeze this many bottom decoder layers (spurious-forgetting remedy).
         gere_freeze_embeddings: Freeze the input embeddings.
-        gere_seed: Seed of the replay sampling and schedule.
+        gere_seed: Seed of the replay sampling and schedule (and of the monitor's samples).
         gere_flow: FLOW sample weighting of the task loss (no replay needed): each sample's tokens are
             weighted by ``exp(-base_loss / tau)``, see :mod:`gere_plugin.flow`.
         gere_flow_tau: FLOW temperature; ``None`` = median base loss of the task samples.
@@ -120,6 +132,17 @@ class GeReArguments:
         gere_ewc_gamma: Online-EWC decay of the earlier tasks' Fisher.
         gere_ewc_samples: Task samples used for the Fisher estimate at the end of the run.
         gere_task_kl: Weight of ``KL(base || model)`` on the task rows' trained tokens (``0`` = off).
+        gere_monitor: Held-out general texts of the forgetting monitor (same formats as ``gere_replay``;
+            none of them may be in the replay set). Works with and without replay.
+        gere_monitor_size: Monitor texts drawn (seeded) from ``gere_monitor``; fewer usable texts: all.
+        gere_monitor_steps: Measure every this many optimizer steps, before the first update (step 0)
+            and after the last step.
+        gere_monitor_max_length: Monitor texts (and task rows) are truncated to this many tokens.
+        gere_monitor_task_size: Training rows (a fixed, seeded sample) on which ``gere/monitor_task_kl``
+            is measured; 0 = not measured.
+        gere_monitor_max_ppl_rise: Guard: when ``gere/monitor_ppl_rise`` exceeds this (0.2 = +20% over
+            the base model), ``gere_monitor_action`` happens. ``None`` = no guard.
+        gere_monitor_action: ``warn`` (log a warning) or ``stop`` (end training after this step).
     """
 
     gere_replay: Optional[str] = field(
@@ -127,10 +150,10 @@ class GeReArguments:
         metadata={"help": "Replay set: jsonl/json/parquet/txt file or folder, a datasets folder, or a datasets id."},
     )
     gere_replay_split: str = field(
-        default="train", metadata={"help": "Split read from a datasets folder or id."}
+        default="train", metadata={"help": "Split read from a datasets folder or id (gere_replay and gere_monitor)."}
     )
     gere_replay_text_field: str = field(
-        default="text", metadata={"help": "Column holding the general text."}
+        default="text", metadata={"help": "Column holding the general text (gere_replay and gere_monitor)."}
     )
     gere_replay_size: Optional[int] = field(
         default=None,
@@ -227,7 +250,9 @@ class GeReArguments:
     gere_freeze_embeddings: bool = field(
         default=False, metadata={"help": "Freeze the input embeddings before training."}
     )
-    gere_seed: int = field(default=42, metadata={"help": "Seed of replay sampling and the replay schedule."})
+    gere_seed: int = field(
+        default=42, metadata={"help": "Seed of replay sampling and the replay schedule (and of the monitor's samples)."}
+    )
     # -- FLOW (Sanyal et al., ICML 2025): task samples weighted by the base model's loss; needs no replay --
     gere_flow: bool = field(
         default=False,
@@ -290,6 +315,42 @@ class GeReArguments:
         metadata={
             "help": "Weight of KL(base || model) on the task rows' trained tokens, added per token to the task CE "
             "(ASFT-style anchor; reference as for gere_regularizer kl). 0 = off. SFT only."
+        },
+    )
+    gere_monitor: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Forgetting monitor: held-out general texts (formats as gere_replay; none may be in the replay "
+            "set), scored while training with or without replay. Logs gere/monitor_* metrics."
+        },
+    )
+    gere_monitor_size: int = field(
+        default=DEFAULT_MONITOR_SIZE,
+        metadata={"help": "Monitor texts drawn (seeded) from gere_monitor (fewer usable texts: all of them)."},
+    )
+    gere_monitor_steps: int = field(
+        default=DEFAULT_MONITOR_STEPS,
+        metadata={"help": "Monitor every this many optimizer steps, before the first update (step 0) and after the last."},
+    )
+    gere_monitor_max_length: int = field(
+        default=128, metadata={"help": "Monitor texts and task rows are truncated to this many tokens."}
+    )
+    gere_monitor_task_size: int = field(
+        default=16,
+        metadata={"help": "Training rows (fixed, seeded) on which gere/monitor_task_kl is measured; 0 = off."},
+    )
+    gere_monitor_max_ppl_rise: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Guard: when gere/monitor_ppl_rise exceeds this (0.2 = +20% over the base model), "
+            "gere_monitor_action happens. null = no guard."
+        },
+    )
+    gere_monitor_action: str = field(
+        default="warn",
+        metadata={
+            "help": "What the guard does: warn (log a warning) or stop (end training after this step).",
+            "choices": list(MONITOR_ACTIONS),
         },
     )
 
@@ -447,6 +508,7 @@ def validate_gere_values(values: dict[str, Any]) -> dict[str, Any]:
         raise GeReConfigError(f"gere_freeze_embeddings={get('gere_freeze_embeddings')!r} must be true or false.")
     _check_int("gere_seed", get("gere_seed"), 0, "")
     _validate_task_methods(out, get)
+    _validate_monitor(get, out)
     return out
 
 
@@ -502,6 +564,44 @@ def check_key_combinations(values: dict[str, Any]) -> None:
         raise GeReConfigError(
             "gere_ewc_state is set but gere_ewc_lambda is 0, so EWC is off: set gere_ewc_lambda > 0 or drop gere_ewc_state."
         )
+
+
+def _validate_monitor(get: Any, out: dict[str, Any]) -> None:
+    """The ``gere_monitor*`` checks of :func:`validate_gere_values`."""
+    monitor = get("gere_monitor")
+    if monitor is not None and (not isinstance(monitor, str) or not monitor.strip()):
+        raise GeReConfigError(
+            f"gere_monitor={monitor!r} must be a path (jsonl/json/parquet/txt file or folder) or a datasets id of "
+            "held-out general texts."
+        )
+    _check_int("gere_monitor_size", get("gere_monitor_size"), 1, "64 texts cost little; more give a steadier curve.")
+    _check_int("gere_monitor_steps", get("gere_monitor_steps"), 1, "The monitor also measures at step 0 and at the end.")
+    _check_int("gere_monitor_max_length", get("gere_monitor_max_length"), 2, "A text needs 2 tokens to be scored.")
+    _check_int("gere_monitor_task_size", get("gere_monitor_task_size"), 0, "0 turns gere/monitor_task_kl off.")
+    rise = get("gere_monitor_max_ppl_rise")
+    if rise is not None:
+        if isinstance(rise, bool) or not isinstance(rise, (int, float)) or not math.isfinite(float(rise)) or rise <= 0:
+            raise GeReConfigError(
+                f"gere_monitor_max_ppl_rise={rise!r} must be a number > 0 (a relative rise: 0.2 = +20% held-out "
+                "perplexity over the base model) or null for no guard."
+            )
+        out["gere_monitor_max_ppl_rise"] = float(rise) if "gere_monitor_max_ppl_rise" in out else rise
+    action = get("gere_monitor_action")
+    if action not in MONITOR_ACTIONS:
+        raise GeReConfigError(f"gere_monitor_action={action!r} is not one of {', '.join(MONITOR_ACTIONS)}.")
+
+
+def check_guard_has_monitor(values: Any) -> None:
+    """The guard (``gere_monitor_max_ppl_rise``) needs the monitor (``gere_monitor``): a cross-key check,
+    kept out of :func:`validate_gere_values` because :func:`gere_value_problems` checks keys one by one."""
+    getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    if getter("gere_monitor") is None and getter("gere_monitor_max_ppl_rise") is not None:
+        raise GeReConfigError(
+            "gere_monitor_max_ppl_rise is set but gere_monitor is not: the guard reads the monitor's perplexity. "
+            "Point gere_monitor at held-out general texts, or remove gere_monitor_max_ppl_rise."
+        )
+
+
 def _validate_task_replay(get: Any, out: dict[str, Any]) -> None:
     """The ``gere_task_replay*`` keys (normalising one source given as a string to a list of one)."""
     sources = get("gere_task_replay")
@@ -567,6 +667,7 @@ def validate_gere_args(args: Any) -> None:
     check_key_combinations(norm)
     for k, v in norm.items():
         setattr(args, k, v)
+    check_guard_has_monitor(args)
 
 
 def resolve_replay_per_step(per_step: Optional[int], global_batch: int, default_basis: Optional[int] = None) -> int:

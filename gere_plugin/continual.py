@@ -188,7 +188,9 @@ class TrainSettings:
     (``max_steps``, ``learning_rate``, ``per_device_train_batch_size``, ...) and ``gere_*`` keys of
     :class:`~gere_plugin.GeReArguments` (help and validation from there; only the defaults suit short
     sequences). ``gere_seed=None`` uses the training seed; fixing it lets runs with different training
-    seeds share one base-state cache. ``gere sequence`` generates its flags from these fields.
+    seeds share one base-state cache. ``gere_monitor`` turns the forgetting monitor on for every method
+    (plain included; the same texts and training rows for all, drawn with ``gere_seed``); its values are
+    kept in each stage's ``history``. ``gere sequence`` generates its flags from these fields.
     The old names (``steps_per_task``, ``batch_size``, ``replay_size``, ``replay_max_length``,
     ``replay_per_step``, ``replay_seed``, ``state_batch_size``) still work, with a deprecation warning.
     """
@@ -215,6 +217,11 @@ class TrainSettings:
     gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
     gere_ewc_lambda: Optional[float] = _gere_field("gere_ewc_lambda", None)
     gere_task_kl: Optional[float] = _gere_field("gere_task_kl", None)
+    gere_monitor: Optional[str] = _gere_field("gere_monitor", None)
+    gere_monitor_size: int = _gere_field("gere_monitor_size", 64)
+    gere_monitor_steps: int = _gere_field("gere_monitor_steps", 5)
+    gere_monitor_max_length: int = _gere_field("gere_monitor_max_length", 128)
+    gere_monitor_task_size: int = _gere_field("gere_monitor_task_size", 16)
     gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
     gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
     gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
@@ -444,12 +451,30 @@ def _load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) ->
 
 
 def _train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from .monitor import METRIC_KEYS as MONITOR_METRICS
+
     keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
             "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
             "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce",
             "gere/task_replay_rows", "gere/flow_weight", "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty",
-            "train_runtime", "train_loss")
+            "train_runtime", "train_loss", *MONITOR_METRICS)
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
+
+
+def _monitor_record(trainer: Any) -> Optional[dict[str, Any]]:
+    """What the stage's forgetting monitor scored and what its passes cost (``None`` without a monitor)."""
+    monitor = getattr(trainer, "gere_monitor", None)
+    if monitor is None:
+        return None
+    return {
+        "source": monitor.texts.source,
+        "texts": len(monitor.texts.texts),
+        "tokens": monitor.texts.num_tokens,
+        "task_rows": monitor.num_task_rows,
+        "every": monitor.every,
+        "pass_seconds": [[step, seconds] for step, seconds in monitor.seconds],
+        "tripped": monitor.tripped,
+    }
 
 
 def _tokenized_without_eos(rows: Sequence[dict[str, str]], tokenizer: Any) -> list[dict[str, Any]]:
@@ -558,6 +583,16 @@ def _build_trainer(
             gere_weight=settings.gere_weight,
             gere_state_cache=str(state_cache) if state_cache is not None else None,
             gere_state_batch_size=settings.gere_state_batch_size,
+            gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
+        )
+    if settings.gere_monitor is not None:
+        gere.update(
+            gere_monitor=str(settings.gere_monitor),
+            gere_monitor_size=settings.gere_monitor_size,
+            gere_monitor_steps=settings.gere_monitor_steps,
+            gere_monitor_max_length=settings.gere_monitor_max_length,
+            gere_monitor_task_size=settings.gere_monitor_task_size,
+            # every method (plain too) draws the same monitor texts and training rows
             gere_seed=settings.gere_seed if settings.gere_seed is not None else seed,
         )
     gere.update(method.gere_kwargs(task_index))  # the method's own keys win over the shared settings
@@ -751,6 +786,9 @@ def run_sequence(
         stage["seconds_per_step"] = stage["train_seconds"] / max(stage["steps"], 1)
         stage["memory"] = memory.record()
         stage["history"] = _train_history(trainer.state.log_history)
+        monitor = _monitor_record(trainer)
+        if monitor is not None:
+            stage["monitor"] = monitor
         stage["state_cache_after"] = _cache_state(cache) if spec.replay else None
         before, after = stage["state_cache_before"], stage["state_cache_after"]
         stage["state_cache_reused"] = bool(before and before.get("exists") and before == after)

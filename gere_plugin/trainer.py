@@ -812,6 +812,9 @@ class GeReTrainerMixin:
         checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
         if step is not None and checkpoint is not None:
             check_resume(step, checkpoint)
+        monitor = getattr(self, "gere_monitor", None)
+        if monitor is not None:
+            monitor.resume_checkpoint = checkpoint  # its base snapshot travels with the checkpoint
         if hasattr(self, "gere_frozen") and self.is_world_process_zero():
             announce(describe_gere(self, checkpoint))
         out = super().train(resume_from_checkpoint, *args, **kwargs)
@@ -860,8 +863,10 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
     task = getattr(trainer, "gere_task", None)
     if task is not None:
         frozen = f"{task.describe()}; {frozen}"
+    monitor = getattr(trainer, "gere_monitor", None)
+    watching = f"; {monitor.describe()}" if monitor is not None else ""
     if step is None:
-        return f"gere: no replay (gere_replay is not set); {frozen}"
+        return f"gere: no replay (gere_replay is not set); {frozen}{watching}"
     weight = f" with weight {gere_args.gere_weight}"
     if step.family.weight_basis == "replay_ce" and step.fixed_weight is None:
         weight += " (w*R matched to the replay CE: the task loss may be negative)"
@@ -888,7 +893,7 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
     else:
         total = f"mean({task}, replay CE)" if step.combine == "mean" else f"{task} + replay CE"
     parts.append(f"logged loss = {total}{'' if step.regularizer == 'none' else ' + w*R'}; task term alone: gere/task_loss")
-    return "gere: " + "; ".join(parts)
+    return "gere: " + "; ".join(parts) + watching
 
 
 def resolve_family(trainer: Any, family: Optional[str] = None) -> LossFamily:
@@ -933,8 +938,11 @@ def setup_gere(
 
         check_task_methods(trainer, gere_args, methods)
     step: Optional[ReplayStep] = None
+    monitoring = getattr(gere_args, "gere_monitor", None) is not None
     if gere_args.gere_replay is None and not task_replay:
-        if not methods:
+        if monitoring and not methods:
+            logger.info("gere: gere_replay is not set: no replay; the forgetting monitor (gere_monitor) watches the run.")
+        elif not methods:
             logger.warning("gere: gere_replay is not set; training WITHOUT replay (plain parent trainer behaviour).")
     else:
         if ref_model is not None:  # the user's gere_ref_model (a DPO reference needs no check)
@@ -946,6 +954,19 @@ def setup_gere(
         step = ReplayStep(trainer, gere_args, ref_model=ref_model, family=loss_family)
         trainer.add_callback(GeReCheckpointCallback(step))
     trainer.gere_step = step
+    trainer.gere_monitor = None
+    if monitoring:
+        from .monitor import ForgettingMonitor
+
+        general = step.replay if step is not None else None
+        trainer.gere_monitor = ForgettingMonitor(
+            trainer, gere_args, _tokenizer_of(getattr(trainer, "processing_class", None)),
+            replay_texts=general.texts if general is not None else None,
+            replay_source=general.source if general is not None else "",
+            states=step.states if step is not None else None,
+            sharded=_is_sharded(trainer),
+        )
+        trainer.add_callback(trainer.gere_monitor)
     trainer.gere_frozen = []
     trainer._gere_frozen_params = []
     if gere_args.gere_freeze_layers or gere_args.gere_freeze_embeddings:

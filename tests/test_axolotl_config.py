@@ -152,6 +152,8 @@ def test_continual_recipes_share_the_original_base_cache():
         ("gere_replay_per_step", 0),
         ("gere_regularizer", "ewc"),
         ("gere_state_batch_size", 0),
+        ("gere_monitor_action", "halt"),
+        ("gere_monitor_steps", 0),
     ],
 )
 def test_axolotl_validation_error_names_the_key(key, value, plugin_manager):
@@ -298,6 +300,34 @@ def test_config_without_gere_is_untouched_by_the_loaded_plugin(plugin_manager, t
         assert _gere_plugins_in(plugin_manager), "0.21 should load the plugin through its entry point"
     setups, trainer = _served_trainers(plugin_manager, cfg, tiny_dir, tmp_path)
     assert not setups and getattr(trainer, "gere_step", None) is None
+
+
+@pytest.mark.parametrize("line", [True, False], ids=["plugin-line", "entry-point-only"])
+def test_monitor_only_config_passes_axolotl_validation_and_attaches_the_monitor(line, plugin_manager, tiny_dir,
+                                                                                tmp_path):
+    """Only the forgetting monitor's keys (no replay): Axolotl's own validation keeps them, and the plugin
+    attaches the monitor (and no replay step) to the trainer Axolotl built. On 0.19 the plugin line is
+    needed (without it Axolotl never loads the plugin); on 0.21 the entry point alone acts."""
+    from .conftest import general_texts, write_jsonl
+
+    if not line and not NEW_AXOLOTL:
+        pytest.skip("Axolotl 0.19 loads plugins only from the plugins: line")
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in general_texts(20, seed=99)])
+    raw = {k: v for k, v in load_recipe("tiny-cpu-sft-full.yml").items() if not k.startswith("gere_")}
+    if not line:
+        raw.pop("plugins", None)
+    raw.update(gere_monitor=str(heldout), gere_monitor_steps=25, gere_monitor_size=8, gere_monitor_max_length=24,
+               gere_monitor_task_size=0, gere_monitor_max_ppl_rise=0.3, gere_monitor_action="stop")
+    cfg = axolotl_validate(raw)
+    assert cfg["gere_monitor"] == str(heldout) and cfg["gere_monitor_steps"] == 25
+    assert cfg["gere_monitor_max_ppl_rise"] == 0.3 and cfg["gere_monitor_action"] == "stop"
+    assert cfg["gere_replay"] is None
+    setups, trainer = _served_trainers(plugin_manager, cfg, tiny_dir, tmp_path)
+    assert not setups and trainer.gere_step is None  # no replay, no checkpoint callback
+    monitor = trainer.gere_monitor
+    assert monitor is not None and monitor in trainer.callback_handler.callbacks
+    assert monitor.every == 25 and monitor.max_rise == 0.3 and monitor.action == "stop"
+    assert len(monitor.texts.texts) == 8
 
 
 def test_gere_keys_without_gere_replay_are_an_error_not_a_silent_skip(plugin_manager):

@@ -280,6 +280,29 @@ def test_sft_flow_and_ewc_without_replay(tmp_path, tiny_dir):
     state = EWCState.load(out / "gere_ewc")
     assert state.meta["tasks"] == 1 and state.meta["samples"] == raw["gere_ewc_samples"]
     assert "model.layers.0.self_attn.q_proj.weight" in state.fisher
+def test_sft_monitor_only_without_replay(tmp_path, tiny_dir):
+    """Only ``gere_monitor`` keys (no replay): the forgetting monitor runs on a plain Axolotl SFT run."""
+    from .conftest import general_texts, write_jsonl
+
+    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
+    for key in [k for k in raw if k.startswith("gere_")]:
+        del raw[key]
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in general_texts(24, seed=99)])
+    raw.update(gere_monitor=str(heldout), gere_monitor_steps=2, gere_monitor_size=16, gere_monitor_max_length=32,
+               gere_monitor_task_size=4)
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = train_with_gere(cfg, tmp_path)
+    assert "forgetting monitor=on" in log
+    ckpt = Path(raw["output_dir"]) / f"checkpoint-{raw['max_steps']}"
+    history = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+    monitor = {int(h["step"]): h for h in history if "gere/monitor_ppl" in h}
+    assert sorted(monitor) == [0, 2, 3], "step 0, every 2 steps and the last step"
+    assert monitor[0]["gere/monitor_kl"] == 0.0 and monitor[0]["gere/monitor_ppl_rise"] == 0.0
+    assert monitor[3]["gere/monitor_kl"] > 0 and monitor[3]["gere/monitor_task_kl"] > 0
+    assert not any("gere/replay_ce" in h for h in history), "no replay in a monitor-only run"
+    assert (ckpt / "gere_monitor_rank0.safetensors").is_file()
+    # nothing was frozen and no state cache was built without replay
+    assert not (Path(raw["output_dir"]) / "gere_states").exists()
 
 
 def test_grpo_full_with_axolotl_train_cli(tmp_path, tiny_dir):

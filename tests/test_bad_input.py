@@ -70,6 +70,13 @@ BAD_VALUES: dict[str, list[Any]] = {
     "gere_ewc_gamma": [-0.1, 1.5, NAN, "1", True, None],
     "gere_ewc_samples": [0, -1, 1.5, None, "8"],
     "gere_task_kl": [-0.5, NAN, INF, "0.1", True, None],
+    "gere_monitor": [123, "", "   ", ["a.jsonl"], True],
+    "gere_monitor_size": [0, -1, 1.5, "64", None, True],
+    "gere_monitor_steps": [0, -5, 2.5, "100", None, True],
+    "gere_monitor_max_length": [1, 0, 2.0, "128", None],
+    "gere_monitor_task_size": [-1, 1.5, "16", None, True],
+    "gere_monitor_max_ppl_rise": [0, -0.1, NAN, INF, "0.2", True],
+    "gere_monitor_action": ["halt", "", None, 1, "WARN"],
 }
 
 

@@ -161,6 +161,27 @@ def test_method_specs_of_older_files_compare_equal_at_the_new_fields_defaults():
     assert forgetting.method_spec_json({**old, "freeze_layers": 3}) != forgetting.method_spec_json(new)
 
 
+def test_write_outputs_draws_the_monitor_of_runs_that_recorded_it(tmp_path):
+    """``--monitor-steps``: runs whose stages hold ``gere/monitor_*`` get a monitor table and ``_monitor.png``."""
+    def history(rises: list[float]) -> list[dict[str, float]]:
+        return [{"step": 5.0 * i, "gere/monitor_ppl": 20.0 * (1 + r), "gere/monitor_ppl_rise": r,
+                 "gere/monitor_kl": 0.1 * r, "gere/monitor_task_kl": 0.2 * r} for i, r in enumerate(rises)]
+
+    runs = [dict(r, stages=[{"steps": 10, "history": history([0.0, 0.3, 0.6] if r["method"] == "plain" else
+                                                                      [0.0, 0.05, 0.1])}])
+            for r in RUNS if r["method"] in ("plain", "gere")]
+    doc = {"runs": runs, "base": BASE}
+    forgetting.write_outputs(doc, "cpu-small", tmp_path)
+    png = tmp_path / "forgetting_cpu-small_monitor.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "forgetting_cpu-small.md").read_text()
+    assert "Forgetting monitor" in table and "plain (seed 1)" in table
+    # runs without monitor values: no monitor outputs
+    forgetting.write_outputs({"runs": RUNS, "base": BASE}, "cpu-medium", tmp_path)
+    assert not (tmp_path / "forgetting_cpu-medium_monitor.png").exists()
+    assert "Forgetting monitor" not in (tmp_path / "forgetting_cpu-medium.md").read_text()
+
+
 def test_task_replay_verdicts_add_the_minus_two_point_bwt_floor():
     base = {"tasks": {"a": 0.5, "b": 0.4}}
     keeps = [_fair_run("gere_er", 1, [0.89, 0.8], [0.88], 11.0, 0.39),   # BWT -1 point

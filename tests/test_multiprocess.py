@@ -8,7 +8,9 @@ agree to float rounding:
 * every optimizer step holds exactly ``gere_replay_per_step`` replay rows summed over ranks, no row
   twice, and each rank's rows are the schedule's (and the 1-process micro-batch's) rows;
 * the base-model state cache is built once, by the main process, while rank 1 waits and then loads it;
-* loss and gradient norm of every step match within ``REL_TOL``.
+* loss and gradient norm of every step match within ``REL_TOL``;
+* the forgetting monitor (on in both runs, every step) logs the same values: each rank scores its
+  share of the monitor texts and training rows, and one all-reduce per pass gives the means over all.
 
 Measured on this machine (torch 2.13 CPU, fp32, 4 steps, dynamic weight): loss and grad norm are
 bit-identical (max relative difference 0); the test allows ``REL_TOL``. A 1-process run with per-device batch 4 instead (same global
@@ -26,7 +28,7 @@ import pytest
 
 from gere_plugin.mixing import ReplaySchedule
 
-from .conftest import write_jsonl
+from .conftest import general_texts, write_jsonl
 from .scripts import runner
 
 pytestmark = pytest.mark.slow
@@ -46,8 +48,9 @@ def _rel(a: float, b: float) -> float:
 def runs(tmp_path_factory: Any, tiny_dir: Path, replay_file: Path, sft_dataset: Any) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("multiprocess")
     data = write_jsonl(root / "task.jsonl", sft_dataset.to_list())
+    monitor = write_jsonl(root / "heldout.jsonl", [{"text": t} for t in general_texts(24, seed=99)])
     common = [
-        "--model", str(tiny_dir), "--data", str(data), "--replay", str(replay_file),
+        "--model", str(tiny_dir), "--data", str(data), "--replay", str(replay_file), "--monitor", str(monitor),
         "--batch", "2", "--max_steps", str(STEPS), "--per_step", str(PER_STEP),
         "--replay_size", str(REPLAY_SIZE), "--sampling", "sequential",
     ]  # fmt: skip
@@ -122,3 +125,21 @@ def test_gere_metrics_describe_the_whole_step(runs: dict[str, Any]) -> None:
                 continue
             assert _rel(ddp[step][key], one[step][key]) <= REL_TOL, f"step {step} {key}"
         assert ddp[step]["gere/replay_rows"] == PER_STEP
+
+
+MONITOR_KEYS = ("gere/monitor_ppl", "gere/monitor_ppl_rise", "gere/monitor_kl", "gere/monitor_task_kl",
+                "gere/monitor_out_of_state")
+
+
+def test_forgetting_monitor_is_averaged_over_ranks(runs: dict[str, Any]) -> None:
+    def monitor_logs(run: runner.Run) -> dict[int, dict]:
+        return {int(h["step"]): h for h in run.history() if "gere/monitor_ppl" in h}
+
+    ddp, one = monitor_logs(runs["ddp"]), monitor_logs(runs["one"])
+    assert sorted(ddp) == sorted(one) == list(range(STEPS + 1)), "step 0 and every step"
+    assert ddp[0]["gere/monitor_kl"] == 0.0 and ddp[0]["gere/monitor_out_of_state"] == 0.0
+    assert ddp[STEPS]["gere/monitor_kl"] > 0 and ddp[STEPS]["gere/monitor_task_kl"] > 0
+    for step in ddp:
+        for key in MONITOR_KEYS:
+            # the two runs batch the rows differently (each rank holds half): equal up to float rounding
+            assert ddp[step][key] == pytest.approx(one[step][key], rel=1e-4, abs=1e-9), f"step {step} {key}"

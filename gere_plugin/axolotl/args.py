@@ -13,9 +13,10 @@ Validation (same messages as the TRL configs, each naming the key):
 * ``after``: every set key goes through :func:`~gere_plugin.config.validate_gere_values`; when the
   config asks for GeRe (lists the plugin, or sets any ``gere_*`` key: :func:`gere_requested`),
   ``gere_replay`` (or ``gere_task_replay``, earlier tasks only) is required unless a method that needs no
-  replay is on (FLOW, EWC, task KL; then keys that act on general replay rows only are an error), and the
-  training mode must be one GeRe supports (SFT, ``rl: dpo``, ``rl: ipo`` or ``rl: grpo``; the methods
-  without replay: SFT only), so GeRe never runs
+  replay is on (FLOW, EWC, task KL; then keys that act on general replay rows only are an error) or the
+  config only watches forgetting (``gere_monitor`` and its keys alone), and the training mode must be one
+  GeRe supports (SFT, ``rl: dpo``, ``rl: ipo`` or ``rl: grpo``; the methods without replay: SFT only), so
+  GeRe never runs
   half-configured or silently off.
 
 This module imports pydantic only (not Axolotl), so ``GeReArgs`` can be used and tested on its own.
@@ -29,9 +30,11 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..config import (
+    MONITOR_KEYS,
     REPLAY_ONLY_KEYS,
     GeReArguments,
     GeReConfigError,
+    check_guard_has_monitor,
     check_key_combinations,
     gere_defaults,
     gere_fields,
@@ -106,41 +109,61 @@ def gere_requested(values: Any) -> bool:
 #: The switch of each method that needs no replay (:func:`gere_plugin.config.task_methods`).
 TASK_METHOD_SWITCHES = {"flow": "gere_flow", "ewc": "gere_ewc_lambda", "task_kl": "gere_task_kl"}
 
+#: Keys a monitor-only config (``gere_monitor`` without ``gere_replay``) may set: the monitor's own, and
+#: the ones its texts are read and sampled with.
+MONITOR_ONLY_KEYS = (*MONITOR_KEYS, "gere_replay_text_field", "gere_replay_split", "gere_seed")
+
 
 def check_gere_request(values: Any) -> None:
     """Raise :class:`GeReConfigError` when a config asks for GeRe but cannot run it, or a training mode
     GeRe does not wrap. A config that does not ask for GeRe passes untouched.
 
-    Without ``gere_replay`` a config runs only when it switches on a method that needs no replay
-    (``gere_flow``, ``gere_ewc_lambda``, ``gere_task_kl``) and sets no key that acts on replay rows only
-    (:data:`~gere_plugin.config.REPLAY_ONLY_KEYS`); those methods are SFT-only.
+    Without ``gere_replay`` a config runs when it replays earlier tasks (``gere_task_replay``), when it
+    switches on a method that needs no replay (``gere_flow``, ``gere_ewc_lambda``, ``gere_task_kl``; SFT
+    only) and sets no key that acts on replay rows only (:data:`~gere_plugin.config.REPLAY_ONLY_KEYS`), or
+    when it only watches forgetting (``gere_monitor`` with :data:`MONITOR_ONLY_KEYS`).
     """
     if not gere_requested(values):
         return
     getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
+    check_guard_has_monitor(values)
     methods = task_methods(values)
     task_replay = getter("gere_task_replay")
+    monitor = getter("gere_monitor") not in (None, "")
     if getter("gere_replay") in (None, ""):
-        # gere_seed also seeds the earlier-task replay schedule
-        replay_keys = [k for k in gere_keys_set(values) if k in REPLAY_ONLY_KEYS and not (k == "gere_seed" and task_replay)]
-        if methods and replay_keys:
-            raise GeReConfigError(
-                f"gere_replay is not set, but the config sets {', '.join(replay_keys)}, which only act on replay "
-                f"rows of gere_replay (this run uses {', '.join(TASK_METHOD_SWITCHES[m] for m in methods)}, which "
-                "need no replay). Set gere_replay to a general-text replay file, or remove those keys."
-            )
-        if not methods and not task_replay:
-            why = (
-                f"plugins: lists {PLUGIN_PATH}"
-                if lists_gere_plugin(getter("plugins"))
-                else f"the config sets {', '.join(gere_keys_set(values))}"
-            )
-            raise GeReConfigError(
-                f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text replay "
-                "file (jsonl/json/parquet/txt), a folder or a datasets id (and/or gere_task_replay at earlier tasks' "
-                "data), or switch on a method that needs no replay (gere_flow: true, gere_ewc_lambda > 0, "
-                "gere_task_kl > 0), or remove the gere_* keys and the plugin line."
-            )
+        keys = gere_keys_set(values)
+        if methods:
+            # gere_seed also seeds the earlier-task replay schedule and the monitor's samples; the monitor
+            # reads its texts with the replay's field and split keys
+            allowed = set(MONITOR_ONLY_KEYS) if monitor else ({"gere_seed"} if task_replay else set())
+            replay_keys = [k for k in keys if k in REPLAY_ONLY_KEYS and k not in allowed]
+            if replay_keys:
+                raise GeReConfigError(
+                    f"gere_replay is not set, but the config sets {', '.join(replay_keys)}, which only act on replay "
+                    f"rows of gere_replay (this run uses {', '.join(TASK_METHOD_SWITCHES[m] for m in methods)}, which "
+                    "need no replay). Set gere_replay to a general-text replay file, or remove those keys."
+                )
+        elif not task_replay:
+            if not monitor:
+                why = (
+                    f"plugins: lists {PLUGIN_PATH}"
+                    if lists_gere_plugin(getter("plugins"))
+                    else f"the config sets {', '.join(keys)}"
+                )
+                raise GeReConfigError(
+                    f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text "
+                    "replay file (jsonl/json/parquet/txt), a folder or a datasets id (and/or gere_task_replay at "
+                    "earlier tasks' data), or switch on a method that needs no replay (gere_flow: true, "
+                    "gere_ewc_lambda > 0, gere_task_kl > 0), or only watch forgetting (gere_monitor with held-out "
+                    "general texts), or remove the gere_* keys and the plugin line."
+                )
+            replay_keys = [k for k in keys if k not in MONITOR_ONLY_KEYS]
+            if replay_keys:
+                raise GeReConfigError(
+                    f"gere_replay is not set, but the config sets {', '.join(replay_keys)}, which only act with "
+                    "replay. Point gere_replay at a general-text replay file, or remove those keys (gere_monitor "
+                    "alone runs the forgetting monitor without replay)."
+                )
     check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model", "trl", "context_parallel_size")})
     if methods and rl_name(getter("rl")) is not None:
         raise GeReConfigError(

@@ -126,7 +126,7 @@ class GeRePlugin(BasePlugin):
         """Turn the built trainer into a GeRe trainer (before the optimizer exists)."""
         if not self._serves(cfg):
             return
-        if getattr(trainer, "gere_step", None) is not None:
+        if getattr(trainer, "gere_args", None) is not None:
             return  # already set up (defensive: the primary-instance rule should make this unreachable)
         check_gere_request(cfg)
         route_gere_logging()
@@ -144,11 +144,12 @@ class GeRePlugin(BasePlugin):
         step: Optional[ReplayStep] = getattr(trainer, "gere_step", None)
         logger.info(
             "gere: trainer runs as %s (loss family=%s, combine=%s, replay rows per step=%s, regularizer=%s, "
-            "frozen tensors=%d)",
+            "frozen tensors=%d, forgetting monitor=%s)",
             type(trainer).__name__,
             family,
             trainer.gere_combine,
             step.per_step if step is not None else 0,
-            gere_args.gere_regularizer,
+            gere_args.gere_regularizer if step is not None else "none",
             len(getattr(trainer, "gere_frozen", []) or []),
+            "on" if getattr(trainer, "gere_monitor", None) is not None else "off",
         )

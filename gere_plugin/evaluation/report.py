@@ -8,7 +8,9 @@ of *run* dicts with at least::
 
 where ``base``/``final`` hold ``general`` (perplexities, cloze accuracies, general score) measured
 before the first and after the last task. :func:`summarize_runs` groups runs by method and computes
-mean and spread over seeds; :func:`markdown_table` and :func:`plot_summary` render them.
+mean and spread over seeds; :func:`markdown_table` and :func:`plot_summary` render them. Runs trained
+with the forgetting monitor (``gere_monitor``) also get :func:`monitor_table` and :func:`plot_monitor`:
+held-out perplexity rise and ``KL(base || model)`` over the training steps of every run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any, Optional
 
 from .metrics import continual_summary, mean_and_spread, relative_change
 
-__all__ = ["load_runs", "markdown_table", "plot_summary", "report_main", "summarize_runs", "write_report"]
+__all__ = ["load_runs", "markdown_table", "monitor_series", "monitor_table", "plot_monitor", "plot_summary",
+           "report_main", "summarize_runs", "write_report"]
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -271,18 +274,137 @@ def plot_summary(summary: dict[str, dict[str, Any]], out_png: str | Path, ppl_ke
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The forgetting monitor over training steps
+# ---------------------------------------------------------------------------------------------
+MONITOR_SERIES = ("ppl_rise", "kl", "task_kl", "out_of_state")
+
+
+def monitor_series(run: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The monitor values of one run over its training steps, or ``None`` when it has none.
+
+    Returns ``{"steps": [...], "ppl_rise": [...], "kl": [...], "task_kl": [...], "out_of_state": [...],
+    "boundaries": [steps where a task ended]}``. Steps count on across tasks (task ``k``'s step 0 is the
+    last step of task ``k-1``). ``ppl_rise`` is relative to the ORIGINAL base (the first task's step 0:
+    each task's monitor compares with its own start, and the absolute perplexity links them); the KLs
+    compare with the model at the start of each task. A value a pass did not log is ``None``.
+    """
+    out: dict[str, Any] = {"steps": [], **{k: [] for k in MONITOR_SERIES}, "boundaries": []}
+    offset, base_ppl = 0, None
+    for stage in run.get("stages") or []:
+        for rec in stage.get("history") or []:
+            if "gere/monitor_ppl" not in rec:
+                continue
+            ppl = float(rec["gere/monitor_ppl"])
+            if base_ppl is None:
+                base_ppl = ppl / (1.0 + float(rec.get("gere/monitor_ppl_rise", 0.0)))
+            out["steps"].append(offset + int(rec["step"]))
+            out["ppl_rise"].append(ppl / base_ppl - 1.0)
+            for key in ("kl", "task_kl", "out_of_state"):
+                value = rec.get(f"gere/monitor_{key}")
+                out[key].append(float(value) if value is not None else None)
+        offset += int(stage.get("steps") or 0)
+        out["boundaries"].append(offset)
+    return out if out["steps"] else None
+
+
+def _run_label(run: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
+    several = sum(r["method"] == run["method"] for r in runs) > 1
+    return f"{run['method']} (seed {run.get('seed')})" if several else str(run["method"])
+
+
+def monitor_table(runs: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the monitored runs: last and largest perplexity rise, last KLs."""
+    header = ["run", "passes", "steps", "ppl rise (last)", "ppl rise (max)", "KL general (last)", "KL task (last)",
+              "out of state (last)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        series = monitor_series(run)
+        if series is None:
+            continue
+
+        def last(key: str, fmt: str, series: dict[str, Any] = series) -> str:
+            vals = [v for v in series[key] if v is not None]
+            return format(vals[-1], fmt) if vals else "-"
+
+        row = [_run_label(run, runs), str(len(series["steps"])), str(series["steps"][-1]),
+               f"{100 * series['ppl_rise'][-1]:+.1f}%", f"{100 * max(series['ppl_rise']):+.1f}%",
+               last("kl", ".4f"), last("task_kl", ".4f"), last("out_of_state", ".3f")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_monitor(runs: Sequence[dict[str, Any]], out_png: str | Path, title: Optional[str] = None) -> Path:
+    """Held-out perplexity rise, KL(base || model) on held-out text and on training rows over the
+    training steps, one line per run (one colour per method); dotted lines mark where a task ended."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monitored = [(run, monitor_series(run)) for run in runs]
+    monitored = [(run, series) for run, series in monitored if series is not None]
+    if not monitored:
+        from ..config import GeReConfigError
+
+        raise GeReConfigError("no run in these result files has forgetting-monitor values (train with gere_monitor).")
+    panels = [("ppl_rise", "held-out perplexity rise over the base (%)", 100.0),
+              ("kl", "KL(base || model) on held-out text", 1.0),
+              ("task_kl", "KL(base || model) on the task's rows", 1.0)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(run["method"] for run, _ in monitored))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for run, series in monitored:
+            points = [(x, v * scale) for x, v in zip(series["steps"], series[key]) if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=colors[methods.index(run["method"]) % len(colors)],
+                        label=_run_label(run, runs))
+        for boundary in monitored[0][1]["boundaries"][:-1]:
+            ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].axhline(0, color="grey", linewidth=1)
+    fig.suptitle(title or "Forgetting monitor: general-ability drift while training", fontsize=11)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def monitor_png_for(out_png: str | Path) -> Path:
+    """Where ``gere report --png X.png`` puts the monitor curves: ``X_monitor.png``."""
+    p = Path(out_png)
+    return p.with_name(f"{p.stem}_monitor{p.suffix or '.png'}")
+
+
 def write_report(
     paths: Sequence[str | Path], out_md: Optional[str | Path] = None, out_png: Optional[str | Path] = None,
-    ppl_key: str = "wiki",
+    ppl_key: str = "wiki", monitor_png: Optional[str | Path] = None,
 ) -> str:
-    """Load ``paths``, print-ready Markdown table as the return value; optionally write it and a PNG."""
-    summary = summarize_runs(load_runs(paths), ppl_key=ppl_key)
+    """Load ``paths``, print-ready Markdown table as the return value; optionally write it and a PNG.
+
+    Runs with forgetting-monitor values add a second table, and their curves go to ``monitor_png``
+    (default: next to ``out_png``, see :func:`monitor_png_for`).
+    """
+    runs = load_runs(paths)
+    summary = summarize_runs(runs, ppl_key=ppl_key)
     table = markdown_table(summary, ppl_key=ppl_key)
+    monitored = any(monitor_series(run) is not None for run in runs)
+    if monitored:
+        table += "\nForgetting monitor (perplexity rise over the original base; KL to the model at each task's start):\n\n"
+        table += monitor_table(runs)
     if out_md is not None:
         Path(out_md).parent.mkdir(parents=True, exist_ok=True)
         Path(out_md).write_text(table, encoding="utf-8")
     if out_png is not None:
         plot_summary(summary, out_png, ppl_key=ppl_key)
+    if monitored and (monitor_png is not None or out_png is not None):
+        plot_monitor(runs, monitor_png if monitor_png is not None else monitor_png_for(out_png))  # type: ignore[arg-type]
     return table
 
 
@@ -293,11 +415,14 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--md", help="also write the Markdown table here")
     parser.add_argument("--png", help="also write the plot here")
     parser.add_argument("--ppl-key", default="wiki", help="held-out set whose perplexity rise is plotted")
+    parser.add_argument("--monitor-png", help="forgetting-monitor curves (runs trained with gere_monitor); default "
+                        "with --png: next to it, as NAME_monitor.png")
     args = parser.parse_args(argv)
     from ..config import GeReConfigError
 
-    for flag, out in (("--md", args.md), ("--png", args.png)):
+    for flag, out in (("--md", args.md), ("--png", args.png), ("--monitor-png", args.monitor_png)):
         if out and Path(out).is_dir():
-            raise GeReConfigError(f"{flag} {out!r} is a folder; give the file to write, e.g. {out}/report.{flag[2:]}.")
-    print(write_report(args.results, args.md, args.png, ppl_key=args.ppl_key), end="")
+            example = {"--md": "report.md", "--png": "report.png", "--monitor-png": "report_monitor.png"}[flag]
+            raise GeReConfigError(f"{flag} {out!r} is a folder; give the file to write, e.g. {out}/{example}.")
+    print(write_report(args.results, args.md, args.png, ppl_key=args.ppl_key, monitor_png=args.monitor_png), end="")
     return 0

@@ -23,6 +23,7 @@ from ..padding import pad_sequences
 __all__ = [
     "ContinuationScore",
     "continuation_logprobs",
+    "encode_texts",
     "eval_mode",
     "greedy_generate",
     "next_token_logprobs",
@@ -82,6 +83,13 @@ def _token_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tenso
     return logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of ``texts`` as :func:`perplexity` scores them: BOS when the tokenizer adds one, no other
+    special tokens, truncated to ``max_length`` tokens (texts of fewer than 2 tokens included)."""
+    bos = _bos(tokenizer)
+    return [(bos + _encode(tokenizer, t))[:max_length] for t in texts]
+
+
 def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -97,9 +105,7 @@ def perplexity(
     """
     if not texts:
         raise ValueError("perplexity needs at least one text")
-    bos = _bos(tokenizer)
-    seqs = [(bos + _encode(tokenizer, t))[:max_length] for t in texts]
-    seqs = [s for s in seqs if len(s) >= 2]
+    seqs = [s for s in encode_texts(tokenizer, texts, max_length) if len(s) >= 2]
     if not seqs:
         raise ValueError("no text has 2 or more tokens")
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))

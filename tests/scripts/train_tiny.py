@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hang_in_cache_save", action="store_true", help="hang inside StateCache.save (after labels.bin)")
     p.add_argument("--hang_marker", default=None, help="file created right before hanging")
     p.add_argument("--build_only", action="store_true", help="build the trainer (and the state cache), do not train")
+    p.add_argument("--monitor", default=None, help="gere_monitor: held-out general-text jsonl (the forgetting monitor)")
+    p.add_argument("--monitor_steps", type=int, default=1, help="gere_monitor_steps")
     p.add_argument("--trainer", default="sft", choices=["sft", "grpo"], help="GeReSFTTrainer or GeReGRPOTrainer")
     p.add_argument("--num_generations", type=int, default=2, help="GRPO: completions per prompt")
     p.add_argument("--steps_per_generation", type=int, default=None, help="GRPO: optimizer micro-steps per generation")
@@ -146,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         gere_weight=args.weight,
         gere_state_cache=args.state_cache,
         gere_state_batch_size=8,
+        gere_monitor=args.monitor,
+        gere_monitor_steps=args.monitor_steps,
+        gere_monitor_size=16,
+        gere_monitor_max_length=32,
+        gere_monitor_task_size=6,
         gere_task_replay=args.task_replay,
         gere_task_replay_size=args.task_size,
         gere_task_replay_per_step=args.task_per_step,
