@@ -356,8 +356,8 @@ def test_axolotl_check_lists_every_problem_in_one_run(tmp_path: Path, tiny_dir: 
     assert result.exit_code == 1
     out = result.output
     for part in ("gere_sigma=0", "gere_weight='heavy'", "Did you mean 'gere_replay_size'",
-                 "gere_freeze_layers=9 but base_model has only 4", "multiple of processes x gradient_accumulation_steps",
-                 "(2 x 2 = 4) under DeepSpeed ZeRO-3", "gere_state_cache", "never deletes"):
+                 "gere_freeze_layers=9 but base_model has only 4", "at least processes x gradient_accumulation_steps (4)",
+                 "(2 processes x 2 accumulation steps) under DeepSpeed ZeRO-3", "gere_state_cache", "never deletes"):
         assert part in out, f"{part!r} missing from:\n{out}"
     assert "6 problem(s)" in out
     assert (notes / "todo.md").read_text() == "x"
