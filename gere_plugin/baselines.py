@@ -84,26 +84,7 @@ def osf_preserved_fraction(task_index: int, num_tasks: int, start: float = 0.5) 
 
 
 def _common_args(settings: Any, output_dir: Path, seed: int) -> dict[str, Any]:
-    return dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.resolved_warmup_steps,
-        weight_decay=settings.weight_decay,
-        max_steps=settings.max_steps,
-        logging_steps=settings.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        bf16=settings.bf16,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,
-    )
+    return {**settings.training_args(output_dir, seed), "gradient_checkpointing": False}
 
 
 def build_baseline_trainer(

@@ -252,6 +252,32 @@ class TrainSettings:
         """``warmup_steps`` when set, else ``ceil(warmup_ratio x max_steps)``."""
         return self.warmup_steps or math.ceil(self.warmup_ratio * self.max_steps)
 
+    def training_args(self, output_dir: Any, seed: int) -> dict[str, Any]:
+        """The ``TrainingArguments`` keywords every trainer of a sequence stage shares (the GeRe trainers
+        and the external baselines of :mod:`gere_plugin.baselines`): no checkpoints, no reporting, CPU
+        when there is no CUDA device."""
+        import torch
+
+        return dict(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_steps=self.resolved_warmup_steps,
+            weight_decay=self.weight_decay,
+            max_steps=self.max_steps,
+            logging_steps=self.logging_steps,
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            data_seed=seed,
+            bf16=self.bf16,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+
     def __getattr__(self, name: str) -> Any:  # old attribute names (read) keep working
         new = _RENAMED_SETTINGS.get(name)
         if new is None:
@@ -602,24 +628,8 @@ def _build_trainer(
     if ewc_state is not None:
         gere["gere_ewc_state"] = str(ewc_state)
     cfg = GeReSFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.resolved_warmup_steps,
-        weight_decay=settings.weight_decay,
-        max_steps=settings.max_steps,
-        logging_steps=settings.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        bf16=settings.bf16,
-        use_cpu=not torch.cuda.is_available(),
+        **settings.training_args(output_dir, seed),
         max_length=settings.max_length,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         **gere,
         **settings.extra_config,
     )
