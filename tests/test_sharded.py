@@ -141,10 +141,14 @@ def test_fsdp2_uneven_layout_is_refused(tmp_path: Path, tiny_dir: Path, task_dat
 @pytest.mark.slow
 def test_fsdp2_uneven_layout_hangs_without_the_guard(tmp_path: Path, tiny_dir: Path, task_data: Path,
                                                      replay_file: Path) -> None:
-    """Why the guard exists: rank 0 runs a replay forward (all-gathers) that rank 1 never joins."""
+    """Why the guard exists: rank 0 runs a replay forward (all-gathers) that rank 1 never joins. The
+    mismatched collectives either hang or, when gloo sees the other rank's collective of another size,
+    abort (both were observed on this machine); the run never finishes."""
     run = _fsdp(tmp_path / "o", 2, tiny_dir, task_data, replay_file,
                 ["--accum", "1", "--per_step", "1", "--steps", "2", "--skip_guard"], timeout=HANG_TIMEOUT)
-    assert run.timed_out, f"expected a hang, got exit {run.returncode}:\n{run.stderr[-3000:]}"
+    assert run.timed_out or run.returncode != 0, f"expected a hang or an abort, got exit {run.returncode}"
+    if not run.timed_out:
+        assert "all_gather" in run.stderr or "gloo" in run.stderr, run.stderr[-3000:]  # a collective failed
     assert "GERE_FSDP_DONE" not in run.stdout
 
 
