@@ -7,6 +7,23 @@ import os
 import platform
 from typing import Any
 
+#: Set before transformers / datasets are imported: benchmarks download nothing and report nowhere.
+OFFLINE_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def set_offline_defaults() -> None:
+    """Apply :data:`OFFLINE_DEFAULTS` where the environment does not set them already."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "gere-plugin")
 
 

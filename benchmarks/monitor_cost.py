@@ -44,15 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment_info  # noqa: E402
+from _env import environment_info, set_offline_defaults  # noqa: E402
+
+set_offline_defaults()
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The run length the 3% target is stated for (a short fine-tune: 5 default monitor intervals).
