@@ -69,7 +69,8 @@ test-main: $(VENV)/.installed
 	$(VENV)/bin/ruff check gere_plugin tests benchmarks recipes
 	$(TEST_ENV) $(VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The GeRe trainer contract (losses, states, schedule, SFT/DPO/GRPO trainers, loss families, recipes, resume safety) on the newest stack.
+# The GeRe trainer contract (losses, states, schedule, SFT/DPO/GRPO trainers, loss families, recipes, resume safety,
+# chunked replay logits, the forgetting monitor) on the newest stack.
 test-latest: $(VENV_LATEST)/.installed
 	$(VENV_LATEST)/bin/python -c "import trl, transformers; print('newest stack: trl', trl.__version__, 'transformers', transformers.__version__)"
 	$(TEST_ENV) $(VENV_LATEST)/bin/python -m pytest -q -p no:cacheprovider \
@@ -77,7 +78,7 @@ test-latest: $(VENV_LATEST)/.installed
 		tests/test_dpo_trainer.py tests/test_grpo_trainer.py tests/test_families.py tests/test_cli_recipes.py \
 		tests/test_any_trainer.py tests/test_freeze.py tests/test_task_replay.py tests/test_resume_safety.py \
 		tests/test_flow.py tests/test_task_kl.py tests/test_ewc.py tests/test_baselines.py \
-		tests/test_logits.py $(PYTEST_ARGS)
+		tests/test_logits.py tests/test_replay_logits.py tests/test_monitor.py $(PYTEST_ARGS)
 
 # Every Axolotl test (config, recipes, plugin-line forms, `axolotl gere` subcommands, end-to-end
 # `axolotl train` SFT/DPO full/LoRA, GRPO full) on the newest Axolotl as well.

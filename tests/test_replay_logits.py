@@ -1,7 +1,16 @@
 """The GeRe trainers compute replay CE / KL from hidden states in chunks: same loss and gradients as the
-full-logit path (``GERE_LOGITS_CHUNK=0``), and the replay rows never reach the head as full logits."""
+full-logit path (``GERE_LOGITS_CHUNK=0``), and the replay rows never reach the head as full logits.
+
+Two premises depend on the TRL version. Up to TRL 1.14 ``SFTTrainer`` computes the task loss from the
+model's logits (the LM head module runs on the task rows) and accepts a LoRA adapter on ``lm_head``.
+TRL 1.16 computes it with ``fused_lm_head=True`` from ``lm_head.weight`` directly (the head module never
+runs on the task rows) and refuses an adapter on ``lm_head``. The tests check whichever holds for the
+installed TRL, so a change of either premise fails here instead of passing unnoticed.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -10,6 +19,15 @@ from gere_plugin import GeReSFTTrainer
 from gere_plugin.logits import CHUNK_ENV
 
 from .conftest import sft_config
+
+
+def _trl_fuses_the_task_head() -> bool:
+    from trl import SFTTrainer
+
+    return "fused_lm_head" in inspect.getsource(SFTTrainer.compute_loss)
+
+
+TASK_HEAD_FUSED = _trl_fuses_the_task_head()
 
 
 def _trainer(tmp_path, tiny_dir, tok, dataset, replay_file, name, lora=None, **overrides):
@@ -64,6 +82,11 @@ def test_chunked_replay_equals_full_logits(tmp_path, tiny_dir, tiny_tokenizer, s
     if lora and "lm_head" in lora:
         kw["loss_type"] = "nll"  # TRL's chunked_nll task loss refuses a LoRA-wrapped lm_head
     monkeypatch.setenv(CHUNK_ENV, "0")
+    if TASK_HEAD_FUSED and lora and "lm_head" in lora:
+        # this TRL refuses the adapter itself (its task loss reads lm_head.weight): nothing of ours to compare
+        with pytest.raises(ValueError, match="lm_head"):
+            _trainer(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file, "full", **kw)
+        return
     full = _trainer(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file, "full", **kw)
     assert full.gere_step.logit_head is None
     monkeypatch.setenv(CHUNK_ENV, "5")  # several chunks per replay row
@@ -85,7 +108,8 @@ def test_chunked_replay_equals_full_logits(tmp_path, tiny_dir, tiny_tokenizer, s
 def test_replay_rows_never_meet_the_head_as_full_logits(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file,
                                                         monkeypatch, bf16):
     monkeypatch.setenv(CHUNK_ENV, "7")
-    # loss_type nll: the task rows go through the head as full logits (TRL's chunked_nll would bypass the hook)
+    # loss_type nll: up to TRL 1.14 the task rows go through the head as full logits (chunked_nll would bypass
+    # the hook); TRL 1.16 fuses the task loss with the head's weight in either case
     trainer = _trainer(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file, "hooked", gere_regularizer="kl",
                        bf16=bf16, loss_type="nll")
     calls: list[tuple[tuple[int, ...], bool]] = []
@@ -95,7 +119,10 @@ def test_replay_rows_never_meet_the_head_as_full_logits(tmp_path, tiny_dir, tiny
     task = [s for s, _ in calls if len(s) == 3 and s[1] > 1]
     forward_rows = [s for s, _ in calls if len(s) == 3 and s[1] == 1]  # the replay forward: logits_to_keep=1
     chunks = [(s, ac) for s, ac in calls if len(s) == 2]
-    assert len(task) == 1 and task[0][0] == 4, f"only the 4 task rows get full logits: {task}"
+    if TASK_HEAD_FUSED:  # the task loss is computed from lm_head.weight: the head module sees no task row
+        assert task == [], f"no full logits at all: {task}"
+    else:
+        assert len(task) == 1 and task[0][0] == 4, f"only the 4 task rows get full logits: {task}"
     assert len(forward_rows) == 1 and forward_rows[0][0] == 3
     assert chunks and max(s[0] for s, _ in chunks) <= 7
     # the chunks run under the same autocast as the model's forward (bf16 on CPU here)
