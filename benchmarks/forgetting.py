@@ -46,13 +46,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment_info  # noqa: E402
+from _env import environment_info, set_offline_defaults  # noqa: E402
+
+set_offline_defaults()  # before transformers / datasets are imported
 
 from gere_plugin import assets  # noqa: E402
 from gere_plugin.continual import (  # noqa: E402

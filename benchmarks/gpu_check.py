@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -40,15 +39,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _env import set_offline_defaults  # noqa: E402
+
+set_offline_defaults()  # before transformers / datasets are imported
 import throughput as tp  # noqa: E402  (benchmarks/throughput.py: model loading, timing, memory probes)
 
 RESULTS = HERE / "results"
