@@ -282,25 +282,38 @@ def test_sft_flow_and_ewc_without_replay(tmp_path, tiny_dir):
     assert "model.layers.0.self_attn.q_proj.weight" in state.fisher
 
 
-def test_sft_monitor_only_without_replay(tmp_path, tiny_dir):
-    """Only ``gere_monitor`` keys (no replay): the forgetting monitor runs on a plain Axolotl SFT run."""
+def add_monitor(cfg: Path, raw: dict, tmp_path: Path, task_rows: int) -> None:
+    """Turn the forgetting monitor on in a copied recipe: 16 held-out texts, a pass at step 0, every 2
+    steps and at the last step."""
     from .conftest import general_texts, write_jsonl
 
-    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
-    for key in [k for k in raw if k.startswith("gere_")]:
-        del raw[key]
     heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in general_texts(24, seed=99)])
     raw.update(gere_monitor=str(heldout), gere_monitor_steps=2, gere_monitor_size=16, gere_monitor_max_length=32,
-               gere_monitor_task_size=4)
+               gere_monitor_task_size=task_rows)
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    log = train_with_gere(cfg, tmp_path)
-    assert "forgetting monitor=on" in log
+
+
+def monitor_records(raw: dict) -> tuple[Path, list[dict], dict[int, dict]]:
+    """The last checkpoint, its whole log history and the records holding monitor metrics, by step."""
     ckpt = Path(raw["output_dir"]) / f"checkpoint-{raw['max_steps']}"
     history = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
     monitor = {int(h["step"]): h for h in history if "gere/monitor_ppl" in h}
     assert sorted(monitor) == [0, 2, 3], "step 0, every 2 steps and the last step"
     assert monitor[0]["gere/monitor_kl"] == 0.0 and monitor[0]["gere/monitor_ppl_rise"] == 0.0
+    assert monitor[0]["gere/monitor_task_kl"] == 0.0
     assert monitor[3]["gere/monitor_kl"] > 0 and monitor[3]["gere/monitor_task_kl"] > 0
+    return ckpt, history, monitor
+
+
+def test_sft_monitor_only_without_replay(tmp_path, tiny_dir):
+    """Only ``gere_monitor`` keys (no replay): the forgetting monitor runs on a plain Axolotl SFT run."""
+    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
+    for key in [k for k in raw if k.startswith("gere_")]:
+        del raw[key]
+    add_monitor(cfg, raw, tmp_path, task_rows=4)
+    log = train_with_gere(cfg, tmp_path)
+    assert "forgetting monitor=on" in log
+    ckpt, history, _ = monitor_records(raw)
     assert not any("gere/replay_ce" in h for h in history), "no replay in a monitor-only run"
     assert (ckpt / "gere_monitor_rank0.safetensors").is_file()
     # nothing was frozen and no state cache was built without replay
@@ -311,23 +324,13 @@ def test_grpo_full_with_axolotl_train_cli(tmp_path, tiny_dir):
     """``rl: grpo`` (online RL, rule-based reward, no vLLM) through the real ``axolotl train`` CLI, with
     the forgetting monitor on (issue 15: the monitor in GRPO from Axolotl YAML): its metrics land in the
     run's log history next to GRPO's reward, KL 0 at step 0 and > 0 after the updates."""
-    from .conftest import general_texts, write_jsonl
-
     cfg, raw = prepare_recipe("tiny-cpu-grpo-full.yml", tmp_path, tiny_dir)
-    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in general_texts(24, seed=99)])
-    raw.update(gere_monitor=str(heldout), gere_monitor_steps=2, gere_monitor_size=16, gere_monitor_max_length=32,
-               gere_monitor_task_size=2)
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    add_monitor(cfg, raw, tmp_path, task_rows=2)
     log = train_with_gere(cfg, tmp_path, cli=True)
     assert "loss family=grpo" in log and "combine=sum" in log and "forgetting monitor=on" in log
     history = check_gere_ran(raw, tmp_path)
     assert all("reward" in h and "completions/mean_length" in h for h in history), "not a GRPO run"
-    ckpt = Path(raw["output_dir"]) / f"checkpoint-{raw['max_steps']}"
-    every = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
-    monitor = {int(h["step"]): h for h in every if "gere/monitor_ppl" in h}
-    assert sorted(monitor) == [0, 2, 3], "step 0, every 2 steps and the last step"
-    assert monitor[0]["gere/monitor_kl"] == 0.0 and monitor[0]["gere/monitor_task_kl"] == 0.0
-    assert monitor[3]["gere/monitor_kl"] > 0 and monitor[3]["gere/monitor_task_kl"] > 0
+    _, _, monitor = monitor_records(raw)
     assert "reward" in monitor[3], "the monitor logs in the same record as GRPO's own metrics"
     # the GRPO weight is matched to the replay CE: never negative, and w * R == CE_replay per micro-batch
     weights = [h["gere/weight"] for h in history if "gere/weight" in h]
