@@ -15,9 +15,11 @@ training micro-batch:
 * with EWC it adds the penalty once per optimizer step (:meth:`TaskStep.add_terms`), after the
   replay terms so GeRe's dynamic weight still balances against the task loss alone.
 
-It logs ``gere/flow_weight`` (mean weight of the step's rows), ``gere/flow_ce`` (the unweighted task
-CE), ``gere/task_kl`` (token mean of the KL), ``gere/ewc_penalty`` and, when no replay runs,
-``gere/task_loss``: averaged over the step's micro-batches on all ranks with one all-reduce.
+It logs ``gere/task_ce`` (the task rows' token-mean CE, without FLOW's weights or the KL: whenever FLOW
+or the task KL computes the task loss), ``gere/flow_weight`` (mean weight of the step's rows) and
+``gere/flow_ce`` (the same value as ``gere/task_ce``, its older name, only with FLOW), ``gere/task_kl``
+(token mean of the KL), ``gere/ewc_penalty`` and, when no replay runs, ``gere/task_loss``: averaged over
+the step's micro-batches on all ranks with one all-reduce.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ class TaskStep:
             else:
                 self.ref_model, self.ref_source = frozen_copy(model), "a frozen copy of the model at trainer init"
         self.ewc: Optional[EWCTerm] = EWCTerm(model, gere_args) if "ewc" in self.methods else None
-        keys = ["gere/flow_weight", "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty"]
+        keys = ["gere/task_ce", "gere/flow_weight", "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty"]
         if not self.has_replay:
             keys.insert(0, "gere/task_loss")
         self.metrics = MetricBuffer(tuple(keys))
@@ -196,7 +198,10 @@ class TaskStep:
         else:
             weights = torch.ones_like(sums)
         numerator = (weights * sums).sum()
-        self.metrics.add("gere/flow_ce", sums.detach().sum() / tokens.clamp_min(1))
+        task_ce = sums.detach().sum() / tokens.clamp_min(1)
+        self.metrics.add("gere/task_ce", task_ce)
+        if self.flow is not None:  # the older name of the same value, kept for FLOW runs
+            self.metrics.add("gere/flow_ce", task_ce)
         if self.kl_weight:
             kl = per_row_kl(logits, self._base_logits(trainer, model, fwd), labels).sum()
             numerator = numerator + self.kl_weight * kl

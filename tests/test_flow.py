@@ -231,6 +231,8 @@ def test_flow_cache_is_reused_and_never_replaced(tmp_path, tiny_dir, tiny_tokeni
     assert "FLOW weights exp(-base_loss/" in capsys.readouterr().err + caplog.text
     logged = [h for h in first.state.log_history if "loss" in h]
     assert all("gere/flow_weight" in h and "gere/flow_ce" in h and "gere/task_loss" in h for h in logged)
+    # gere/flow_ce is the older name of gere/task_ce (the unweighted CE), kept for FLOW runs
+    assert all(h["gere/task_ce"] == h["gere/flow_ce"] for h in logged)
     folder = tmp_path / "out" / "gere_flow"
     meta = (folder / "meta.json").read_bytes()
     assert json.loads(meta)["kind"] == "gere_flow"

@@ -77,7 +77,13 @@ def test_task_kl_loss_equals_independent_computation(tmp_path, tiny_dir, tiny_to
     got = sum(trainer.compute_loss(model, dict(b), num_items_in_batch=num_items) for b in batches)
     expected = _expected(model, base, batches, beta, num_items)
     assert float(got.detach()) == pytest.approx(expected, rel=1e-5)
-    assert trainer._metrics["train"]["gere/task_kl"][-1] > 1e-4
+    metrics = trainer._metrics["train"]
+    assert metrics["gere/task_kl"][-1] > 1e-4
+    # gere/task_ce: the plain token-mean CE of the task rows (beta = 0), averaged over the step's micro-batches;
+    # no FLOW metric without FLOW
+    per_micro = [_expected(model, base, [b], 0.0, (b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert metrics["gere/task_ce"][-1] == pytest.approx(sum(per_micro) / len(per_micro), rel=1e-5)
+    assert "gere/flow_ce" not in metrics and "gere/flow_weight" not in metrics
 
 
 def test_task_kl_with_lora_compares_with_the_adapter_disabled_model(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset):
