@@ -21,7 +21,7 @@ SETTINGS = TrainSettings(max_steps=2, per_device_train_batch_size=4, max_length=
 
 def test_sdft_rows_and_osf_schedule_by_hand():
     rows = sdft_rows([{"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
-    assert rows == [{"prompt": "Q: 2+2?\nA:", "privileged_context": "Example:\nQ: 2+2?\nA: 4"}]
+    assert rows == [{"prompt": "Q: 2+2?\nA:", "privileged_context": "Q: 2+2?\nA: 4"}]
     teacher = SDFT_TEMPLATE.format(**rows[0])
     assert teacher.endswith("\n\nQ: 2+2?\nA:")  # the demonstration comes first, the prompt last
     with pytest.raises(GeReConfigError, match="prompt/completion"):
