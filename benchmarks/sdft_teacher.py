@@ -5,12 +5,12 @@ context (here: the training row itself, answer included) before the task prompt
 (``gere_plugin.baselines.SDFT_TEMPLATE``). The baseline only works if that teacher picks the right
 label word far more often than the model without the context. This script measures exactly that, on
 the training rows of the forgetting benchmark's tasks (``cpu-fair`` preset, SmolLM2-135M, fp32), for
-the privileged-context layouts below; the label is the word whose first token scores highest at the
-prompt's last position (the next-token choice SDFT's first generated token distils).
+the privileged-context layouts below; the prediction is the label word with the highest log-likelihood
+after the prompt (each word scored whole, as the benchmark scores its tasks).
 
 * ``none``: the prompt alone (the student before training);
 * ``example_label``: ``"Example:\\n" + prompt + completion`` first (the layout the baseline used at first);
-* ``row`` (the baseline's layout now): ``prompt + completion`` first.
+* ``row``: the layout the baseline builds (``gere_plugin.baselines``), now ``prompt + completion`` first.
 
     OMP_NUM_THREADS=1 python benchmarks/sdft_teacher.py            # a few minutes on one core
     python benchmarks/sdft_teacher.py --rows 10                    # quick smoke run
@@ -35,34 +35,30 @@ set_offline_defaults()
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-LAYOUTS: dict[str, Callable[[dict[str, str]], str]] = {
-    "none": lambda r: r["prompt"],
-    "example_label": lambda r: f"Example:\n{r['prompt']}{r['completion']}\n\n{r['prompt']}",
-    "row": lambda r: f"{r['prompt']}{r['completion']}\n\n{r['prompt']}",
-}
-
-
-def current_layout(row: dict[str, str]) -> str:
-    """The teacher prompt the baseline builds now (from ``gere_plugin.baselines``), for a cross-check."""
+def baseline_layout(row: dict[str, str]) -> str:
+    """The teacher prompt the baseline builds (``gere_plugin.baselines``): what SDFT trains towards."""
     from gere_plugin.baselines import SDFT_TEMPLATE, sdft_rows
 
     return SDFT_TEMPLATE.format(**sdft_rows([row])[0])
 
 
-def label_accuracy(model: Any, tok: Any, rows: list[dict[str, str]], make: Callable[[dict[str, str]], str]) -> dict:
-    """Share of rows whose completion's first token beats every other label's first token."""
-    import torch
+LAYOUTS: dict[str, Callable[[dict[str, str]], str]] = {
+    "none": lambda r: r["prompt"],
+    "example_label": lambda r: f"Example:\n{r['prompt']}{r['completion']}\n\n{r['prompt']}",
+    "row": baseline_layout,
+}
 
-    labels = sorted({r["completion"] for r in rows})
-    first_ids = [tok(w, add_special_tokens=False).input_ids[0] for w in labels]
-    correct, picks = 0, {w: 0 for w in labels}
-    for r in rows:
-        with torch.no_grad():
-            logits = model(**tok(make(r), return_tensors="pt")).logits[0, -1]
-        pick = labels[max(range(len(labels)), key=lambda i: float(logits[first_ids[i]]))]
-        picks[pick] += 1
-        correct += int(pick == r["completion"])
-    return {"accuracy": correct / len(rows), "picks": picks, "rows": len(rows)}
+
+def teacher_accuracy(model: Any, tok: Any, rows: list[dict[str, str]], make: Callable[[dict[str, str]], str]) -> dict:
+    """Label-word accuracy of ``model`` on ``rows`` prompted by ``make``, scored like the benchmark's tasks
+    (:func:`gere_plugin.evaluation.label_accuracy`: log-likelihood of each whole label word)."""
+    from gere_plugin.evaluation import ClassificationItem, label_accuracy
+
+    labels = tuple(sorted({r["completion"] for r in rows}))
+    items = [ClassificationItem(make(r), labels, labels.index(r["completion"])) for r in rows]
+    res = label_accuracy(model, tok, items)
+    picks = {w: sum(int(p == i) for p in res["predictions"]) for i, w in enumerate(labels)}
+    return {"accuracy": res["accuracy"], "picks": picks, "rows": len(rows)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -84,13 +80,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    args.data_seed)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    sample = tasks[0].train[0]
-    if current_layout(sample) != LAYOUTS["row"](sample):
-        raise SystemExit("the baseline's teacher prompt is no longer the 'row' layout: update LAYOUTS")
     results: dict[str, Any] = {}
     for task in tasks:
         rows = task.train[: args.rows]
-        results[task.name] = {name: label_accuracy(model, tok, rows, make) for name, make in LAYOUTS.items()}
+        results[task.name] = {name: teacher_accuracy(model, tok, rows, make) for name, make in LAYOUTS.items()}
         print(task.name, {k: round(v["accuracy"], 3) for k, v in results[task.name].items()}, flush=True)
     doc = {"what": "label-word accuracy of SmolLM2-135M on training rows, per privileged-context layout",
            "baseline_layout": "row", "results": results, "environment": environment_info(),
