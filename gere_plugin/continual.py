@@ -405,6 +405,34 @@ class PeakMemory:
         return {"kind": self.kind, "before_mb": self.before, "peak_mb": self.peak, "added_mb": self.peak - self.before}
 
 
+def step_clock() -> Any:
+    """A Trainer callback that records the wall seconds of every optimizer step in ``.seconds``.
+
+    A step runs from the end of the previous one (the start of training for the first) to its own end,
+    so batch loading, the replay forward and the optimizer update count; one-off work before the first
+    step (trainer set-up, caches) and after the last (EWC's Fisher pass, the final save) does not. The
+    median of ``.seconds`` is therefore the steady-state step time, and ``train_seconds - sum(.seconds)``
+    what a run spends once per task inside ``train()``.
+    """
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._last: Optional[float] = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._last = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            now = time.perf_counter()
+            if self._last is not None:
+                self.seconds.append(now - self._last)
+            self._last = now
+
+    return StepClock()
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 (first 16 hex digits) over every parameter and buffer, in name order."""
     h = hashlib.sha256()
@@ -692,7 +720,9 @@ def run_sequence(
 
     Returns:
         The result dict: ``method``, ``seed``, ``tasks``, ``matrix`` (``R[i][j]``), ``base_row``,
-        ``base``, ``stages`` (per task: fingerprints, state-cache reuse, train history, evaluation),
+        ``base``, ``stages`` (per task: fingerprints, state-cache reuse, train history, evaluation, and
+        cost: ``setup_seconds``, ``train_seconds``, ``step_seconds`` (each optimizer step's wall time,
+        :func:`step_clock`), ``train_outside_steps_seconds`` and ``memory`` (:class:`PeakMemory`)),
         ``final`` and ``summary`` (AA/AP/BWT/FWT/FM/F1).
     """
     settings = settings or TrainSettings()
@@ -784,6 +814,8 @@ def run_sequence(
                 "per_step": replay_step.per_step, "weight": replay_step.weight,
             }
         stage["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        clock = step_clock()
+        trainer.add_callback(clock)
         t0 = time.perf_counter()
         try:
             train_out = trainer.train()
@@ -794,6 +826,9 @@ def run_sequence(
         stage["steps"] = int(trainer.state.global_step)
         # cost: wall time per optimizer step (EWC's end-of-task Fisher pass included) and added memory
         stage["seconds_per_step"] = stage["train_seconds"] / max(stage["steps"], 1)
+        # ... and apart: each optimizer step's wall seconds, and what train() spent outside the steps
+        stage["step_seconds"] = [round(t, 4) for t in clock.seconds]
+        stage["train_outside_steps_seconds"] = stage["train_seconds"] - sum(clock.seconds)
         stage["memory"] = memory.record()
         stage["history"] = _train_history(trainer.state.log_history)
         monitor = _monitor_record(trainer)

@@ -76,6 +76,12 @@ def test_run_sequence_gere_carries_weights_and_reuses_state_cache(tiny_dir, repl
     assert (cache / "meta.json").is_file()
     # GeRe metrics were logged during training
     assert any("gere/reg_loss" in rec for rec in s1["history"])
+    for stage in (s0, s1):  # one wall time per optimizer step; together they fit inside train()
+        assert len(stage["step_seconds"]) == stage["steps"] == SETTINGS.max_steps
+        assert all(t > 0 for t in stage["step_seconds"])
+        assert sum(stage["step_seconds"]) <= stage["train_seconds"] + 1e-3
+        assert stage["train_outside_steps_seconds"] == pytest.approx(
+            stage["train_seconds"] - sum(stage["step_seconds"]), abs=1e-3)
 
 
 @pytest.mark.slow
