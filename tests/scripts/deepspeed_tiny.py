@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             record["micro"].append({"step": s, "micro": m, "loss": float(loss.detach()), "rows": step.history[-1]["rows"]})
     Path(args.output, f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     print(f"GERE_DS_DONE rank {rank}", flush=True)
+    from _dist import close_process_group  # the script's own folder is on sys.path
+
+    close_process_group()
     return 0
 
 
