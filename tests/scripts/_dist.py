@@ -8,7 +8,8 @@ def close_process_group() -> None:
 
     Without it each rank exits with gloo's threads still running, and one of them can abort in the
     interpreter's teardown (``terminate called without an active exception``, SIGABRT) after its work
-    is done and written, which fails the launch. Call it only where every rank reaches it.
+    is done and written, which fails the launch. A script calls it after ``main()`` returns; a rank that
+    raised never gets there, and the launcher then stops the ranks waiting at the barrier.
     """
     import torch.distributed as dist
 

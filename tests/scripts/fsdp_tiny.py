@@ -116,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         record["param_sums"] = sums
     Path(args.output, f"rank{rank}.json").write_text(json.dumps(record, indent=1))
     print(f"GERE_FSDP_DONE rank {rank}", flush=True)
-    from _dist import close_process_group  # the script's own folder is on sys.path
-
-    close_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from _dist import close_process_group  # this script's folder is on sys.path
+
+    close_process_group()
+    sys.exit(code)

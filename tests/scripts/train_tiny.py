@@ -190,4 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from _dist import close_process_group  # this script's folder is on sys.path
+
+    close_process_group()
+    sys.exit(code)
