@@ -311,13 +311,13 @@ def test_trainer_checks_run_before_the_state_build(
     case: str, tmp_path: Path, tiny_model: Any, tiny_tokenizer: Any, sft_dataset: Any, replay_file: Path,
     monkeypatch: Any,
 ) -> None:  # fmt: skip
-    import gere_plugin.trainer
+    import gere_plugin.trainer.resources
     from gere_plugin import GeReSFTTrainer
 
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the state build ran before the config checks")
 
-    monkeypatch.setattr(gere_plugin.trainer, "build_state_cache", forbidden)
+    monkeypatch.setattr(gere_plugin.trainer.resources, "build_state_cache", forbidden)
     overrides, says = TRAINER_CASES[case]
     kw = {"gere_replay": str(replay_file), "gere_state_cache": str(tmp_path / "cache"), **overrides}
     cfg = sft_config(tmp_path / "out", gradient_checkpointing=False, **kw)

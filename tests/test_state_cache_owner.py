@@ -100,10 +100,10 @@ def no_forward(monkeypatch: Any) -> None:
         raise AssertionError("build_state_cache ran although the folder had to be refused first")
 
     import gere_plugin.states
-    import gere_plugin.trainer
+    import gere_plugin.trainer.resources
 
     monkeypatch.setattr(gere_plugin.states, "build_state_cache", forbidden)
-    monkeypatch.setattr(gere_plugin.trainer, "build_state_cache", forbidden)
+    monkeypatch.setattr(gere_plugin.trainer.resources, "build_state_cache", forbidden)
 
 
 # ---------------------------------------------------------------------------------------------
