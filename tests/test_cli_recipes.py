@@ -20,8 +20,8 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="
 
 
 def test_readme_documents_every_key_exactly_once():
-    readme = (ROOT / "README.md").read_text()
-    assert keys_markdown() in readme, "README key table is stale: paste the output of `gere keys`"
+    readme = (ROOT / "docs" / "configuration.md").read_text()
+    assert keys_markdown() in readme, "docs/configuration.md key table is stale: paste the output of `gere keys`"
     for f in gere_fields():
         assert readme.count(f"| `{f.name}` |") == 1
 
