@@ -139,7 +139,7 @@ def test_kl_equals_an_independent_full_kl_when_k_covers_the_vocabulary(tmp_path,
     against the full-vocabulary KL computed row by row, without padding, from a copy of the base.
     (The random tiny model's near-uniform distributions make top-64 of 300 tokens a loose bound; on
     SmolLM2-135M the benchmark measures the real gap.)"""
-    import gere_plugin.monitor as monitor_module
+    import gere_plugin.monitor.callback as monitor_module
 
     monkeypatch.setattr(monitor_module, "TOP_K", 1024)
     base = _load(tiny_dir)

@@ -147,7 +147,9 @@ def _no_plugin_message(keys: list[str], facts: AxolotlFacts) -> str:
     )
 
 
-def _load(config: Union[str, os.PathLike, Mapping]) -> tuple[str, Mapping]:
+def load_config_mapping(config: Union[str, os.PathLike, Mapping]) -> tuple[str, Mapping]:
+    """``(source, mapping)`` of an Axolotl config given as a YAML path or a mapping; unreadable files,
+    invalid YAML and non-mapping documents raise :class:`~gere_plugin.GeReConfigError`."""
     if isinstance(config, Mapping):
         return "<config>", config
     path = Path(config)
@@ -189,7 +191,7 @@ def check_config(
         A :class:`ConfigCheck`.
     """
     facts = axolotl if axolotl is not None else axolotl_facts()
-    source, data = _load(config)
+    source, data = load_config_mapping(config)
     result = ConfigCheck(source=source, axolotl=facts)
     result.gere_keys = sorted(k for k in data if isinstance(k, str) and k.startswith("gere_"))
 

@@ -66,7 +66,7 @@ def state_cache_dir(cfg: Any) -> Path:
 
 def _config_hidden_size(cfg: Any) -> Optional[int]:
     """The model's hidden size from its config alone (no weights); ``None`` when it cannot be read."""
-    from ..states import hidden_size_of
+    from ..model.introspection import hidden_size_of
 
     try:
         from axolotl.loaders.utils import load_model_config
@@ -89,13 +89,13 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
     import torch
 
     from ..commands import check_model_source
+    from ..model.introspection import is_peft, pad_token_id, tokenizer_of
     from ..replay import ReplaySet
     from ..states import build_state_cache, check_layer_indices, ensure_state_cache
-    from ..trainer import _is_peft, _tokenizer_of
     from .args import gere_arguments_from_cfg
-    from .check import _load
+    from .check import load_config_mapping
 
-    raw = {**_load(config)[1], **(overrides or {})}
+    raw = {**load_config_mapping(config)[1], **(overrides or {})}
     model_key = "base_model_config" if raw.get("base_model_config") else "base_model"
     if raw.get(model_key):  # before Axolotl's loader turns a missing folder into a hub-id error
         check_model_source(str(raw[model_key]), f"{model_key}:")
@@ -113,7 +113,7 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
 
     from axolotl.loaders import ModelLoader, load_tokenizer
 
-    tokenizer = _tokenizer_of(load_tokenizer(cfg))
+    tokenizer = tokenizer_of(load_tokenizer(cfg))
     replay = ReplaySet.from_args(gere_args, tokenizer)
     layers = list(gere_args.gere_layers)
     sigma = float(gere_args.gere_sigma)
@@ -130,8 +130,8 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
                 if cfg.get("bf16") is True
                 else (torch.float16 if cfg.get("fp16") is True else None)
             )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        base_ctx = model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
+        pad = pad_token_id(tokenizer)
+        base_ctx = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
         with base_ctx:
             return build_state_cache(
                 model,

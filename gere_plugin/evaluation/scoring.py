@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..model.introspection import model_device, pad_token_id
 from ..padding import pad_sequences
 
 __all__ = [
@@ -41,20 +42,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - a model without parameters
-        return torch.device("cpu")
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad) if pad is not None else 0
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -109,7 +96,7 @@ def perplexity(
     if not seqs:
         raise ValueError("no text has 2 or more tokens")
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), pad_token_id(tokenizer)
     total_nll, total_tokens = 0.0, 0
     with eval_mode(model):
         for idx in _batches(order, batch_size):
@@ -165,7 +152,7 @@ def continuation_logprobs(
             raise ValueError(f"continuation {continuation!r} does not fit in max_length={max_length}")
         encoded.append((seq, len(cont)))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), pad_token_id(tokenizer)
     results: list[Optional[ContinuationScore]] = [None] * len(encoded)
     with eval_mode(model):
         for idx in _batches(order, batch_size):
@@ -203,7 +190,7 @@ def next_token_logprobs(
     if any(not s for s in seqs):
         raise ValueError("every prompt needs at least one token")
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), pad_token_id(tokenizer)
     wanted = torch.tensor(list(token_ids), dtype=torch.long, device=device)
     out = torch.empty((len(seqs), len(token_ids)), dtype=torch.float32)
     with eval_mode(model):
@@ -226,7 +213,7 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens skipped), batched with left padding."""
     bos = _bos(tokenizer)
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad = model_device(model), pad_token_id(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     encoded = [(bos + _encode(tokenizer, p))[-(max_length - max_new_tokens) :] for p in prompts]
     outputs: list[str] = [""] * len(prompts)
