@@ -45,10 +45,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(mod, name)
         globals()[name] = value
         return value
-    raise _no_attribute(__name__, name, _EXPORTS)
+    raise missing_attribute_error(__name__, name, _EXPORTS)
 
 
-def _no_attribute(module: str, name: str, known: Any) -> AttributeError:
+def missing_attribute_error(module: str, name: str, known: Any) -> AttributeError:
     """The AttributeError of a lazy module, with the closest name, or the plugin-spelling fix.
 
     Axolotl < 0.21 splits ``plugins:`` entries at the last ``.``, so the ``module:Class`` spelling

@@ -4,7 +4,7 @@ Everything that configures GeRe lives in :class:`GeReArguments`. The TRL configs
 (:class:`~gere_plugin.GeReSFTConfig`, :class:`~gere_plugin.GeReDPOConfig`) inherit it, TRL's
 ``TrlParser`` turns it into ``--gere_*`` command-line flags, and the Axolotl plugin generates its
 pydantic schema from the same fields (:func:`gere_fields`), so names, defaults and validation are
-identical everywhere. The Markdown table in the README is generated from it too (``gere keys``).
+identical everywhere. The Markdown table in docs/configuration.md is generated from it too (``gere keys``).
 The rules the values must follow are in :mod:`gere_plugin.config_checks` (every name re-exported here).
 """
 
@@ -415,7 +415,7 @@ def gere_defaults() -> dict[str, Any]:
 
 
 def keys_markdown() -> str:
-    """The Markdown table of every ``gere_*`` key (the README's table is checked against it)."""
+    """The Markdown table of every ``gere_*`` key (docs/configuration.md holds it, checked against it)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for name, f in ((f.name, f) for f in gere_fields()):
         default = gere_defaults()[name]

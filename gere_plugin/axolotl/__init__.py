@@ -31,9 +31,9 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
-    from .. import _no_attribute
+    from .. import missing_attribute_error
 
-    raise _no_attribute(__name__, name, _EXPORTS)
+    raise missing_attribute_error(__name__, name, _EXPORTS)
 
 
 def __dir__() -> list[str]:
