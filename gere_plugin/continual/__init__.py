@@ -50,7 +50,15 @@ Modules: :mod:`~gere_plugin.continual.presets` (the methods, :class:`SequenceTas
 
 from __future__ import annotations
 
-from .cost import PeakMemory, peak_rss, release_free_heap, reset_peak_rss, rss_bytes, step_clock
+from .cost import (
+    PeakMemory,
+    max_rss_bytes,
+    peak_rss,
+    release_free_heap,
+    reset_peak_rss,
+    rss_bytes,
+    step_clock,
+)
 from .presets import (
     EWC_LAMBDA,
     FD_WEIGHTING,
@@ -69,6 +77,6 @@ from .task_rows import keep_task_sample, tokenized_for_training, tokenized_witho
 __all__ = [
     "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "MethodSpec",
     "PeakMemory", "SequenceTask", "TrainSettings", "build_trainer", "evaluate_stage", "keep_task_sample",
-    "model_fingerprint", "peak_rss", "release_free_heap", "reset_peak_rss", "rss_bytes", "run_sequence",
+    "max_rss_bytes", "model_fingerprint", "peak_rss", "release_free_heap", "reset_peak_rss", "rss_bytes", "run_sequence",
     "stage_gere_keys", "step_clock", "tokenized_for_training", "tokenized_without_eos",
 ]

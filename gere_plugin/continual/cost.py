@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["PeakMemory", "peak_rss", "release_free_heap", "reset_peak_rss", "rss_bytes", "step_clock"]
+__all__ = ["PeakMemory", "max_rss_bytes", "peak_rss", "release_free_heap", "reset_peak_rss", "rss_bytes", "step_clock"]
 
 
 def release_free_heap() -> None:
@@ -34,7 +34,7 @@ def rss_bytes() -> Optional[int]:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def _max_rss_bytes() -> int:
+def max_rss_bytes() -> int:
     """The process's all-time peak RSS in bytes (``ru_maxrss``, which nothing resets)."""
     import resource
 
@@ -58,7 +58,7 @@ def reset_peak_rss() -> int:
         Path("/proc/self/clear_refs").write_text("5")
         return _status_kib("VmRSS") * 1024
     except (OSError, KeyError):
-        return _max_rss_bytes()
+        return max_rss_bytes()
 
 
 def peak_rss() -> int:
@@ -66,7 +66,7 @@ def peak_rss() -> int:
     try:
         return _status_kib("VmHWM") * 1024
     except (OSError, KeyError):
-        return _max_rss_bytes()
+        return max_rss_bytes()
 
 
 class PeakMemory:
