@@ -49,20 +49,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _env import set_offline_defaults  # noqa: E402
+from _probe import print_probe_result, run_probe_process  # noqa: E402
+
+set_offline_defaults()  # before transformers / datasets are imported
 # On a shared, oversubscribed CPU, OpenMP worker threads that spin while waiting make every small op
 # wait for a descheduled core (measured here: a tiny forward 11x slower with 2 threads than with 1).
 # PASSIVE waiting removes that pathology; it applies to every variant alike and is recorded in the JSON.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _probe import print_probe_result, run_probe_process  # noqa: E402
 
 RESULTS = HERE / "results"
 VARIANTS = ("plain", "vanilla", "tm", "l2")

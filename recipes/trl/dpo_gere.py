@@ -21,22 +21,14 @@ is refused.
 
 from __future__ import annotations
 
-from gere_recipe import prepare, run_recipe, train_and_save
-from trl import ModelConfig, ScriptArguments, get_peft_config
+from gere_recipe import run_recipe, train_recipe
+from trl import ModelConfig, ScriptArguments
 
 from gere_plugin import GeReDPOConfig, GeReDPOTrainer
 
 
 def main(script_args: ScriptArguments, training_args: GeReDPOConfig, model_args: ModelConfig) -> None:
-    checkpoint, model, tokenizer, dataset = prepare(script_args, training_args, model_args)
-    trainer = GeReDPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    train_and_save(trainer, checkpoint, training_args.output_dir)
+    train_recipe(GeReDPOTrainer, script_args, training_args, model_args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from accelerate import PartialState
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import ModelConfig, ScriptArguments, TrlParser, get_quantization_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from gere_plugin import GeReConfigError
 from gere_plugin.resume import script_resume_checkpoint
@@ -51,18 +51,23 @@ def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def prepare(script_args: ScriptArguments, training_args: Any, model_args: ModelConfig) -> tuple[Any, Any, Any, Any]:
-    """``(checkpoint, model, tokenizer, dataset)`` of a recipe run, in that order (the resume check first)."""
+def train_recipe(trainer_cls: type, script_args: ScriptArguments, training_args: Any, model_args: ModelConfig,
+                 **trainer_kwargs: Any) -> None:
+    """One recipe run: the resume check first, then the model, tokenizer and data set, then ``trainer_cls``
+    (with PEFT from ``model_args`` and ``trainer_kwargs``) trains and saves the model to ``--output_dir``."""
     checkpoint = resume_checkpoint(training_args)
     model, tokenizer = load_model_and_tokenizer(model_args)
     dataset = load_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    return checkpoint, model, tokenizer, dataset
-
-
-def train_and_save(trainer: Any, checkpoint: Optional[str], output_dir: str) -> None:
-    """Train (resuming from ``checkpoint`` when given) and save the model to ``output_dir``."""
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        **trainer_kwargs,
+    )
     trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(output_dir)
+    trainer.save_model(training_args.output_dir)
 
 
 def run_recipe(main: Callable[..., None], *dataclass_types: type) -> None:

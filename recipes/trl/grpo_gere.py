@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gere_recipe import prepare, run_recipe, train_and_save
-from trl import ModelConfig, ScriptArguments, get_peft_config
+from gere_recipe import run_recipe, train_recipe
+from trl import ModelConfig, ScriptArguments
 
 from gere_plugin import GeReGRPOConfig, GeReGRPOTrainer
 
@@ -95,16 +95,7 @@ def main(
         rewards.append(reward_args.reward_model_name_or_path)
     if not rewards:
         raise SystemExit("error: no reward: pass --reward_funcs (and/or --reward_model_name_or_path).")
-    checkpoint, model, tokenizer, dataset = prepare(script_args, training_args, model_args)
-    trainer = GeReGRPOTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    train_and_save(trainer, checkpoint, training_args.output_dir)
+    train_recipe(GeReGRPOTrainer, script_args, training_args, model_args, reward_funcs=rewards)
 
 
 if __name__ == "__main__":
