@@ -36,7 +36,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _probe import print_probe_result, run_probe_process  # noqa: E402
+
+from gere_plugin.continual.cost import peak_rss, reset_peak_rss  # noqa: E402
+
 RESULTS = HERE / "results"
 VOCABS = (32_000, 128_256, 256_000)
 VARIANTS = ("plain", "tm", "kl", "tm_full")
@@ -59,23 +63,6 @@ WORDS = (
 def _texts(n: int, words: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(words)) + "." for _ in range(n)]
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (``clear_refs`` 5); return the current RSS in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_rss() -> int:
-    return _status_kib("VmHWM") * 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,17 +139,12 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
 # Driver
 # ---------------------------------------------------------------------------------------------
 def run_probe(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    spec_file = work / f"spec-{spec['variant']}-{spec['vocab']}.json"
-    spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     env.pop("GERE_LOGITS_CHUNK", None)
-    proc = subprocess.run([sys.executable, __file__, "--probe", str(spec_file)], capture_output=True, text=True, env=env)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"memory probe {spec['variant']}/{spec['vocab']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(line[-1][len("PROBE "):])
+    return run_probe_process(__file__, spec, work / f"spec-{spec['variant']}-{spec['vocab']}.json",
+                             f"{spec['variant']}/{spec['vocab']}", env=env)
 
 
 def build_tokenizer(folder: Path, texts: list[str]) -> None:
@@ -254,9 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.probe is not None:
-        print("PROBE " + json.dumps(probe(json.loads(a.probe.read_text()))), flush=True)
+        print_probe_result(probe(json.loads(a.probe.read_text())))
         return 0
-    sys.path.insert(0, str(HERE))
     from _env import environment_info  # type: ignore[import-not-found]
 
     t_start = time.time()

@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -99,7 +98,7 @@ def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gere_plugin.continual import PeakMemory, run_sequence
+    from gere_plugin.continual import PeakMemory, max_rss_bytes, run_sequence
 
     model_dir, tasks, replay, settings = _setup(threads)
     settings = dataclasses.replace(settings, max_steps=steps, learning_rate=lr)
@@ -128,7 +127,7 @@ def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work
         "peak_added_mib": None if rec is None else rec["added_mb"],
         "memory_kind": None if rec is None else rec["kind"],
         "rss_before_mib": None if rec is None else rec["before_mb"],
-        "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "process_max_rss_mib": max_rss_bytes() / 2**20,
     }
 
 

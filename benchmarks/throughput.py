@@ -38,7 +38,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -50,18 +49,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _env import set_offline_defaults  # noqa: E402
+from _probe import print_probe_result, run_probe_process  # noqa: E402
+
+set_offline_defaults()  # before transformers / datasets are imported
 # On a shared, oversubscribed CPU, OpenMP worker threads that spin while waiting make every small op
 # wait for a descheduled core (measured here: a tiny forward 11x slower with 2 threads than with 1).
 # PASSIVE waiting removes that pathology; it applies to every variant alike and is recorded in the JSON.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 VARIANTS = ("plain", "vanilla", "tm", "l2")
 TARGETS = {
@@ -493,6 +491,8 @@ def memory_probe(spec: dict) -> dict:
     """Run inside a fresh process: build one variant, run a few steps, report its peak memory."""
     import torch
 
+    from gere_plugin.continual.cost import peak_rss, reset_peak_rss
+
     preset = Preset(**{k: v for k, v in spec["preset"].items() if k != "configs"})
     cfg = Config(**spec["config"])
     if preset.threads:
@@ -519,34 +519,6 @@ def memory_probe(spec: dict) -> dict:
             "step_delta_bytes": int(peak - before), "measure": kind}
 
 
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in bytes.
-
-    Without the reset, the peak of model loading and dataset preparation hides the steps' own peak.
-    Falls back to ``ru_maxrss`` (never reset) where ``/proc`` is not writable.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kib("VmRSS") * 1024
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss() -> int:
-    """Peak RSS in bytes since :func:`reset_peak_rss` (``VmHWM``)."""
-    try:
-        return _status_kib("VmHWM") * 1024
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure_memory(cfg: Config, preset: Preset, folder: Path, replay_file: Path, cache: Path, task_texts: list[str], out: Path) -> dict:
     """Peak memory of every variant, each in its own process (in-process peaks cannot be separated)."""
     res = {}
@@ -555,13 +527,7 @@ def measure_memory(cfg: Config, preset: Preset, folder: Path, replay_file: Path,
             "preset": asdict(preset), "config": asdict(cfg), "variant": v, "folder": str(folder),
             "replay_file": str(replay_file), "cache": str(cache), "task_texts": task_texts, "out": str(out / f"mem-{v}"),
         }
-        spec_file = out / f"probe-{cfg.name}-{v}.json"
-        spec_file.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, __file__, "--probe", str(spec_file)], capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
-        if proc.returncode != 0 or not line:
-            raise RuntimeError(f"memory probe {cfg.name}/{v} failed:\n{proc.stderr[-3000:]}")
-        res[v] = json.loads(line[-1][6:])
+        res[v] = run_probe_process(__file__, spec, out / f"probe-{cfg.name}-{v}.json", f"{cfg.name}/{v}")
         print(f"  [{cfg.name}] peak memory {v}: {res[v]['peak_bytes'] / 2**20:.0f} MiB "
               f"(+{res[v]['step_delta_bytes'] / 2**20:.0f} MiB during steps)", flush=True)
     return res
@@ -794,7 +760,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.probe is not None:
-        print("PROBE " + json.dumps(memory_probe(json.loads(a.probe.read_text()))), flush=True)
+        print_probe_result(memory_probe(json.loads(a.probe.read_text())))
         return 0
     import torch
 

@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--gere_replay_size", type=int, default=1000, help="replay samples (default 1000)")
     p.add_argument("--workdir", help="trainer outputs (default: a temporary folder)")
     p.add_argument("--verbose", action="store_true")
-    from .commands import add_deprecated_flag
+    from .cli.flags import add_deprecated_flag
 
     for old, new in (("--replay-size", "--gere_replay_size"), ("--steps", "--max_steps"), ("--lr", "--learning_rate"),
                      ("--batch-size", "--per_device_train_batch_size")):

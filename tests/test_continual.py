@@ -182,16 +182,16 @@ def test_gere_sequence_cli_bad_input_names_file_and_line(tiny_dir, replay_file, 
 
 def test_sequence_flags_come_from_the_one_definition(capsys):
     """gere sequence spells every setting as TRL / config.py do; the old spellings still parse, with a note."""
-    from gere_plugin.sequence_cli import GERE_SETTING_FLAGS, TRAIN_FLAGS, _parser
+    from gere_plugin.sequence_cli import GERE_SETTING_FLAGS, TRAIN_FLAGS, sequence_parser
 
-    new = _parser().parse_args([
+    new = sequence_parser().parse_args([
         "--model", "m", "--out", "o", "--task", "t", "a", "b", "--gere_replay", "r.jsonl", "--max_steps", "7",
         "--learning_rate", "0.01", "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2",
         "--max_length", "40", "--gere_replay_size", "11", "--gere_replay_max_length", "12",
         "--gere_replay_per_step", "1", "--gere_state_cache", "s", "--bf16",
     ])  # fmt: skip
     assert capsys.readouterr().err == ""
-    old = _parser().parse_args([
+    old = sequence_parser().parse_args([
         "--model", "m", "--out", "o", "--task", "t", "a", "b", "--replay", "r.jsonl", "--steps", "7", "--lr", "0.01",
         "--batch-size", "3", "--gradient-accumulation-steps", "2", "--max-length", "40", "--replay-size", "11",
         "--replay-max-length", "12", "--replay-per-step", "1", "--state-cache", "s", "--bf16",
@@ -225,15 +225,15 @@ def test_completion_only_rows_train_the_label_and_not_an_eos(tiny_dir, tiny_toke
     tokens (no EOS appended); completion_eos=True leaves TRL's own path (label + EOS)."""
     from transformers import AutoModelForCausalLM
 
-    from gere_plugin.continual import METHODS, _build_trainer
+    from gere_plugin.continual import METHODS, build_trainer
 
     task = TASKS[0]
     trainers = {}
     for eos in (False, True):
         settings = dataclasses.replace(SETTINGS, completion_eos=eos)
         model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
-        trainers[eos] = _build_trainer(model, tiny_tokenizer, task, METHODS["plain"], 0, settings, None, None,
-                                       tiny_dir.parent / f"eos-{eos}", 0, None)
+        trainers[eos] = build_trainer(model, tiny_tokenizer, task, METHODS["plain"], 0, settings, None, None,
+                                      tiny_dir.parent / f"eos-{eos}", 0, None)
     row = task.train[0]
     prompt = tiny_tokenizer(row["prompt"])["input_ids"]
     label = tiny_tokenizer(row["prompt"] + row["completion"])["input_ids"][len(prompt):]

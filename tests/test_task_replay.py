@@ -383,7 +383,7 @@ def test_no_general_replay_and_no_earlier_tasks_is_the_plain_trainer(tmp_path, t
 # The continual runner keeps a sample of every finished task and replays it later
 # ---------------------------------------------------------------------------------------------
 def test_run_sequence_keeps_and_replays_earlier_tasks(tiny_dir, tiny_tokenizer, replay_file, tmp_path):
-    from gere_plugin.continual import METHODS, TrainSettings, _tokenized_without_eos, run_sequence
+    from gere_plugin.continual import METHODS, TrainSettings, run_sequence, tokenized_without_eos
 
     from .test_continual import TASKS
 
@@ -408,7 +408,7 @@ def test_run_sequence_keeps_and_replays_earlier_tasks(tiny_dir, tiny_tokenizer, 
     path = Path(kept["sentiment"]["path"])
     assert path.parent == tmp_path / "run" / "task_replay"
     on_disk = [json.loads(line) for line in path.read_text().splitlines()]
-    trained = _tokenized_without_eos(TASKS[0].train, tiny_tokenizer)
+    trained = tokenized_without_eos(TASKS[0].train, tiny_tokenizer)
     assert len(on_disk) == 6 and all(row in trained for row in on_disk)
     assert len({json.dumps(r) for r in on_disk}) == 6
     logged = [h for h in second["history"] if "gere/task_replay_rows" in h]

@@ -1,29 +1,13 @@
-"""The ``gere`` command.
-
-Commands:
-    gere build-replay --from CORPUS --out replay.jsonl [--gere_replay_size N]
-                                            sample a replay file from any corpus
-    gere cache-states --model DIR --gere_replay replay.jsonl --gere_state_cache DIR [--force]
-                                            build the base-model state cache (reuse / refuse / replace)
-    gere keys [--check README.md]           the table of every gere_* key
-    gere evaluate ... / gere report ...     evaluation (see docs/evaluation.md)
-    gere sequence --model DIR --task NAME TRAIN TEST ... --method gere --gere_replay R --out DIR
-                                            fine-tune a task sequence, evaluate each stage
-
-Every gere_* setting has the spelling of config.py (--gere_replay_size, ...) in every command; the old
-spellings (--size, --replay-size, ...) still work and print a deprecation note. `gere COMMAND --help`
-lists a command's flags.
-"""
+"""``gere build-replay``, ``gere cache-states`` and ``gere keys``: the replay file, the base-model state cache
+and the table of every ``gere_*`` key."""
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import logging
-import sys
-from typing import Optional
 
-from .config import GeReConfigError
+from ..config import GeReConfigError
+
+__all__ = ["BUILD_REPLAY_KEYS", "CACHE_KEYS", "build_replay_main", "cache_states_main", "keys_main"]
 
 #: The gere_* keys `gere build-replay` reads (the rest of its flags are not settings of the trainers).
 BUILD_REPLAY_KEYS = ("gere_replay_size", "gere_seed", "gere_replay_text_field", "gere_replay_split")
@@ -34,10 +18,11 @@ CACHE_KEYS = (
 )  # fmt: skip
 
 
-def _build_replay(argv: list[str]) -> int:
-    from .commands import add_deprecated_flag, add_field_flags
-    from .config import GeReArguments
-    from .replay import build_replay_file
+def build_replay_main(argv: list[str]) -> int:
+    """`gere build-replay`: sample a general replay set from a corpus into a jsonl file."""
+    from ..config import GeReArguments
+    from ..replay import build_replay_file
+    from .flags import add_deprecated_flag, add_field_flags
 
     p = argparse.ArgumentParser(prog="gere build-replay", description="Sample a general replay set into a jsonl file.")
     p.add_argument("--from", dest="corpus", required=True, help="jsonl/json/parquet/txt file or folder, datasets folder or id")
@@ -58,9 +43,10 @@ def _build_replay(argv: list[str]) -> int:
     return 0
 
 
-def _cache_states(argv: list[str]) -> int:
-    from .commands import add_field_flags, add_ignored_flags, check_model_source, load_tokenizer_and_config
-    from .config import GeReArguments, gere_fields
+def cache_states_main(argv: list[str]) -> int:
+    """`gere cache-states`: build (or reuse, or with --force replace) the base-model state cache."""
+    from ..config import GeReArguments, gere_fields
+    from .flags import add_field_flags, add_ignored_flags, check_model_source, load_tokenizer_and_config
 
     p = argparse.ArgumentParser(
         prog="gere cache-states",
@@ -89,8 +75,9 @@ def _cache_states(argv: list[str]) -> int:
     gere_args = GeReArguments(**{k: getattr(a, k) for k in CACHE_KEYS})
     source = check_model_source(a.model, "--model")
 
-    from .replay import ReplaySet
-    from .states import check_layer_indices, ensure_state_cache, hidden_size_of, state_cache_folder
+    from ..model.introspection import hidden_size_of
+    from ..replay import ReplaySet
+    from ..states import check_layer_indices, ensure_state_cache, state_cache_folder
 
     folder = state_cache_folder(gere_args.gere_state_cache, a.output_dir)
     tok, config = load_tokenizer_and_config(source, "--model")
@@ -101,11 +88,12 @@ def _cache_states(argv: list[str]) -> int:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .states import build_state_cache
+        from ..model.introspection import pad_token_id
+        from ..states import build_state_cache
 
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, a.dtype)).to(device)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_token_id(tok)
         return build_state_cache(model, replay, gere_args.gere_layers, gere_args.gere_sigma,
                                  gere_args.gere_state_batch_size, pad,
                                  extra_meta={"base_model": a.model, "built_by": "gere cache-states"})
@@ -128,8 +116,9 @@ def _cache_states(argv: list[str]) -> int:
     return 0
 
 
-def _keys(argv: list[str]) -> int:
-    from .config import keys_markdown
+def keys_main(argv: list[str]) -> int:
+    """`gere keys`: print the gere_* key table, or check that a file holds the current one."""
+    from ..config import keys_markdown
 
     p = argparse.ArgumentParser(prog="gere keys", description="Print (or check a file's copy of) the gere_* key table.")
     p.add_argument("--check", help="file whose table must equal the generated one (e.g. README.md)")
@@ -148,51 +137,3 @@ def _keys(argv: list[str]) -> int:
         return 0
     print(table, end="")
     return 0
-
-
-def _delegate(module: str, func: str, argv: list[str]) -> int:
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        print(f"this subcommand needs extra packages: {e}. Install with `pip install gere-plugin[eval]`.", file=sys.stderr)
-        return 2
-    return int(getattr(mod, func)(argv) or 0)
-
-
-COMMANDS = {
-    "build-replay": _build_replay,
-    "cache-states": _cache_states,
-    "keys": _keys,
-    "evaluate": lambda argv: _delegate("gere_plugin.evaluation.cli", "evaluate_main", argv),
-    "report": lambda argv: _delegate("gere_plugin.evaluation.cli", "report_main", argv),
-    "sequence": lambda argv: _delegate("gere_plugin.sequence_cli", "sequence_main", argv),
-}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Run one ``gere`` command; returns the exit status (2 for bad input, with a message, no traceback)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    command = argv[0]
-    if command not in COMMANDS:
-        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
-        hint = f" Did you mean `gere {close[0]}`?" if close else ""
-        print(f"gere: unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)} "
-              "(`gere --help` says what each does).", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return COMMANDS[command](argv[1:])
-    except GeReConfigError as e:
-        print(f"gere {command}: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # argparse: --help (0) or a flag it could not parse (2, message printed)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

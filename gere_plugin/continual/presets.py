@@ -1,0 +1,110 @@
+"""The method presets of a continual sequence (:data:`METHODS`, see :mod:`gere_plugin.continual` for the table),
+their strengths, and one task of a sequence (:class:`SequenceTask`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..evaluation.tasks import ClassificationItem
+
+__all__ = ["EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT",
+           "MethodSpec", "SequenceTask"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one method trains. ``replay`` is the general replay (``gere_replay``); ``task_replay`` replays
+    kept samples of the earlier tasks of the sequence (``gere_task_replay``). ``freeze_from`` is the 0-based
+    task index where freezing starts; ``gere`` holds extra ``gere_*`` keys of the method (e.g. its
+    weighting), as ``(key, value)`` pairs."""
+
+    name: str
+    replay: bool
+    regularizer: str = "tm"
+    freeze_layers: int = 0
+    freeze_embeddings: bool = False
+    freeze_from: int = 1
+    gere: tuple[tuple[str, Any], ...] = ()
+    external: Optional[str] = None  # an external baseline of gere_plugin.baselines ("sdft", "osf")
+    task_replay: bool = False
+
+    def gere_kwargs(self, task_index: int) -> dict[str, Any]:
+        """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
+        freeze = task_index >= self.freeze_from
+        out = {
+            "gere_regularizer": self.regularizer if self.replay else "none",
+            "gere_freeze_layers": self.freeze_layers if freeze else 0,
+            "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
+        }
+        out.update(dict(self.gere))  # the method's own keys (weighting, FLOW, EWC, task KL)
+        return out
+
+    @property
+    def uses(self) -> list[str]:
+        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``)."""
+        from ..config import task_methods
+
+        return task_methods(dict(self.gere))
+
+    @property
+    def needs_base_reference(self) -> bool:
+        """Whether the method compares with the ORIGINAL base model (replay l1/l2/kl, task KL)."""
+        return (self.replay and self.regularizer in ("l1", "l2", "kl")) or "task_kl" in self.uses
+
+
+#: The paper's exact TM weighting: w = CE / TM, unbounded, TM reduced over its non-zero elements.
+PAPER_WEIGHTING: tuple[tuple[str, Any], ...] = (
+    ("gere_tm_reduction", "violations"), ("gere_weight", "dynamic"), ("gere_weight_max", None),
+)
+
+#: The feature-distillation baselines keep the paper's dynamic weight whatever the package default is.
+FD_WEIGHTING: tuple[tuple[str, Any], ...] = (("gere_weight", "dynamic"), ("gere_weight_max", None))
+
+#: EWC strength of the ``ewc`` presets (not tuned on any benchmark yet: override with
+#: ``TrainSettings.gere_ewc_lambda`` / ``gere sequence --gere_ewc_lambda``).
+EWC_LAMBDA = 1000.0
+#: Task-KL weight of the ``task_kl`` preset: LLaMA-Factory's default ``asft_alpha``.
+TASK_KL_WEIGHT = 0.1
+
+METHODS: dict[str, MethodSpec] = {
+    "plain": MethodSpec("plain", replay=False, regularizer="none"),
+    "replay": MethodSpec("replay", replay=True, regularizer="none"),
+    "kl": MethodSpec("kl", replay=True, regularizer="kl", gere=FD_WEIGHTING),
+    "l1": MethodSpec("l1", replay=True, regularizer="l1", gere=FD_WEIGHTING),
+    "l2": MethodSpec("l2", replay=True, regularizer="l2", gere=FD_WEIGHTING),
+    "gere": MethodSpec("gere", replay=True, regularizer="tm"),
+    "gere_paper": MethodSpec("gere_paper", replay=True, regularizer="tm", gere=PAPER_WEIGHTING),
+    "gere_freeze": MethodSpec("gere_freeze", replay=True, regularizer="tm", freeze_layers=3, freeze_embeddings=True),
+    "flow": MethodSpec("flow", replay=False, regularizer="none", gere=(("gere_flow", True),)),
+    "ewc": MethodSpec("ewc", replay=False, regularizer="none", gere=(("gere_ewc_lambda", EWC_LAMBDA),)),
+    "task_kl": MethodSpec("task_kl", replay=False, regularizer="none", gere=(("gere_task_kl", TASK_KL_WEIGHT),)),
+    "gere_flow": MethodSpec("gere_flow", replay=True, regularizer="tm", gere=(("gere_flow", True),)),
+    "gere_ewc": MethodSpec("gere_ewc", replay=True, regularizer="tm", gere=(("gere_ewc_lambda", EWC_LAMBDA),)),
+    "sdft": MethodSpec("sdft", replay=False, regularizer="none", external="sdft"),
+    "osf": MethodSpec("osf", replay=False, regularizer="none", external="osf"),
+    "gere_er": MethodSpec("gere_er", replay=True, regularizer="tm", task_replay=True),
+    "replay_er": MethodSpec("replay_er", replay=True, regularizer="none", task_replay=True),
+    "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
+}
+
+#: TrainSettings fields that override a preset's strength (only for presets that use the key).
+STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl"}
+
+
+@dataclass
+class SequenceTask:
+    """One task of the sequence: TRL SFT rows (prompt/completion or text) and label-word test items.
+
+    ``dev`` holds held-out items for choosing hyper-parameters (never the test items); may be empty.
+    """
+
+    name: str
+    train: list[dict[str, str]]
+    test: list[ClassificationItem]
+    dev: list[ClassificationItem] = field(default_factory=list)
+
+    @classmethod
+    def from_label_task(cls, task: Any) -> SequenceTask:
+        """From an :class:`gere_plugin.assets.LabelTask` (or anything with name/train/test[/dev])."""
+        return cls(name=task.name, train=list(task.train), test=list(task.test), dev=list(getattr(task, "dev", [])))

@@ -1,0 +1,118 @@
+"""One stage of a sequence, before and after training: evaluation (:func:`evaluate_stage`), the model's
+fingerprint, the state cache's identity, loading the model and tokenizer, and what is kept of the
+trainer's logs and monitor."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..evaluation.general import GeneralEvalConfig, evaluate_general
+from ..evaluation.tasks import label_accuracy
+from .presets import SequenceTask
+
+__all__ = ["cache_state", "evaluate_stage", "load_model", "load_tokenizer", "model_fingerprint", "monitor_record",
+           "train_history"]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) over every parameter and buffer, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_state(folder: Optional[Path]) -> dict[str, Any]:
+    """Existence, mtime and content hash of a state cache's ``meta.json`` (to prove reuse)."""
+    if folder is None:
+        return {"exists": False}
+    meta = Path(folder) / "meta.json"
+    if not meta.is_file():
+        return {"exists": False}
+    return {
+        "exists": True,
+        "mtime_ns": meta.stat().st_mtime_ns,
+        "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()[:16],
+    }
+
+
+def evaluate_stage(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[SequenceTask],
+    general: Optional[GeneralEvalConfig],
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Accuracy on every task's test items and (when ``general`` is given) general ability.
+
+    ``majority_share[task]`` is the share of the most frequent predicted label (1.0 = the model
+    answers every item with the same label word, i.e. it learned the label prior, not the task).
+    """
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"tasks": {}, "majority_share": {}}
+    for task in tasks:
+        res = label_accuracy(model, tokenizer, task.test, batch_size=batch_size)
+        out["tasks"][task.name] = res["accuracy"]
+        # share of the most frequent prediction: near 1.0 means the model collapsed onto one label
+        counts = [res["predictions"].count(k) for k in set(res["predictions"])]
+        out["majority_share"][task.name] = max(counts) / len(res["predictions"])
+    if general is not None:
+        out["general"] = evaluate_general(model, tokenizer, general)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def load_model(model: Union[str, Path, torch.nn.Module]) -> torch.nn.Module:
+    if isinstance(model, torch.nn.Module):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+
+
+def load_tokenizer(tokenizer: Any, model: Union[str, Path, torch.nn.Module]) -> Any:
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    src = tokenizer if tokenizer is not None else model
+    if isinstance(src, torch.nn.Module):
+        raise ValueError("pass tokenizer= when model is an in-memory model")
+    tok = AutoTokenizer.from_pretrained(str(src))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from ..monitor import METRIC_KEYS as MONITOR_METRICS
+
+    keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
+            "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce",
+            "gere/task_replay_rows", "gere/task_ce", "gere/flow_weight", "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty",
+            "train_runtime", "train_loss", *MONITOR_METRICS)
+    return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]
+
+
+def monitor_record(trainer: Any) -> Optional[dict[str, Any]]:
+    """What the stage's forgetting monitor scored and what its passes cost (``None`` without a monitor)."""
+    monitor = getattr(trainer, "gere_monitor", None)
+    if monitor is None:
+        return None
+    return {
+        "source": monitor.texts.source,
+        "texts": len(monitor.texts.texts),
+        "tokens": monitor.texts.num_tokens,
+        "task_rows": monitor.num_task_rows,
+        "every": monitor.every,
+        "pass_seconds": [[step, seconds] for step, seconds in monitor.seconds],
+        "tripped": monitor.tripped,
+    }
