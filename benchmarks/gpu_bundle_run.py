@@ -120,7 +120,8 @@ def targets(check: Optional[dict[str, Any]], scale: Optional[dict[str, Any]]) ->
     for key, val in checks.items():
         if val["kind"] == "performance" and val["target"] != "(reported)":
             out[f"gpu_check.{key}"] = dict(val)
-    for section, label in (("qlora_sft", "4-bit"), ("lora_dpo", "bf16")):
+    dtype = ((check or {}).get("settings") or {}).get("dtype", "bfloat16")
+    for section, label in (("qlora_sft", "4-bit"), ("lora_dpo", dtype)):
         mine = {k: v for k, v in checks.items() if k.startswith(section + ".") and v["kind"] == "correctness"}
         status = ((check or {}).get("sections") or {}).get(section, {}).get("status")
         ok = None if not mine else all(v["pass"] for v in mine.values())

@@ -125,11 +125,11 @@ def _memory(device: str) -> dict[str, Optional[int]]:
 
 def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the model and one variant's trainer, run warm-up + timed steps, report time, memory, tokens/s."""
+    import throughput as tp  # type: ignore[import-not-found]
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    import throughput as tp  # type: ignore[import-not-found]
     from gere_plugin import GeReSFTConfig, GeReSFTTrainer
 
     shape, variant, device = spec["shape"], spec["variant"], spec["device"]
@@ -192,10 +192,10 @@ def run_state_build(spec: dict[str, Any]) -> dict[str, Any]:
     from types import SimpleNamespace
 
     import numpy as np
+    import throughput as tp  # type: ignore[import-not-found]
     import torch
     from transformers import AutoTokenizer
 
-    import throughput as tp  # type: ignore[import-not-found]
     from gere_plugin.replay import ReplaySet
     from gere_plugin.states import build_state_cache
 
