@@ -430,12 +430,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         "lora_dpo": lambda: lora_dpo(mode, folder, replay_file, work),
         "performance": lambda: performance(mode, folder, replay_file, task_texts, work),
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name, fn in sections.items():
         if name in wanted:
             result["sections"][name] = run_section(name, fn)
+            # written after every section: a run killed by a time limit keeps what it measured
+            result["checks"] = checks(result)
+            result["wall_seconds"] = time.time() - t0
+            out.write_text(json.dumps(result, indent=1, default=str))
     result["checks"] = checks(result)
     result["wall_seconds"] = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {out} in {result['wall_seconds']:.0f}s")
     for k, v in result["checks"].items():
