@@ -5,7 +5,7 @@ Commands:
                                             sample a replay file from any corpus
     gere cache-states --model DIR --gere_replay replay.jsonl --gere_state_cache DIR [--force]
                                             build the base-model state cache (reuse / refuse / replace)
-    gere keys [--check README.md]           the table of every gere_* key
+    gere keys [--check docs/configuration.md]         the table of every gere_* key
     gere evaluate ... / gere report ...     evaluation (see docs/evaluation.md)
     gere sequence --model DIR --task NAME TRAIN TEST ... --method gere --gere_replay R --out DIR
                                             fine-tune a task sequence, evaluate each stage

@@ -121,7 +121,7 @@ def keys_main(argv: list[str]) -> int:
     from ..config import keys_markdown
 
     p = argparse.ArgumentParser(prog="gere keys", description="Print (or check a file's copy of) the gere_* key table.")
-    p.add_argument("--check", help="file whose table must equal the generated one (e.g. README.md)")
+    p.add_argument("--check", help="file whose table must equal the generated one (e.g. docs/configuration.md)")
     a = p.parse_args(argv)
     table = keys_markdown()
     if a.check:
