@@ -14,7 +14,6 @@ from .cache.folders import (  # noqa: F401
     META,
     STATE_CACHE,
     THRESHOLDS,
-    CacheFolderError,
     CacheKind,
     StateCacheError,
     check_replaceable,

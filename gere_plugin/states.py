@@ -11,7 +11,6 @@ from .cache.folders import (  # noqa: F401
     META,
     STATE_CACHE,
     THRESHOLDS,
-    CacheFolderError,
     CacheKind,
     StateCacheError,
     check_replaceable,
@@ -20,13 +19,10 @@ from .cache.folders import (  # noqa: F401
 )
 from .cache.io import (  # noqa: F401
     CachePlan,
-    CacheWriteError,
     load_verified_meta,
-    owner_tag,
     plan_folder,
     remove_stale_temporaries,
     save_folder_atomically,
-    write_file_atomically,
 )
 from .cache.labels import (  # noqa: F401
     INACTIVE,

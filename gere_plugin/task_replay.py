@@ -88,7 +88,7 @@ class TaskReplay:
                       head: Optional[LogitHead] = None, chunk: int = 0, min_chunks: int = 0) -> torch.Tensor:
         """Token-mean CE over the target tokens of ``rows`` (one forward).
 
-        With ``head`` (the model's logit head, :mod:`gere_plugin.logits`) the forward returns hidden states
+        With ``head`` (the model's logit head, :mod:`gere_plugin.ops.logits`) the forward returns hidden states
         only and the CE is taken ``chunk`` tokens at a time, never building full-vocabulary logits; without
         it, from the model's logits. ``min_chunks``: head calls to make at least (sharded heads)."""
         batch = self.rows.collate(rows, pad_token_id, device=device)

@@ -159,7 +159,7 @@ def os_failure(err: BaseException) -> Optional[tuple[Optional[int], str]]:
 
 def _fix(code: Optional[int], key: Optional[str]) -> str:
     elsewhere = f"point {key} at a folder" if key else "choose a folder"
-    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
         return f"Free space (or quota) on that file system, or {elsewhere} on a disk with room."
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"Make that folder writable by this user, or {elsewhere} that is writable."
