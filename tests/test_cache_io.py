@@ -20,11 +20,11 @@ import pytest
 
 from gere_plugin.cache import io as cache_io
 from gere_plugin.cache import state_cache as state_cache_module
-from gere_plugin.cache.folders import META, STATE_CACHE, CacheFolderError, CacheKind
+from gere_plugin.cache.folders import META, STATE_CACHE, CacheFolderError, CacheKind, StateCacheError
 from gere_plugin.cache.io import CacheWriteError, os_failure, save_folder_atomically, write_file_atomically
+from gere_plugin.cache.state_cache import StateCache, build_state_cache, ensure_state_cache
 from gere_plugin.config import GeReConfigError
-from gere_plugin.replay import ReplaySet
-from gere_plugin.states import StateCache, StateCacheError, build_state_cache, ensure_state_cache
+from gere_plugin.data.replay_set import ReplaySet
 
 from .conftest import general_texts
 
@@ -68,7 +68,9 @@ def full_disk_write(tmp: Path) -> None:
 # save_folder_atomically
 # ---------------------------------------------------------------------------------------------
 def test_error_classes() -> None:
-    assert StateCacheError is CacheFolderError
+    import gere_plugin.states
+
+    assert StateCacheError is CacheFolderError is gere_plugin.states.StateCacheError
     assert issubclass(CacheWriteError, StateCacheError) and issubclass(CacheWriteError, GeReConfigError)
 
 

@@ -13,6 +13,7 @@ from .introspection import num_hidden_states_of
 
 
 def _select_hidden(hidden_states: Sequence[torch.Tensor], layers: Sequence[int]) -> list[torch.Tensor]:
+    """``[hidden_states[i] for i in layers]``; an index the forward did not return is a config error."""
     n = len(hidden_states)
     out = []
     for i in layers:
