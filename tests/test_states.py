@@ -82,9 +82,9 @@ def test_save_removes_temporaries_of_dead_processes_only(tmp_path, tiny_model, r
     import subprocess
     import sys
 
-    from gere_plugin.states import _owner_tag
+    from gere_plugin.cache.io import owner_tag
 
-    host = _owner_tag().rsplit("-", 1)[0]
+    host = owner_tag().rsplit("-", 1)[0]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is no longer running
     killed = tmp_path / f".c.tmp-{host}-{dead.pid}-deadbeef"
