@@ -162,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import GeReArguments
-    from .replay import ReplaySet
+    from .data.replay_set import ReplaySet
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     # The cache folder is named after the replay fingerprint, so a cache left by an older version

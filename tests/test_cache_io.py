@@ -296,3 +296,30 @@ def test_state_cache_on_a_full_disk(tmp_path: Path, tiny_model: Any, tiny_tokeni
     assert StateCache.load(folder).meta["replay_fingerprint"] == replay.fingerprint
     assert ensure().action == "reuse"
     assert STATE_CACHE.key == "gere_state_cache"
+
+
+def test_kept_earlier_task_rows_disk_full_names_the_folder_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: Any, tiny_tokenizer: Any
+) -> None:
+    """The sequence runner's kept earlier-task rows go through the same atomic writer: a disk-full write
+    stops with a CacheWriteError that names the file's folder, and no file or temporary is left."""
+    from gere_plugin.continual import SequenceTask, TrainSettings
+    from gere_plugin.continual.task_rows import keep_task_sample
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rows = [{"prompt": f"review {i} was", "completion": " good"} for i in range(6)]
+    task = SequenceTask(name="sst2", train=rows, test=[])
+    folder = tmp_path / "task_replay"
+    monkeypatch.setattr(cache_io.os, "fsync", full)
+    with pytest.raises(CacheWriteError) as info:
+        keep_task_sample(task, tiny_tokenizer, TrainSettings(completion_eos=False), seed=0, index=0, folder=folder)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert str(folder) in message and "No space left on device" in message and "Nothing was written" in message
+    assert list(folder.iterdir()) == []
+    # the same call without the failure writes the rows (the failure above was the only difference)
+    path, kept = keep_task_sample(task, tiny_tokenizer, TrainSettings(completion_eos=False), seed=0, index=0,
+                                  folder=folder)
+    assert kept == min(TrainSettings().gere_task_replay_size, 6) and len(path.read_text().splitlines()) == kept

@@ -99,10 +99,10 @@ def no_forward(monkeypatch: Any) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("build_state_cache ran although the folder had to be refused first")
 
-    import gere_plugin.states
+    import gere_plugin.cache.state_cache
     import gere_plugin.trainer.resources
 
-    monkeypatch.setattr(gere_plugin.states, "build_state_cache", forbidden)
+    monkeypatch.setattr(gere_plugin.cache.state_cache, "build_state_cache", forbidden)
     monkeypatch.setattr(gere_plugin.trainer.resources, "build_state_cache", forbidden)
 
 

@@ -44,7 +44,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from ..config import GeReConfigError, gere_value_problems, resolve_replay_per_step
-from ..mixing import uneven_micro_batches
+from ..data.schedule import uneven_micro_batches
 from .args import PLUGIN_PATH, PLUGIN_PATHS, check_gere_request, is_gere_plugin_entry
 from .compat import AxolotlFacts, axolotl_facts
 
@@ -355,7 +355,7 @@ def cache_folder_problems(data: Mapping) -> list[str]:
     (A replay file or EWC state that does not exist yet is not reported: recipes are checked before the
     replay file is built or the previous task has run, and training names a missing one before any model work.)
     """
-    from ..cache_folder import (
+    from ..cache.folders import (
         DEFAULT_EWC_FOLDER,
         DEFAULT_FLOW_FOLDER,
         EWC_STATE,

@@ -59,7 +59,7 @@ def _load_axolotl_cfg(config: str, overrides: Optional[dict] = None) -> Any:
 
 def state_cache_dir(cfg: Any) -> Path:
     """Where training looks for the state cache: ``gere_state_cache`` or ``<output_dir>/gere_states``."""
-    from ..states import state_cache_folder
+    from ..cache.folders import state_cache_folder
 
     return state_cache_folder(cfg.get("gere_state_cache"), cfg.get("output_dir"))
 
@@ -88,10 +88,11 @@ def build_cache(config: str, force: bool = False, overrides: Optional[dict] = No
     """
     import torch
 
-    from ..commands import check_model_source
+    from ..cache.state_cache import build_state_cache, ensure_state_cache
+    from ..cli.flags import check_model_source
+    from ..data.replay_set import ReplaySet
+    from ..model.hidden import check_layer_indices
     from ..model.introspection import is_peft, pad_token_id, tokenizer_of
-    from ..replay import ReplaySet
-    from ..states import build_state_cache, check_layer_indices, ensure_state_cache
     from .args import gere_arguments_from_cfg
     from .check import load_config_mapping
 

@@ -21,7 +21,7 @@ CACHE_KEYS = (
 def build_replay_main(argv: list[str]) -> int:
     """`gere build-replay`: sample a general replay set from a corpus into a jsonl file."""
     from ..config import GeReArguments
-    from ..replay import build_replay_file
+    from ..data.replay_set import build_replay_file
     from .flags import add_deprecated_flag, add_field_flags
 
     p = argparse.ArgumentParser(prog="gere build-replay", description="Sample a general replay set into a jsonl file.")
@@ -75,9 +75,11 @@ def cache_states_main(argv: list[str]) -> int:
     gere_args = GeReArguments(**{k: getattr(a, k) for k in CACHE_KEYS})
     source = check_model_source(a.model, "--model")
 
+    from ..cache.folders import state_cache_folder
+    from ..cache.state_cache import ensure_state_cache
+    from ..data.replay_set import ReplaySet
+    from ..model.hidden import check_layer_indices
     from ..model.introspection import hidden_size_of
-    from ..replay import ReplaySet
-    from ..states import check_layer_indices, ensure_state_cache, state_cache_folder
 
     folder = state_cache_folder(gere_args.gere_state_cache, a.output_dir)
     tok, config = load_tokenizer_and_config(source, "--model")
@@ -88,8 +90,8 @@ def cache_states_main(argv: list[str]) -> int:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from ..cache.state_cache import build_state_cache
         from ..model.introspection import pad_token_id
-        from ..states import build_state_cache
 
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, a.dtype)).to(device)

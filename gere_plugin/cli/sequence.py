@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import GeReConfigError
-from ..replay import read_jsonl_objects
+from ..data.sources import read_jsonl_objects
 
 __all__ = ["load_test_items", "load_train_rows", "sequence_main", "sequence_parser"]
 

@@ -122,7 +122,7 @@ def build_trainer(
     method's keys (:func:`stage_gere_keys`)."""
     from datasets import Dataset
 
-    from ..sft import GeReSFTConfig
+    from ..trainer.sft import GeReSFTConfig
 
     rows = task.train if settings.completion_eos else tokenized_without_eos(task.train, tokenizer)
     if method.external is not None:
@@ -148,7 +148,7 @@ def build_trainer(
 
 def _make_trainer(model: torch.nn.Module, tokenizer: Any, cfg: Any, ds: Any, method: MethodSpec,
                   ref_model: Optional[torch.nn.Module]) -> Any:
-    from ..sft import GeReSFTTrainer
+    from ..trainer.sft import GeReSFTTrainer
 
     # l1/l2/kl and the task KL: the reference is the ORIGINAL base model, not this task's starting weights.
     return GeReSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tokenizer,
@@ -380,7 +380,7 @@ def run_sequence(
     check_sequence(tasks, spec, settings)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from ..cache_folder import state_cache_folder
+    from ..cache.folders import state_cache_folder
 
     cache = state_cache_folder(state_cache, out_dir)  # the trainers' default-folder rule
     tok = load_tokenizer(tokenizer, model)

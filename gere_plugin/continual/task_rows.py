@@ -4,11 +4,11 @@ earlier-task replay keep (:func:`keep_task_sample`)."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..cache.io import write_file_atomically
 from .presets import SequenceTask
 from .settings import TrainSettings
 
@@ -37,7 +37,7 @@ def tokenized_for_training(rows: Sequence[dict[str, str]], tokenizer: Any, setti
     (:func:`tokenized_without_eos`) or, with ``completion_eos``, TRL's own rules (EOS appended)."""
     if not settings.completion_eos:
         return tokenized_without_eos(rows, tokenizer)
-    from ..task_replay import Tokenization, tokenize_row
+    from ..data.task_rows import Tokenization, tokenize_row
 
     out = []
     for row in rows:
@@ -60,12 +60,9 @@ def keep_task_sample(task: SequenceTask, tokenizer: Any, settings: TrainSettings
     n = min(settings.gere_task_replay_size, len(task.train))
     chosen = sorted(np.random.default_rng([seed, index]).choice(len(task.train), size=n, replace=False).tolist())
     rows = tokenized_for_training([task.train[i] for i in chosen], tokenizer, settings)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{index}_{task.name}.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    # a failed write (disk full, no permission) stops here, naming the folder, with nothing left there
+    write_file_atomically(path, "".join(json.dumps(row) + "\n" for row in rows), "the kept earlier-task rows",
+                          key="--out")
     return path, n
 

@@ -27,7 +27,7 @@ def read_texts(path: str | Path, field: str = "text", limit: Optional[int] = Non
     :class:`~gere_plugin.GeReConfigError` naming ``owner`` (the flag), the file and the line.
     """
     from ..config import GeReConfigError
-    from ..replay import read_jsonl_objects
+    from ..data.sources import read_jsonl_objects
 
     p = Path(path)
     if not p.is_file():
@@ -86,7 +86,7 @@ def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lm-eval-tasks", nargs="*", default=[], help="lm-evaluation-harness tasks (optional)")
     parser.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args(argv)
-    from ..commands import check_model_source, load_tokenizer_and_config
+    from ..cli.flags import check_model_source, load_tokenizer_and_config
     from ..config import GeReConfigError
 
     if not (args.ppl or args.cloze or args.lm_eval_tasks):

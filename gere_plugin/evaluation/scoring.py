@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from ..model.introspection import model_device, pad_token_id
-from ..padding import pad_sequences
+from ..ops.padding import pad_sequences
 
 __all__ = [
     "ContinuationScore",

@@ -34,11 +34,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..cache_folder import DEFAULT_EWC_FOLDER, EWC_STATE, EWC_TENSORS, StateCacheError, run_folder
+from ..cache.folders import DEFAULT_EWC_FOLDER, EWC_STATE, EWC_TENSORS, StateCacheError, run_folder
 from ..config import GeReConfigError
 from ..data.trainer_rows import FORWARD_KEYS, dataset_rows
-from ..losses import per_row_ce
 from ..model.introspection import is_sharded
+from ..ops.losses import per_row_ce
 from .base import Term, register
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class EWCState:
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from ..states import save_folder_atomically
+        from ..cache.io import save_folder_atomically
 
         def write(tmp: Path) -> None:
             tensors = {f"fisher.{k}": v.detach().float().cpu().contiguous() for k, v in self.fisher.items()}
@@ -140,7 +140,7 @@ class EWCState:
     def load(cls, folder: str | Path) -> EWCState:
         from safetensors.torch import load_file
 
-        from ..states import load_verified_meta
+        from ..cache.io import load_verified_meta
 
         folder = Path(folder)
         if not folder.is_dir():

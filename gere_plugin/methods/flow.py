@@ -36,10 +36,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..cache_folder import DEFAULT_FLOW_FOLDER, FLOW_CACHE, FLOW_LOSSES, StateCacheError, run_folder
+from ..cache.folders import DEFAULT_FLOW_FOLDER, FLOW_CACHE, FLOW_LOSSES, StateCacheError, run_folder
 from ..config import GeReConfigError
 from ..data.trainer_rows import COLLATOR_COLUMNS, FORWARD_KEYS, task_batches  # noqa: F401 (older import path)
-from ..losses import per_row_ce
+from ..ops.losses import per_row_ce
 from .base import TaskBatch, TaskLossPart, Term, register
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class FlowTable:
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from ..states import save_folder_atomically
+        from ..cache.io import save_folder_atomically
 
         def write(tmp: Path) -> None:
             save_file(
@@ -217,7 +217,7 @@ class FlowTable:
         """Load a cache and check it was built for this model, tokenizer and task rows (``expect``)."""
         from safetensors.torch import load_file
 
-        from ..states import load_verified_meta
+        from ..cache.io import load_verified_meta
 
         advice = f"Delete {folder} or point gere_flow_cache at a new folder: FLOW rebuilds it from the model."
         meta = load_verified_meta(folder, FLOW_CACHE, FLOW_FORMAT_VERSION, advice)
@@ -269,8 +269,8 @@ def prepare_flow(trainer: Any, gere_args: Any, model: torch.nn.Module) -> tuple[
     """Reuse or build the base losses of the trainer's task samples; returns the table (weights ready)
     and what happened to the cache (``reused`` / ``built``). The main process builds and writes; the
     other ranks wait and load (``main_process_first``)."""
-    from ..replay import tokenizer_fingerprint
-    from ..states import plan_folder
+    from ..cache.io import plan_folder
+    from ..data.replay_set import tokenizer_fingerprint
 
     folder = flow_folder(gere_args, trainer.args.output_dir)
     dataset, collator = trainer.train_dataset, trainer.data_collator

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 
 from ..config import GeReConfigError
-from ..logits import chunked_kl, kl_chunk_tokens
-from ..losses import kl_loss, masked_feature_loss, tm_loss
 from ..model.introspection import autocast_of, unwrap
 from ..model.reference import base_forward
+from ..ops.logits import chunked_kl, kl_chunk_tokens
+from ..ops.losses import kl_loss, masked_feature_loss, tm_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer.resources import Resources

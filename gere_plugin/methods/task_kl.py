@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from ..losses import per_row_kl
 from ..model.introspection import unwrap
 from ..model.reference import Reference
+from ..ops.losses import per_row_kl
 from .base import TaskBatch, TaskLossPart, Term, register
 
 if TYPE_CHECKING:  # pragma: no cover

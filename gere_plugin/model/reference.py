@@ -102,7 +102,7 @@ def base_forward(reference: Reference, model: torch.nn.Module, input_ids: torch.
                  layers: list[int], need_logits: bool) -> Any:
     """``forward_hidden`` of the reference without gradients: its own module, or ``model`` (unwrapped,
     PEFT) with adapters disabled."""
-    from ..states import forward_hidden
+    from .hidden import forward_hidden
 
     with torch.no_grad():
         if reference.module is not None:

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ..losses import tm_loss
+from ..cache.labels import label_states, pack_trits, unpack_trits
 from ..model.introspection import pad_token_id, unwrap, world_of
-from ..states import label_states, pack_trits, unpack_trits
+from ..ops.losses import tm_loss
 from .kl import rest_logmass, topk_kl
 from .texts import MonitorError, PaddedBatch, check_disjoint, load_monitor_texts, make_batches, task_sample
 

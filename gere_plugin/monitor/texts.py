@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..config import GeReConfigError
+from ..data.sources import ReplayError, extract_texts, load_records
 from ..evaluation.scoring import encode_texts
-from ..replay import ReplayError, extract_texts, load_records
 
 logger = logging.getLogger("gere_plugin.monitor")
 

@@ -18,10 +18,10 @@ module                 what it holds
 The names below were importable from ``gere_plugin.trainer`` when it was one module; they stay importable.
 """
 
-from ..mixing import uneven_micro_batches  # noqa: F401
+from ..cache.state_cache import build_state_cache  # noqa: F401
+from ..data.schedule import uneven_micro_batches  # noqa: F401
 from ..model.introspection import autocast_of, is_peft, is_sharded, tokenizer_of, unwrap  # noqa: F401
 from ..model.reference import check_ref_model, frozen_copy  # noqa: F401
-from ..states import build_state_cache  # noqa: F401
 from .announce import announce, describe_gere  # noqa: F401
 from .checkpoint import GERE_STATE_FILE, GeReCheckpointCallback, check_resume  # noqa: F401
 from .diagnostics import grad_balance  # noqa: F401

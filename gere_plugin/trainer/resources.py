@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..cache.folders import state_cache_folder
+from ..cache.state_cache import StateCache, build_state_cache, ensure_state_cache
 from ..config import (
     GeReConfigError,
     parse_weight,
@@ -29,11 +31,12 @@ from ..config import (
     resolve_task_replay_per_step,
     task_methods,
 )
-from ..logits import LogitHead, chunk_tokens, head_mismatch, replay_logit_head
+from ..data.replay_set import ReplaySet
+from ..data.schedule import ReplaySchedule, uneven_micro_batches
 from ..methods.base import Term, task_terms, term_class
 from ..methods.regularizers import Regularizer, regularizer_class
-from ..mixing import ReplaySchedule, uneven_micro_batches
 from ..model.freeze import check_freeze_depth, freeze_bottom, prepare_for_gradient_checkpointing
+from ..model.hidden import check_layer_indices
 from ..model.introspection import (
     hidden_size_of,
     is_peft,
@@ -45,14 +48,7 @@ from ..model.introspection import (
     world_of,
 )
 from ..model.reference import Reference, check_ref_model, resolve_reference
-from ..replay import ReplaySet
-from ..states import (
-    StateCache,
-    build_state_cache,
-    check_layer_indices,
-    ensure_state_cache,
-    state_cache_folder,
-)
+from ..ops.logits import LogitHead, chunk_tokens, head_mismatch, replay_logit_head
 from .families import LossFamily, family_for, prompts_per_step
 from .scaling import forward_collectives
 from .task_terms import TaskTerms, check_task_methods

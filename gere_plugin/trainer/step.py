@@ -27,12 +27,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..logits import chunked_token_ce, kl_chunk_tokens, num_chunks
-from ..losses import replay_ce_weight, resolve_weight, token_ce
+from ..data.schedule import ReplaySchedule
 from ..methods.regularizers import ReplayBatch
-from ..mixing import ReplaySchedule
+from ..model.hidden import forward_hidden
 from ..model.introspection import autocast_of, is_sharded, unwrap
-from ..states import forward_hidden
+from ..ops.logits import chunked_token_ce, kl_chunk_tokens, num_chunks
+from ..ops.losses import replay_ce_weight, resolve_weight, token_ce
 from .diagnostics import grad_balance
 from .metrics import MetricBuffer
 from .resources import Resources

@@ -31,8 +31,8 @@ import torch
 
 from ..config import GeReConfigError
 from ..data.trainer_rows import FORWARD_KEYS
-from ..losses import per_row_ce
 from ..methods.base import TaskBatch, Term, task_terms
+from ..ops.losses import per_row_ce
 from .metrics import MetricBuffer
 from .scaling import step_scaling
 
