@@ -52,11 +52,13 @@ class Tokenization:
         )
 
 
-def _is_chat(value: Any) -> bool:
+def is_chat(value: Any) -> bool:
+    """A chat conversation: a non-empty list of message dicts with a ``role``."""
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def _chat_ids(tokenizer: Any, messages: list, **kwargs: Any) -> dict[str, list[int]]:
+def chat_ids(tokenizer: Any, messages: list, **kwargs: Any) -> dict[str, list[int]]:
+    """``input_ids`` (and ``assistant_masks`` when asked) of ``messages`` through the chat template."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
     return {k: list(v) for k, v in out.items() if k in ("input_ids", "assistant_masks")}
 
@@ -101,9 +103,9 @@ def tokenize_row(row: dict, tokenizer: Any, how: Tokenization) -> Optional[tuple
     answer_key = "completion" if "completion" in row else ("chosen" if "chosen" in row else None)
     if "prompt" in row and answer_key is not None:
         prompt, answer = row["prompt"], row[answer_key]
-        if _is_chat(prompt) and _is_chat(answer):
-            prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
-            full = _chat_ids(tokenizer, prompt + answer, return_assistant_tokens_mask=how.assistant_only)
+        if is_chat(prompt) and is_chat(answer):
+            prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+            full = chat_ids(tokenizer, prompt + answer, return_assistant_tokens_mask=how.assistant_only)
             ids = full["input_ids"]
         elif isinstance(prompt, str) and isinstance(answer, str):
             prompt_ids = list(tokenizer(text=prompt)["input_ids"])
@@ -118,8 +120,8 @@ def tokenize_row(row: dict, tokenizer: Any, how: Tokenization) -> Optional[tuple
         if "assistant_masks" in full:
             mask = [int(a and b) for a, b in zip(mask, full["assistant_masks"])]
         return ids, mask
-    if _is_chat(row.get("messages")):
-        full = _chat_ids(tokenizer, row["messages"], return_assistant_tokens_mask=how.assistant_only)
+    if is_chat(row.get("messages")):
+        full = chat_ids(tokenizer, row["messages"], return_assistant_tokens_mask=how.assistant_only)
         ids = full["input_ids"]
         return ids, list(full.get("assistant_masks", [1] * len(ids)))
     text = row.get(how.text_field)

@@ -22,10 +22,11 @@ import torch
 from transformers import TrainerCallback
 
 from ..cache.labels import label_states, pack_trits, unpack_trits
+from ..data.trainer_rows import task_sample
 from ..model.introspection import pad_token_id, unwrap, world_of
 from ..ops.losses import tm_loss
 from .kl import rest_logmass, topk_kl
-from .texts import MonitorError, PaddedBatch, check_disjoint, load_monitor_texts, make_batches, task_sample
+from .texts import MonitorError, PaddedBatch, check_disjoint, load_monitor_texts, make_batches
 
 logger = logging.getLogger("gere_plugin.monitor")
 
