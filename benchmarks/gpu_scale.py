@@ -114,9 +114,9 @@ def _sync(device: str) -> None:
 
 def _memory(device: str) -> dict[str, Optional[int]]:
     if device != "cuda":
-        import throughput as tp  # type: ignore[import-not-found]
+        from gere_plugin.continual.cost import peak_rss
 
-        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None, "peak_rss_bytes": tp.peak_rss()}
+        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None, "peak_rss_bytes": peak_rss()}
     import torch
 
     return {"peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
@@ -169,7 +169,9 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         before = int(torch.cuda.memory_allocated())
     else:
-        before = tp.reset_peak_rss()
+        from gere_plugin.continual.cost import reset_peak_rss
+
+        before = reset_peak_rss()
     for i in range(timing["warmup"] + timing["steps"]):
         stepper.step(record=i >= timing["warmup"])
     _sync(device)

@@ -39,7 +39,9 @@ WHEELS = ("trl==1.9.0", "datasets==4.8.4", "dill==0.4.1", "multiprocess==0.70.19
           "requests==2.32.5", "urllib3==2.8.0", "idna==3.20", "charset-normalizer==3.5.3",
           "certifi==2026.10.19.post1")
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_28_x86_64")
-BENCHMARKS = ("_env.py", "throughput.py", "gpu_check.py", "gpu_scale.py", "gpu_bundle_run.py")
+#: the scripts the bundle runs; the benchmark modules they import (``import throughput``, ``from _probe import``)
+#: are added by :func:`benchmark_files`, so a new helper module of theirs cannot be forgotten.
+ENTRY_SCRIPTS = ("gpu_bundle_run.py", "gpu_check.py", "gpu_scale.py")
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
 MAX_MIB = 60.0
@@ -86,13 +88,31 @@ def source_files() -> list[Path]:
     return sorted(set(files) | set(extra))
 
 
+def benchmark_files(entries: tuple[str, ...] = ENTRY_SCRIPTS) -> list[str]:
+    """``entries`` and every ``benchmarks/*.py`` module they import, directly or through each other."""
+    import ast
+
+    folder = ROOT / "benchmarks"
+    todo, seen = list(entries), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((folder / name).read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            todo += [f"{m}.py" for m in mods if "." not in m and (folder / f"{m}.py").is_file()]
+    return sorted(seen)
+
+
 def copy_source(dest: Path) -> None:
     for path in source_files():
         target = dest / path.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
     (dest / "benchmarks").mkdir(parents=True, exist_ok=True)
-    for name in BENCHMARKS:
+    for name in benchmark_files():
         shutil.copy2(ROOT / "benchmarks" / name, dest / "benchmarks" / name)
     shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
