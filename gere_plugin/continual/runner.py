@@ -286,7 +286,8 @@ class SequenceRun:
         return trainer.model
 
     def record_task_methods(self, stage: dict[str, Any], trainer: Any) -> None:
-        """What the methods without replay did (FLOW's weights, EWC's states); hands EWC's state on."""
+        """What the methods without replay did (FLOW's weights, EWC's states, WiSE-FT's interpolation); hands
+        EWC's state on."""
         task_step = getattr(trainer, "gere_task", None)
         if task_step is None:
             return
@@ -297,6 +298,9 @@ class SequenceRun:
             stage["ewc_state_used"] = str(self.ewc_state) if self.ewc_state is not None else None
             self.ewc_state = task_step.ewc.written
             stage["ewc_state_written"] = str(self.ewc_state) if self.ewc_state is not None else None
+        wise = task_step.term("wise")
+        if wise is not None:
+            stage["wise"] = dict(wise.summary)  # type: ignore[attr-defined]
 
     def keep_sample(self, k: int) -> None:
         """Keep task ``k``'s sample for the later tasks' earlier-task replay."""

@@ -61,6 +61,7 @@ class TrainSettings:
     gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
     gere_ewc_lambda: Optional[float] = _gere_field("gere_ewc_lambda", None)
     gere_task_kl: Optional[float] = _gere_field("gere_task_kl", None)
+    gere_wise_alpha: Optional[float] = _gere_field("gere_wise_alpha", None)
     gere_monitor: Optional[str] = _gere_field("gere_monitor", None)
     gere_monitor_size: int = _gere_field("gere_monitor_size", 64)
     gere_monitor_steps: int = _gere_field("gere_monitor_steps", 5)
