@@ -4,6 +4,7 @@ the key, the key's checks, the sequence presets and the dev-split choice of alph
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -237,10 +238,12 @@ def test_snapshot_copies_only_what_trains():
     assert snap["1.weight"].data_ptr() != net[1].weight.data_ptr() and torch.equal(snap["1.weight"], net[1].weight)
 
 
-def test_interpolate_returns_the_update_norm():
+def test_interpolate_returns_the_update_norm_and_leaves_the_snapshot_alone():
     p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
-    assert interpolate_({"p": p}, {"p": torch.zeros(2)}, 0.5) == pytest.approx(5.0)
-    assert p.tolist() == [1.5, 2.0]
+    before = {"p": torch.tensor([1.0, 2.0])}
+    assert interpolate_({"p": p}, before, 0.5) == pytest.approx(8**0.5)
+    assert p.tolist() == [2.0, 3.0] and before["p"].tolist() == [1.0, 2.0]  # applied again, same snapshot
+    assert interpolate_({"p": p}, before, 0.5) == pytest.approx(2**0.5) and p.tolist() == [1.5, 2.5]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,3 +285,65 @@ def test_select_alpha_guards_plasticity_then_keeps_earlier_tasks():
 def test_select_alpha_refuses_bad_inputs(current, earlier, match):
     with pytest.raises(ValueError, match=match):
         select_wise_alpha(current, earlier)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sequence runner choosing alpha on the dev split
+# ---------------------------------------------------------------------------------------------
+def _label_task(name: str, labels: tuple[str, str], seed: int):
+    import random
+
+    from gere_plugin.continual import SequenceTask
+    from gere_plugin.evaluation.tasks import ClassificationItem
+
+    rng = random.Random(seed)
+    words = "the river city music film team water light energy market school garden forest ocean planet".split()
+
+    def item() -> ClassificationItem:
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
+        return ClassificationItem(f"{name}: {text}\nAnswer:", labels, rng.randint(0, 1))
+
+    return SequenceTask(name=name, train=[item().as_prompt_completion() for _ in range(16)],
+                        test=[item() for _ in range(6)], dev=[item() for _ in range(8)])
+
+
+def test_runner_chooses_alpha_on_the_dev_split(tmp_path, tiny_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from gere_plugin.continual import model_fingerprint, run_sequence
+    from gere_plugin.evaluation.tasks import label_accuracy
+
+    tasks = [_label_task("sentiment", (" positive", " negative"), 1), _label_task("question", (" yes", " no"), 2)]
+    kw = dict(max_steps=2, per_device_train_batch_size=4, max_length=48, learning_rate=1e-3, logging_steps=1,
+              eval_batch_size=8, general_every_task=False, print_logs=False)
+    load = lambda: AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")  # noqa: E731
+    start = load()
+    plain = load()
+    run_sequence(plain, tasks[:1], "plain", tmp_path / "plain", tokenizer=tiny_tokenizer, settings=TrainSettings(**kw),
+                 seed=3)
+    result = run_sequence(load(), tasks, "wise", tmp_path / "wise", tokenizer=tiny_tokenizer,
+                          settings=TrainSettings(**kw, wise_alphas=(0.25, 0.5)), seed=3)
+    first, second = result["stages"][0]["wise"], result["stages"][1]["wise"]
+    assert first["candidates"] == second["candidates"] == [0.25, 0.5, 1.0]
+    assert first["earlier_dev"] == [[], [], []] and all(len(e) == 1 for e in second["earlier_dev"])
+    assert first["alpha"] == select_wise_alpha(dict(zip(first["candidates"], first["current_dev"])))
+    # each candidate was scored on the interpolation of the plain run's weights (trained as the plain method)
+    params = dict(start.named_parameters())
+    trained = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for alpha, dev_acc in zip(first["candidates"], first["current_dev"]):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(trained[n])
+        interpolate_(params, before, alpha)
+        assert 100.0 * label_accuracy(start, tiny_tokenizer, tasks[0].dev, 8)["accuracy"] == dev_acc
+        if alpha == first["alpha"]:  # ... and the chosen one is what task 1 ended with
+            assert model_fingerprint(start) == result["stages"][0]["end_fingerprint"]
+    # refusals: a method without WiSE-FT, a task without dev items
+    with pytest.raises(GeReConfigError, match="wise_alphas chooses gere_wise_alpha for the WiSE-FT methods"):
+        check_sequence(tasks, METHODS["plain"], TrainSettings(wise_alphas=(0.5,)))
+    no_dev = [tasks[0], dataclasses.replace(tasks[1], dev=[])]
+    with pytest.raises(GeReConfigError, match="task.s. question have no dev items"):
+        check_sequence(no_dev, METHODS["wise"], TrainSettings(wise_alphas=(0.5,)))
+    with pytest.raises(GeReConfigError, match=r"wise_alphas=.*in \(0, 1\]"):
+        TrainSettings(wise_alphas=(0.0,))

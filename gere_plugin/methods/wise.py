@@ -26,8 +26,8 @@ What this module computes, exactly:
 
 Memory: one copy of the trainable parameters in host memory (a full fine-tune of a 1B model in bf16:
 2 GB; LoRA: its adapters), none on the accelerator; every process of a data-parallel run holds its own
-copy. The interpolation moves one tensor at a time to the parameter's device (one fp32 tensor extra at
-most). Checkpoints written during training hold the trained (not interpolated) weights; a resumed run
+copy. The interpolation works one tensor at a time on the parameter's device (at most two fp32 copies of
+the largest trainable tensor extra). Checkpoints written during training hold the trained (not interpolated) weights; a resumed run
 snapshots the model it is built from, i.e. the weights the task started from, as the first run did.
 """
 
@@ -92,13 +92,14 @@ def interpolate_(
     keep: frozenset[str] | set[str] = frozenset(),
 ) -> float:
     """``p <- (1 - alpha) * before + alpha * p`` in place for every ``p`` of ``params`` except those named in
-    ``keep`` (fp32 arithmetic, one cast back to the parameter's dtype). Returns the L2 norm of the task's
-    change ``||theta_after - theta_before||`` over the interpolated tensors (fp32)."""
+    ``keep`` (fp32 arithmetic, one cast back to the parameter's dtype); ``before`` is not changed, so it can
+    be applied again. Returns the L2 norm of the task's change ``||theta_after - theta_before||`` over the
+    interpolated tensors (fp32)."""
     squares = 0.0
     for name, p in params.items():
         if name in keep:
             continue
-        start = before[name].to(device=p.device, dtype=torch.float32)
+        start = before[name].to(device=p.device, dtype=torch.float32, copy=True)  # ``before`` stays as it is
         after = p.detach().float()
         squares += float((after - start).pow(2).sum())
         p.copy_(start.mul_(1.0 - alpha).add_(after, alpha=alpha))
