@@ -347,3 +347,36 @@ def test_runner_chooses_alpha_on_the_dev_split(tmp_path, tiny_dir, tiny_tokenize
         check_sequence(no_dev, METHODS["wise"], TrainSettings(wise_alphas=(0.5,)))
     with pytest.raises(GeReConfigError, match=r"wise_alphas=.*in \(0, 1\]"):
         TrainSettings(wise_alphas=(0.0,))
+
+
+def test_dpo_with_replay_interpolates_like_sft(tmp_path, tiny_dir, tiny_tokenizer, replay_file):
+    """WiSE-FT touches no loss, so the DPO family may use it (with GeRe's replay here): the result is the
+    interpolation of an identical run without the key."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from gere_plugin import GeReDPOConfig, GeReDPOTrainer
+
+    rows = [{"prompt": f"Review: the film was {'great' if i % 2 else 'bad'} Sentiment:",
+             "chosen": " positive" if i % 2 else " negative", "rejected": " negative" if i % 2 else " positive"}
+            for i in range(16)]
+
+    def run(name: str, **keys) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")
+        cfg = GeReDPOConfig(
+            output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=2, logging_steps=1, report_to=[],
+            bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no", disable_tqdm=True,
+            learning_rate=5e-3, seed=0, beta=0.1, gere_replay=str(replay_file), gere_replay_size=16,
+            gere_replay_max_length=32, gere_replay_per_step=2, gere_state_cache=str(tmp_path / "cache"), **keys)
+        trainer = GeReDPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tiny_tokenizer)
+        trainer.train()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    start = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(str(tiny_dir)).named_parameters()}
+    plain = run("plain")
+    wise = run("wise", gere_wise_alpha=0.5)
+    assert any(not torch.equal(plain[n], start[n]) for n in start)
+    for n in start:
+        torch.testing.assert_close(wise[n].double(), 0.5 * start[n].double() + 0.5 * plain[n].double(),
+                                   rtol=0, atol=1e-6)
