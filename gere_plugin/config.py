@@ -45,6 +45,9 @@ MONITOR_KEYS = (
     "gere_monitor", "gere_monitor_size", "gere_monitor_steps", "gere_monitor_max_length", "gere_monitor_task_size",
     "gere_monitor_max_ppl_rise", "gere_monitor_action",
 )  # fmt: skip
+#: Task-side methods that work with every loss family (they never touch the loss): ``wise`` only changes the
+#: weights after training. The others (FLOW, EWC, task KL) are SFT only (``check_task_methods``).
+ANY_FAMILY_TASK_METHODS = ("wise",)
 #: Rows drawn from each earlier task when ``gere_task_replay_size`` is not changed.
 DEFAULT_TASK_REPLAY_SIZE = 100
 
@@ -60,9 +63,9 @@ REPLAY_ONLY_KEYS = (
 
 
 def task_methods(values: Any) -> list[str]:
-    """The anti-forgetting methods that act on the task rows and need no replay, as switched on by a
+    """The anti-forgetting methods that act on the task side and need no replay, as switched on by a
     mapping or object of ``gere_*`` values: ``flow`` (``gere_flow``), ``ewc`` (``gere_ewc_lambda > 0``),
-    ``task_kl`` (``gere_task_kl > 0``)."""
+    ``task_kl`` (``gere_task_kl > 0``), ``wise`` (``0 < gere_wise_alpha < 1``; 1 is the plain run)."""
     getter = values.get if hasattr(values, "get") else (lambda k, d=None: getattr(values, k, d))
 
     def positive(key: str) -> bool:
@@ -76,6 +79,9 @@ def task_methods(values: Any) -> list[str]:
         out.append("ewc")
     if positive("gere_task_kl"):
         out.append("task_kl")
+    alpha = getter("gere_wise_alpha")
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1:
+        out.append("wise")
     return out
 
 
@@ -143,6 +149,9 @@ class GeReArguments:
         gere_ewc_gamma: Online-EWC decay of the earlier tasks' Fisher.
         gere_ewc_samples: Task samples used for the Fisher estimate at the end of the run.
         gere_task_kl: Weight of ``KL(base || model)`` on the task rows' trained tokens (``0`` = off).
+        gere_wise_alpha: WiSE-FT interpolation after training, ``theta <- (1 - alpha) * theta_before +
+            alpha * theta_after`` over the trainable parameters, ``0 < alpha <= 1``; ``None`` / 1 = off;
+            see :mod:`gere_plugin.methods.wise`.
         gere_monitor: Held-out general texts of the forgetting monitor (same formats as ``gere_replay``;
             none of them may be in the replay set). Works with and without replay.
         gere_monitor_size: Monitor texts drawn (seeded) from ``gere_monitor``; fewer usable texts: all.
@@ -326,6 +335,18 @@ class GeReArguments:
         metadata={
             "help": "Weight of KL(base || model) on the task rows' trained tokens, added per token to the task CE "
             "(ASFT-style anchor; reference as for gere_regularizer kl). 0 = off. SFT only."
+        },
+    )
+    # -- WiSE-FT: the trained weights pulled back toward the weights the task started from, after training --
+    gere_wise_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Weight-space interpolation when train() returns (WiSE-FT): theta <- (1 - alpha) * theta_before "
+            "+ alpha * theta_after over the trainable parameters (LoRA: the adapter weights; a fresh adapter's "
+            "update is scaled by alpha exactly), theta_before = the weights when the trainer was built. "
+            "0 < alpha <= 1; null or 1 = off. Smaller alpha keeps more of the earlier tasks and general ability "
+            "and learns less of this one: choose it on a dev split (e.g. 0.5-0.8). Any loss family; "
+            "not under FSDP / ZeRO-3."
         },
     )
     gere_monitor: Optional[str] = field(

@@ -145,7 +145,7 @@ def _check_number(name: str, value: Any, minimum: float, strict: bool, hint: str
 
 
 def _validate_task_methods(out: dict[str, Any], get: Any) -> None:
-    """The FLOW, EWC and task-KL keys (each block on its own; numbers are normalised to float)."""
+    """The FLOW, EWC, task-KL and WiSE keys (each block on its own; numbers are normalised to float)."""
     for name in ("gere_flow", "gere_flow_normalize"):
         if not isinstance(get(name), bool):
             raise GeReConfigError(f"{name}={get(name)!r} must be true or false.")
@@ -174,6 +174,17 @@ def _validate_task_methods(out: dict[str, Any], get: Any) -> None:
     kl = _check_number("gere_task_kl", get("gere_task_kl"), 0.0, False, "0 turns the KL to the base on task rows off.")
     if "gere_task_kl" in out:
         out["gere_task_kl"] = kl
+    alpha = get("gere_wise_alpha")
+    if alpha is not None:
+        ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(float(alpha))
+        if not ok or not 0 < float(alpha) <= 1:
+            raise GeReConfigError(
+                f"gere_wise_alpha={alpha!r} must be a number in (0, 1]: the share of this task's weight change that is "
+                "kept (theta <- (1 - alpha) * theta_before + alpha * theta_after). Use e.g. 0.5-0.8, or null (or 1) "
+                "to keep the trained weights as they are."
+            )
+        if "gere_wise_alpha" in out:
+            out["gere_wise_alpha"] = float(alpha)
 
 
 def check_key_combinations(values: dict[str, Any]) -> None:

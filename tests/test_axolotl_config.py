@@ -575,9 +575,9 @@ def _without_replay(**keys) -> dict:
 
 @pytest.mark.parametrize(
     "keys",
-    [dict(gere_flow=True), dict(gere_ewc_lambda=100), dict(gere_task_kl=0.1),
+    [dict(gere_flow=True), dict(gere_ewc_lambda=100), dict(gere_task_kl=0.1), dict(gere_wise_alpha=0.7),
      dict(gere_flow=True, gere_flow_tau=2.0, gere_ewc_lambda=10.0, gere_freeze_layers=1)],
-    ids=["flow", "ewc", "task_kl", "combined"],
+    ids=["flow", "ewc", "task_kl", "wise", "combined"],
 )
 def test_methods_without_replay_are_valid_configs(keys, plugin_manager):
     raw = _without_replay(**keys)
@@ -624,6 +624,16 @@ def test_methods_without_replay_refuse_dpo_and_stray_sub_keys(plugin_manager):
         axolotl_validate(_without_replay(gere_ewc_lambda=1.0, gere_flow_tau=2.0))
     problems = check_config(_without_replay(gere_ewc_lambda=1.0, gere_flow_tau=2.0), raise_on_error=False).problems
     assert any("gere_flow_tau is set but gere_flow is false" in p for p in problems)
+
+
+def test_wise_works_with_dpo_where_the_sft_only_methods_are_refused(plugin_manager):
+    raw = load_recipe("tiny-cpu-dpo-full.yml")
+    raw["gere_wise_alpha"] = 0.6
+    assert axolotl_validate(raw)["gere_wise_alpha"] == 0.6
+    raw["gere_ewc_lambda"] = 1.0  # the refusal names the SFT-only method, not gere_wise_alpha
+    with pytest.raises(Exception, match="gere_ewc_lambda is supported for SFT only") as err:
+        axolotl_validate(raw)
+    assert "gere_wise_alpha" not in str(err.value)
 
 
 def test_check_reports_an_ewc_state_that_is_not_one(tmp_path):

@@ -282,6 +282,27 @@ def test_sft_flow_and_ewc_without_replay(tmp_path, tiny_dir):
     assert "model.layers.0.self_attn.q_proj.weight" in state.fisher
 
 
+def test_sft_full_with_wise_saves_the_interpolated_model(tmp_path, tiny_dir):
+    """``gere_wise_alpha`` from the YAML (with replay and the freeze): the model Axolotl saves after training is
+    ``(1 - alpha) * base + alpha * trained``, trained = the last checkpoint (written before the interpolation);
+    frozen tensors stay the base's."""
+    import torch
+
+    cfg, raw = prepare_recipe("tiny-cpu-sft-full.yml", tmp_path, tiny_dir)
+    raw["gere_wise_alpha"] = 0.25
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = train_with_gere(cfg, tmp_path)
+    assert "WiSE-FT after training: theta <- 0.75 * theta_before + 0.25 * theta_after" in log
+    base = load_safetensors(tiny_dir / "model.safetensors")
+    trained = load_safetensors(Path(raw["output_dir"]) / f"checkpoint-{raw['max_steps']}" / "model.safetensors")
+    final = load_safetensors(Path(raw["output_dir"]) / "model.safetensors")
+    moved = [k for k in base if not torch.equal(trained[k], base[k])]
+    assert moved and "model.embed_tokens.weight" not in moved
+    for k in base:
+        expected = 0.75 * base[k].double() + 0.25 * trained[k].double()
+        torch.testing.assert_close(final[k].double(), expected, rtol=0, atol=1e-6)
+
+
 def add_monitor(cfg: Path, raw: dict, tmp_path: Path, task_rows: int) -> None:
     """Turn the forgetting monitor on in a copied recipe: 16 held-out texts, a pass at step 0, every 2
     steps and at the last step."""

@@ -70,6 +70,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "gere_ewc_gamma": [-0.1, 1.5, NAN, "1", True, None],
     "gere_ewc_samples": [0, -1, 1.5, None, "8"],
     "gere_task_kl": [-0.5, NAN, INF, "0.1", True, None],
+    "gere_wise_alpha": [0, -0.5, 1.5, NAN, INF, "0.5", True, [0.5]],
     "gere_monitor": [123, "", "   ", ["a.jsonl"], True],
     "gere_monitor_size": [0, -1, 1.5, "64", None, True],
     "gere_monitor_steps": [0, -5, 2.5, "100", None, True],

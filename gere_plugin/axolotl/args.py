@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..config import (
+    ANY_FAMILY_TASK_METHODS,
     MONITOR_KEYS,
     REPLAY_ONLY_KEYS,
     GeReArguments,
@@ -107,7 +108,7 @@ def gere_requested(values: Any) -> bool:
 
 
 #: The switch of each method that needs no replay (:func:`gere_plugin.config.task_methods`).
-TASK_METHOD_SWITCHES = {"flow": "gere_flow", "ewc": "gere_ewc_lambda", "task_kl": "gere_task_kl"}
+TASK_METHOD_SWITCHES = {"flow": "gere_flow", "ewc": "gere_ewc_lambda", "task_kl": "gere_task_kl", "wise": "gere_wise_alpha"}
 
 #: Keys a monitor-only config (``gere_monitor`` without ``gere_replay``) may set: the monitor's own, and
 #: the ones its texts are read and sampled with.
@@ -119,8 +120,8 @@ def check_gere_request(values: Any) -> None:
     GeRe does not wrap. A config that does not ask for GeRe passes untouched.
 
     Without ``gere_replay`` a config runs when it replays earlier tasks (``gere_task_replay``), when it
-    switches on a method that needs no replay (``gere_flow``, ``gere_ewc_lambda``, ``gere_task_kl``; SFT
-    only) and sets no key that acts on replay rows only (:data:`~gere_plugin.config.REPLAY_ONLY_KEYS`), or
+    switches on a method that needs no replay (``gere_flow``, ``gere_ewc_lambda``, ``gere_task_kl``: SFT
+    only; ``gere_wise_alpha``: any training mode) and sets no key that acts on replay rows only (:data:`~gere_plugin.config.REPLAY_ONLY_KEYS`), or
     when it only watches forgetting (``gere_monitor`` with :data:`MONITOR_ONLY_KEYS`).
     """
     if not gere_requested(values):
@@ -154,7 +155,7 @@ def check_gere_request(values: Any) -> None:
                     f"gere_replay is not set, but {why}, so GeRe cannot run. Point gere_replay at a general-text "
                     "replay file (jsonl/json/parquet/txt), a folder or a datasets id (and/or gere_task_replay at "
                     "earlier tasks' data), or switch on a method that needs no replay (gere_flow: true, "
-                    "gere_ewc_lambda > 0, gere_task_kl > 0), or only watch forgetting (gere_monitor with held-out "
+                    "gere_ewc_lambda > 0, gere_task_kl > 0, gere_wise_alpha < 1), or only watch forgetting (gere_monitor with held-out "
                     "general texts), or remove the gere_* keys and the plugin line."
                 )
             replay_keys = [k for k in keys if k not in MONITOR_ONLY_KEYS]
@@ -165,10 +166,11 @@ def check_gere_request(values: Any) -> None:
                     "alone runs the forgetting monitor without replay)."
                 )
     check_training_mode({k: getter(k) for k in ("rl", "reward_model", "process_reward_model", "trl", "context_parallel_size")})
-    if methods and rl_name(getter("rl")) is not None:
+    sft_only = [m for m in methods if m not in ANY_FAMILY_TASK_METHODS]  # WiSE-FT works with every family
+    if sft_only and rl_name(getter("rl")) is not None:
         raise GeReConfigError(
-            f"{', '.join(TASK_METHOD_SWITCHES[m] for m in methods)} {'is' if len(methods) == 1 else 'are'} supported "
-            f"for SFT only, not rl: {rl_name(getter('rl'))}. Remove {'it' if len(methods) == 1 else 'them'} from "
+            f"{', '.join(TASK_METHOD_SWITCHES[m] for m in sft_only)} {'is' if len(sft_only) == 1 else 'are'} supported "
+            f"for SFT only, not rl: {rl_name(getter('rl'))}. Remove {'it' if len(sft_only) == 1 else 'them'} from "
             "this config (replay and its regularizers work with DPO and GRPO)."
         )
 

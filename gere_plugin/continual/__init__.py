@@ -31,10 +31,14 @@ Method presets (:data:`METHODS`):
 ``gere_er``     ``gere`` + experience replay of earlier tasks (``gere_task_replay*`` keys)
 ``replay_er``   ``replay`` + experience replay of earlier tasks (ablation: no TM)
 ``plain_er``    experience replay of earlier tasks only (ablation: no general replay)
+``wise``        plain SFT + WiSE-FT after each task: ``theta <- (1 - a) theta_before + a theta_after``
+                (:data:`WISE_ALPHA`; no replay)
+``gere_wise``   ``gere`` + WiSE-FT after each task
 =============== ===================================================================================
 
 The EWC state written at the end of task ``k`` (``<task k output>/gere_ewc``) is handed to task ``k + 1``
-as ``gere_ewc_state``; ``TrainSettings.gere_ewc_lambda`` / ``gere_task_kl`` override the presets' strengths.
+as ``gere_ewc_state``; ``TrainSettings.gere_ewc_lambda`` / ``gere_task_kl`` / ``gere_wise_alpha`` override the
+presets' strengths.
 
 Methods with earlier-task replay (``task_replay=True``) keep, after every finished task, a seeded
 sample of at most ``gere_task_replay_size`` of its training rows as token ids (tokenized exactly as
@@ -66,6 +70,7 @@ from .presets import (
     PAPER_WEIGHTING,
     STRENGTH_SETTINGS,
     TASK_KL_WEIGHT,
+    WISE_ALPHA,
     MethodSpec,
     SequenceTask,
 )
@@ -75,8 +80,8 @@ from .stage import evaluate_stage, model_fingerprint
 from .task_rows import keep_task_sample, tokenized_for_training, tokenized_without_eos
 
 __all__ = [
-    "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "MethodSpec",
-    "PeakMemory", "SequenceTask", "TrainSettings", "build_trainer", "evaluate_stage", "keep_task_sample",
+    "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA",
+    "MethodSpec", "PeakMemory", "SequenceTask", "TrainSettings", "build_trainer", "evaluate_stage", "keep_task_sample",
     "max_rss_bytes", "model_fingerprint", "peak_rss", "release_free_heap", "reset_peak_rss", "rss_bytes", "run_sequence",
     "stage_gere_keys", "step_clock", "tokenized_for_training", "tokenized_without_eos",
 ]

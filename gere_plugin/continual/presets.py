@@ -9,7 +9,7 @@ from typing import Any, Optional
 from ..evaluation.tasks import ClassificationItem
 
 __all__ = ["EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT",
-           "MethodSpec", "SequenceTask"]
+           "WISE_ALPHA", "MethodSpec", "SequenceTask"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class MethodSpec:
 
     @property
     def uses(self) -> list[str]:
-        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``)."""
+        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``, ``wise``)."""
         from ..config import task_methods
 
         return task_methods(dict(self.gere))
@@ -66,6 +66,11 @@ FD_WEIGHTING: tuple[tuple[str, Any], ...] = (("gere_weight", "dynamic"), ("gere_
 EWC_LAMBDA = 1000.0
 #: Task-KL weight of the ``task_kl`` preset: LLaMA-Factory's default ``asft_alpha``.
 TASK_KL_WEIGHT = 0.1
+#: Interpolation share of the ``wise`` presets: WiSE-FT's mixing coefficient 0.5 (Wortsman et al. 2022), the
+#: choice without a held-out split; not tuned on any benchmark here. Choose it on a dev split with
+#: :func:`gere_plugin.continual.wise_select.select_wise_alpha`; override with ``TrainSettings.gere_wise_alpha``
+#: / ``gere sequence --gere_wise_alpha``.
+WISE_ALPHA = 0.5
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
@@ -86,10 +91,12 @@ METHODS: dict[str, MethodSpec] = {
     "gere_er": MethodSpec("gere_er", replay=True, regularizer="tm", task_replay=True),
     "replay_er": MethodSpec("replay_er", replay=True, regularizer="none", task_replay=True),
     "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
+    "wise": MethodSpec("wise", replay=False, regularizer="none", gere=(("gere_wise_alpha", WISE_ALPHA),)),
+    "gere_wise": MethodSpec("gere_wise", replay=True, regularizer="tm", gere=(("gere_wise_alpha", WISE_ALPHA),)),
 }
 
 #: TrainSettings fields that override a preset's strength (only for presets that use the key).
-STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl"}
+STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl", "gere_wise_alpha": "wise"}
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from ..evaluation.general import GeneralEvalConfig
 from ..evaluation.metrics import continual_summary
+from ..methods.wise import trainable_snapshot
 from .cost import PeakMemory, step_clock
 from .presets import METHODS, STRENGTH_SETTINGS, MethodSpec, SequenceTask
 from .settings import TrainSettings
@@ -117,9 +118,10 @@ def build_trainer(
     ewc_state: Optional[Path] = None,
     num_tasks: int = 1,
     task_replay: Sequence[Path] = (),
+    gere_overrides: Optional[dict[str, Any]] = None,
 ) -> Any:
     """The trainer of task ``task_index``: the external baseline's own trainer, or a GeRe SFT trainer with the
-    method's keys (:func:`stage_gere_keys`)."""
+    method's keys (:func:`stage_gere_keys`), then ``gere_overrides``."""
     from datasets import Dataset
 
     from ..trainer.sft import GeReSFTConfig
@@ -131,6 +133,7 @@ def build_trainer(
         return _quiet(build_baseline_trainer(method.external, model, tokenizer, task.train, settings, output_dir, seed,
                                              task_index, num_tasks, sft_rows=rows), settings)
     gere = stage_gere_keys(method, task_index, settings, replay, state_cache, seed, ewc_state, task_replay)
+    gere.update(gere_overrides or {})
     cfg = GeReSFTConfig(
         **settings.training_args(output_dir, seed),
         max_length=settings.max_length,
@@ -175,6 +178,21 @@ def check_sequence(tasks: Sequence[SequenceTask], spec: MethodSpec, settings: Tr
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
+    if settings.wise_alphas:
+        from ..config import GeReConfigError
+
+        if "wise" not in spec.uses:
+            users = sorted(name for name, m in METHODS.items() if "wise" in m.uses)
+            raise GeReConfigError(
+                f"wise_alphas chooses gere_wise_alpha for the WiSE-FT methods ({', '.join(users)}); method "
+                f"{spec.name!r} does not interpolate. Pick one of those methods or drop wise_alphas."
+            )
+        no_dev = [t.name for t in tasks if not t.dev]
+        if no_dev:
+            raise GeReConfigError(
+                f"wise_alphas chooses alpha on the dev split, but task(s) {', '.join(no_dev)} have no dev items. "
+                "Give every task dev items, or drop wise_alphas for the preset's fixed alpha."
+            )
     return names
 
 
@@ -252,12 +270,15 @@ class SequenceRun:
         task = self.tasks[k]
         memory = PeakMemory().__enter__()  # from before the trainer exists: reference copies count
         t_setup = time.perf_counter()
+        # alpha chosen on the dev split: the trainer trains without WiSE-FT and select_wise interpolates after
+        choose = bool(self.settings.wise_alphas) and "wise" in self.spec.uses
         try:
             trainer = build_trainer(
                 net, self.tokenizer, task, self.spec, k, self.settings, self.replay, self.cache,
                 self.out_dir / f"task_{k}_{task.name}", self.seed, self.ref_model, self.ewc_state, len(self.tasks),
-                task_replay=self.kept,
+                task_replay=self.kept, gere_overrides={"gere_wise_alpha": None} if choose else None,
             )
+            wise_start = trainable_snapshot(trainer.model) if choose else None
         except BaseException:
             memory.__exit__(None, None, None)
             raise
@@ -279,6 +300,8 @@ class SequenceRun:
         before, after = stage["state_cache_before"], stage["state_cache_after"]
         stage["state_cache_reused"] = bool(before and before.get("exists") and before == after)
         self.record_task_methods(stage, trainer)
+        if wise_start is not None:
+            stage["wise"] = self.select_wise(k, trainer.model, wise_start)
         if self.spec.external is not None:
             from .baselines import model_after_training
 
@@ -286,7 +309,8 @@ class SequenceRun:
         return trainer.model
 
     def record_task_methods(self, stage: dict[str, Any], trainer: Any) -> None:
-        """What the methods without replay did (FLOW's weights, EWC's states); hands EWC's state on."""
+        """What the methods without replay did (FLOW's weights, EWC's states, WiSE-FT's interpolation); hands
+        EWC's state on."""
         task_step = getattr(trainer, "gere_task", None)
         if task_step is None:
             return
@@ -297,6 +321,45 @@ class SequenceRun:
             stage["ewc_state_used"] = str(self.ewc_state) if self.ewc_state is not None else None
             self.ewc_state = task_step.ewc.written
             stage["ewc_state_written"] = str(self.ewc_state) if self.ewc_state is not None else None
+        wise = task_step.term("wise")
+        if wise is not None:
+            stage["wise"] = dict(wise.summary)  # type: ignore[attr-defined]
+
+    def select_wise(self, k: int, model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """WiSE-FT with alpha chosen on the dev split: every candidate of ``settings.wise_alphas`` (and 1.0) is
+        applied to the trained weights, scored on the dev items of task ``k`` and of the earlier tasks, and the
+        one :func:`~gere_plugin.continual.wise_select.select_wise_alpha` picks is kept (the test split is not
+        read). Cost: one more host copy of the trainable weights, and one dev evaluation of the tasks so far
+        per candidate."""
+        from ..evaluation.tasks import label_accuracy
+        from ..methods.wise import fresh_adapter_partners, interpolate_
+        from .wise_select import select_wise_alpha
+
+        t0 = time.perf_counter()
+        after = trainable_snapshot(model)
+        params = {n: p for n, p in model.named_parameters() if n in before}
+        keep = fresh_adapter_partners(before)
+
+        def set_alpha(alpha: float) -> None:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(after[n].to(p.device))
+            interpolate_(params, before, alpha, keep)
+
+        def dev(task: SequenceTask) -> float:
+            return 100.0 * label_accuracy(model, self.tokenizer, task.dev, self.settings.eval_batch_size)["accuracy"]
+
+        candidates = sorted(set(self.settings.wise_alphas) | {1.0})
+        current: dict[float, float] = {}
+        earlier: dict[float, list[float]] = {}
+        for alpha in candidates:
+            set_alpha(alpha)
+            current[alpha] = dev(self.tasks[k])
+            earlier[alpha] = [dev(t) for t in self.tasks[:k]]
+        chosen = select_wise_alpha(current, earlier)
+        set_alpha(chosen)
+        return {"alpha": chosen, "candidates": candidates, "current_dev": [current[a] for a in candidates],
+                "earlier_dev": [earlier[a] for a in candidates], "seconds": time.perf_counter() - t0}
 
     def keep_sample(self, k: int) -> None:
         """Keep task ``k``'s sample for the later tasks' earlier-task replay."""

@@ -61,6 +61,7 @@ class TrainSettings:
     gere_state_batch_size: int = _gere_field("gere_state_batch_size", 16)
     gere_ewc_lambda: Optional[float] = _gere_field("gere_ewc_lambda", None)
     gere_task_kl: Optional[float] = _gere_field("gere_task_kl", None)
+    gere_wise_alpha: Optional[float] = _gere_field("gere_wise_alpha", None)
     gere_monitor: Optional[str] = _gere_field("gere_monitor", None)
     gere_monitor_size: int = _gere_field("gere_monitor_size", 64)
     gere_monitor_steps: int = _gere_field("gere_monitor_steps", 5)
@@ -69,6 +70,9 @@ class TrainSettings:
     gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
     gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
     gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
+    wise_alphas: tuple[float, ...] = _train_field(
+        (), "WiSE-FT presets only: candidate gere_wise_alpha values, one chosen after every task on the dev split by "
+        "select_wise_alpha (1.0 is always a candidate; every task needs dev items). Empty = the fixed alpha.")
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
@@ -90,6 +94,14 @@ class TrainSettings:
             raise GeReConfigError(f"warmup_ratio={self.warmup_ratio!r} must be a number in [0, 1).")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise GeReConfigError(f"learning_rate={self.learning_rate!r} must be a number > 0.")
+        alphas = self.wise_alphas
+        if not isinstance(alphas, (list, tuple)) or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a <= 1 for a in alphas):
+            raise GeReConfigError(
+                f"wise_alphas={alphas!r} must be a list of numbers in (0, 1] (candidate gere_wise_alpha values), or "
+                "empty for the preset's fixed alpha."
+            )
+        self.wise_alphas = tuple(float(a) for a in alphas)
 
     @property
     def resolved_warmup_steps(self) -> int:

@@ -13,7 +13,8 @@ hook                    when, and what it returns
                         and/or an extra summed per-token term (:class:`TaskTerms`)
 ``replay_loss``         every training micro-batch: the term's scaled part of the loss from replay rows
 ``step_penalty``        every training micro-batch: a penalty counted once per optimizer step in total
-``after_task``          when ``train()`` returns: state written for the next task (EWC's Fisher)
+``after_task``          when ``train()`` returns: state written for the next task (EWC's Fisher), or the
+                        weights changed (WiSE-FT's interpolation; such terms, ``moves_weights``, run first)
 ``describe``            the term's part of the one line printed at train start
 ``state_dict``          what a resumed run must match (checked against the checkpoint)
 ======================  ======================================================================================
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..trainer.resources import Resources
 
 #: Modules that define the registered terms, imported on first use of the registry.
-METHOD_MODULES = ("earlier_tasks", "flow", "task_kl", "ewc")
+METHOD_MODULES = ("earlier_tasks", "flow", "task_kl", "ewc", "wise")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class Term:
     needs_task_logits: ClassVar[bool] = False
     #: the term reads the reference model (:mod:`gere_plugin.model.reference`)
     needs_reference: ClassVar[bool] = False
+    #: ``after_task`` changes the model's weights (WiSE-FT): it runs before the other terms' ``after_task``,
+    #: so that what they record (EWC's anchor and Fisher) describes the weights handed to the next task
+    moves_weights: ClassVar[bool] = False
 
     @classmethod
     def wanted(cls, gere_args: Any) -> bool:
@@ -138,7 +142,7 @@ def term_class(name: str) -> type[Term]:
 
 def task_terms(gere_args: Any) -> list[type[Term]]:
     """The task-side terms ``gere_args`` switches on, in the order of ``config.task_methods`` (FLOW, EWC,
-    task KL): their names are that function's words."""
+    task KL, WiSE): their names are that function's words."""
     from ..config import task_methods
 
     return [term_class(name) for name in task_methods(gere_args)]

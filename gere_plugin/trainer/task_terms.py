@@ -1,7 +1,7 @@
-"""The anti-forgetting terms that act on the task rows and need no replay: FLOW, KL to the base, EWC.
+"""The anti-forgetting terms that act on the task side and need no replay: FLOW, KL to the base, EWC, WiSE-FT.
 
-:class:`TaskTerms` is built by the set-up pass when ``gere_flow``, ``gere_task_kl > 0`` or
-``gere_ewc_lambda > 0`` is set, and called from
+:class:`TaskTerms` is built by the set-up pass when ``gere_flow``, ``gere_task_kl > 0``,
+``gere_ewc_lambda > 0`` or ``0 < gere_wise_alpha < 1`` is set, and called from
 :meth:`GeReTrainerMixin.compute_loss <gere_plugin.trainer.mixin.GeReTrainerMixin.compute_loss>` on every
 training micro-batch:
 
@@ -14,6 +14,9 @@ training micro-batch:
   terms, gradient accumulation and data parallelism see the same scaling as before;
 * with EWC it adds the penalty once per optimizer step (:meth:`TaskTerms.add_terms`), after the replay
   terms so GeRe's dynamic weight still balances against the task loss alone.
+* when training returns, every term's ``after_task`` (:meth:`TaskTerms.on_train_end`): WiSE-FT's
+  interpolation first, then EWC's Fisher of the weights handed on. WiSE-FT touches no loss, so it is the
+  one task-side term every loss family (SFT, DPO, GRPO) may use.
 
 It logs ``gere/task_ce`` (the task rows' token-mean CE, without FLOW's weights or the KL: whenever FLOW or
 the task KL computes the task loss), ``gere/flow_weight`` (mean weight of the step's rows) and
@@ -29,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import GeReConfigError
+from ..config import ANY_FAMILY_TASK_METHODS, GeReConfigError
 from ..data.trainer_rows import FORWARD_KEYS
 from ..methods.base import TaskBatch, Term, task_terms
 from ..ops.losses import per_row_ce
@@ -43,9 +46,11 @@ def check_task_methods(trainer: Any, gere_args: Any, methods: list[str]) -> None
     """Refuse set-ups the task methods cannot serve, before any forward pass (each error names the key)."""
     classes = task_terms(gere_args)
     by_name = {c.name: c for c in classes}
-    keys = ", ".join(by_name[m].key for m in methods if m in by_name)
+    # the family and dataset checks concern the methods that act on the task loss (WiSE works with any family)
+    keys = ", ".join(by_name[m].key for m in methods if m in by_name and m not in ANY_FAMILY_TASK_METHODS)
     family = getattr(trainer, "gere_family", None) or "sft"
-    if family != "sft" or getattr(trainer, "gere_combine", "mean") != "mean":
+    sft_only = [c for c in classes if c.name not in ANY_FAMILY_TASK_METHODS]
+    if sft_only and (family != "sft" or getattr(trainer, "gere_combine", "mean") != "mean"):
         raise GeReConfigError(
             f"{keys}: supported by the SFT trainers only (GeReSFTTrainer, Axolotl SFT, with_gere(..., family='sft')); "
             f"this trainer's loss family is {family!r}. Remove the key, or use replay with gere_regularizer for DPO/GRPO."
@@ -191,8 +196,9 @@ class TaskTerms:
         return loss
 
     def on_train_end(self, trainer: Any, model: torch.nn.Module) -> None:
-        """Every term's ``after_task`` (EWC: this task's Fisher, written next to the model)."""
-        for term in self.terms:
+        """Every term's ``after_task``: first those that move the weights (WiSE-FT's interpolation), then the
+        others (EWC: this task's Fisher and anchor, of the weights handed on, written next to the model)."""
+        for term in sorted(self.terms, key=lambda t: not t.moves_weights):
             term.after_task(trainer, model)
 
     def describe(self) -> str:
