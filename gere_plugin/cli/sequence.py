@@ -89,7 +89,7 @@ TRAIN_FLAGS = (
 GERE_SETTING_FLAGS = (
     "gere_replay_size", "gere_replay_max_length", "gere_replay_per_step", "gere_weight", "gere_seed",
     "gere_state_batch_size", "gere_task_replay_size", "gere_task_replay_per_step", "gere_task_replay_weight",
-    "gere_ewc_lambda", "gere_task_kl",
+    "gere_task_replay_logit_weight", "gere_task_replay_topk", "gere_ewc_lambda", "gere_task_kl",
     "gere_monitor", "gere_monitor_size", "gere_monitor_steps", "gere_monitor_max_length", "gere_monitor_task_size",
 )  # fmt: skip
 #: Old spellings (still accepted, with a note) -> the flag they now are.

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from ..evaluation.tasks import ClassificationItem
 
-__all__ = ["EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT",
+__all__ = ["DER_LOGIT_WEIGHT", "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT",
            "MethodSpec", "SequenceTask"]
 
 
@@ -42,10 +42,17 @@ class MethodSpec:
 
     @property
     def uses(self) -> list[str]:
-        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``)."""
+        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``), and
+        ``logit_replay`` when it gives the earlier-task rows a KL to their stored logits."""
         from ..config import task_methods
 
-        return task_methods(dict(self.gere))
+        return task_methods(dict(self.gere)) + (["logit_replay"] if self.logit_replay else [])
+
+    @property
+    def logit_replay(self) -> bool:
+        """Earlier-task rows with a KL to the logits stored when their task ended (``der``)."""
+        weight = dict(self.gere).get("gere_task_replay_logit_weight")
+        return self.task_replay and isinstance(weight, (int, float)) and weight > 0
 
     @property
     def needs_base_reference(self) -> bool:
@@ -66,6 +73,9 @@ FD_WEIGHTING: tuple[tuple[str, Any], ...] = (("gere_weight", "dynamic"), ("gere_
 EWC_LAMBDA = 1000.0
 #: Task-KL weight of the ``task_kl`` preset: LLaMA-Factory's default ``asft_alpha``.
 TASK_KL_WEIGHT = 0.1
+#: Logit-replay ``beta`` of the ``der`` preset: the KL to the stored logits at half the weight of the
+#: earlier-task CE (not tuned on any benchmark yet: override with ``TrainSettings.gere_task_replay_logit_weight``).
+DER_LOGIT_WEIGHT = 0.5
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
@@ -86,10 +96,12 @@ METHODS: dict[str, MethodSpec] = {
     "gere_er": MethodSpec("gere_er", replay=True, regularizer="tm", task_replay=True),
     "replay_er": MethodSpec("replay_er", replay=True, regularizer="none", task_replay=True),
     "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
+    "der": MethodSpec("der", replay=True, regularizer="tm", task_replay=True,
+                      gere=(("gere_task_replay_logit_weight", DER_LOGIT_WEIGHT),)),
 }
 
 #: TrainSettings fields that override a preset's strength (only for presets that use the key).
-STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl"}
+STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl", "gere_task_replay_logit_weight": "logit_replay"}
 
 
 @dataclass

@@ -69,6 +69,8 @@ class TrainSettings:
     gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
     gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
     gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
+    gere_task_replay_logit_weight: Optional[float] = _gere_field("gere_task_replay_logit_weight", None)
+    gere_task_replay_topk: int = _gere_field("gere_task_replay_topk", 32)
     eval_batch_size: int = 16
     general_every_task: bool = True
     print_logs: bool = True
