@@ -246,3 +246,22 @@ def test_run_sequence_der_writes_snapshots_and_replays_them(tiny_dir, tiny_token
     kl = [h["gere/task_replay_kl"] for h in second["history"] if "gere/task_replay_kl" in h]
     assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-4  # step 0: the model the snapshot was taken from
     assert not any("gere/task_replay_kl" in h for h in first["history"])
+
+
+def test_der_trains_the_first_task_as_gere_er() -> None:
+    """No earlier task, no logits to replay: the first task's keys (and the benchmark's shared learning-rate
+    selection) are gere_er's and gere's."""
+    from gere_plugin.continual import METHODS, TrainSettings
+    from gere_plugin.continual.runner import check_sequence, stage_gere_keys
+
+    from .test_continual import TASKS
+
+    settings = TrainSettings(gere_task_replay_logit_weight=2.0)
+    assert METHODS["der"].gere_kwargs(0) == METHODS["gere"].gere_kwargs(0) == METHODS["gere_er"].gere_kwargs(0)
+    first = stage_gere_keys(METHODS["der"], 0, settings, "r.jsonl", None, 1)
+    assert "gere_task_replay_logit_weight" not in first
+    later = stage_gere_keys(METHODS["der"], 1, settings, "r.jsonl", None, 1, task_replay=[Path("0_a.jsonl")])
+    assert later["gere_task_replay_logit_weight"] == 2.0 and later["gere_task_replay"] == ["0_a.jsonl"]
+    with pytest.raises(GeReConfigError, match="gere_task_replay_logit_weight sets the strength of methods with "
+                                              "logit_replay \\(der\\); method 'gere_er' does not use it"):
+        check_sequence(TASKS, METHODS["gere_er"], settings)

@@ -38,6 +38,8 @@ class MethodSpec:
             "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
         }
         out.update(dict(self.gere))  # the method's own keys (weighting, FLOW, EWC, task KL)
+        if task_index == 0:  # no earlier task yet, so no logits of one: the first task trains as without them
+            out.pop("gere_task_replay_logit_weight", None)
         return out
 
     @property
