@@ -180,10 +180,11 @@ def test_kl_is_zero_on_the_snapshot_model_then_grows(tmp_path, tiny_dir, tiny_to
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")
+    # k above the vocabulary (300): the whole distribution is kept, the KL is exact
     cfg = _config(tmp_path, files, max_steps=4, learning_rate=5e-3, gere_task_replay_per_step=2,
-                  gere_task_replay_logit_weight=1.0)
+                  gere_task_replay_logit_weight=1.0, gere_task_replay_topk=1000)
     for f in files:
-        _snapshot(model, tiny_tokenizer, cfg, f, 32)
+        assert LogitSnapshot.load(_snapshot(model, tiny_tokenizer, cfg, f, 1000)).k == len(tiny_tokenizer)
     trainer = GeReSFTTrainer(model=model, args=cfg, train_dataset=sft_dataset, processing_class=tiny_tokenizer)
     trainer.train()
     kl = [h["gere/task_replay_kl"] for h in trainer.state.log_history if "gere/task_replay_kl" in h]

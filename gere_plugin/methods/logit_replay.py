@@ -215,6 +215,7 @@ class LogitReplay:
     def __init__(self, rows: TaskReplaySet, weight: float, k: int, vocab_size: int = 0) -> None:
         self.rows = rows
         self.weight = weight
+        self.k = min(k, vocab_size) if vocab_size else k  # a snapshot keeps at most the vocabulary
         self.snapshots: dict[int, LogitSnapshot] = {}
         self.where: list[Optional[tuple[int, int]]] = [None] * len(rows)  # row -> (source, snapshot row)
         for index, source in enumerate(rows.sources):
@@ -224,7 +225,7 @@ class LogitReplay:
                                source, path)
                 continue
             snap = LogitSnapshot.load(path)
-            if snap.k < min(k, vocab_size or k):
+            if snap.k < self.k:
                 raise GeReConfigError(
                     f"{KEY}: the logit snapshot {path} keeps the top {snap.k} tokens but gere_task_replay_topk={k}. "
                     f"Set gere_task_replay_topk <= {snap.k} or write the snapshot again with k={k}."
@@ -236,7 +237,6 @@ class LogitReplay:
                 )
             self.snapshots[index] = snap
             self._match(index, snap, path)
-        self.k = k
 
     def _match(self, index: int, snap: LogitSnapshot, path: Path) -> None:
         at = {int(r): j for j, r in enumerate(snap.records.tolist())}
