@@ -193,6 +193,27 @@ def test_kl_is_zero_on_the_snapshot_model_then_grows(tmp_path, tiny_dir, tiny_to
     assert kl[-1] > 1e-4 and kl[-1] > 100 * abs(kl[0])
 
 
+def test_a_resume_sees_another_snapshot(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, files):
+    """What a checkpoint records (and a resume must match) changes with the snapshot's model, not only its rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")
+    cfg = _config(tmp_path, files)
+
+    def recorded() -> dict[str, Any]:
+        trainer = GeReSFTTrainer(model=model, args=cfg, train_dataset=sft_dataset, processing_class=tiny_tokenizer)
+        return trainer.gere_step.state_dict()["task_replay"]["logit_replay"]
+
+    first = _snapshot(model, tiny_tokenizer, cfg, files[0], 32)
+    rows_fp = LogitSnapshot.load(first).fingerprint
+    before = recorded()
+    assert before["weight"] == 0.5 and before["topk"] == 32 and list(before["snapshots"]) == [files[0]]
+    _perturb(model)
+    _snapshot(model, tiny_tokenizer, cfg, files[0], 32)
+    assert LogitSnapshot.load(first).fingerprint == rows_fp  # the same rows ...
+    assert recorded()["snapshots"] != before["snapshots"]  # ... another model's logits
+
+
 def test_checks_name_the_keys(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, files):
     from transformers import AutoModelForCausalLM
 
@@ -243,7 +264,8 @@ def test_run_sequence_der_writes_snapshots_and_replays_them(tiny_dir, tiny_token
     snap = LogitSnapshot.load(kept["logit_snapshot"]["path"])
     assert snap.records.tolist() == list(range(6)) and snap.k == 32
     first, second = result["stages"]
-    assert second["task_replay"]["logit_replay"]["snapshots"] == {kept["path"]: snap.fingerprint}
+    assert second["task_replay"]["logit_replay"]["snapshots"] == {kept["path"]: snap.content_hash}
+    assert kept["logit_snapshot"]["content_hash"] == snap.content_hash
     kl = [h["gere/task_replay_kl"] for h in second["history"] if "gere/task_replay_kl" in h]
     assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-4  # step 0: the model the snapshot was taken from
     assert not any("gere/task_replay_kl" in h for h in first["history"])

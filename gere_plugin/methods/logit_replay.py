@@ -128,6 +128,14 @@ class LogitSnapshot:
         """sha256 (32 hex) of the rows' digests: which rows the snapshot is of."""
         return hashlib.sha256(self.digests.numpy().tobytes()).hexdigest()[:32]
 
+    @property
+    def content_hash(self) -> str:
+        """sha256 (32 hex) of everything stored: another model's snapshot of the same rows differs here."""
+        h = hashlib.sha256()
+        for t in (self.values, self.indices, self.log_rest, self.offsets, self.records, self.digests):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
+
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
 
@@ -329,11 +337,11 @@ class LogitReplay:
 
     def state_dict(self) -> dict[str, Any]:
         return {"weight": self.weight, "topk": self.k,
-                "snapshots": {self.rows.sources[i]: s.fingerprint for i, s in sorted(self.snapshots.items())}}
+                "snapshots": {self.rows.sources[i]: s.content_hash for i, s in sorted(self.snapshots.items())}}
 
 
 def snapshot_summary(path: str | Path) -> dict[str, Any]:
     """What a snapshot file holds (rows, positions, k, fingerprint), for records and reports."""
     snap = LogitSnapshot.load(path)
     return {"path": str(path), "rows": int(snap.records.numel()), "positions": int(snap.values.shape[0]), "k": snap.k,
-            "fingerprint": snap.fingerprint}
+            "fingerprint": snap.fingerprint, "content_hash": snap.content_hash}
