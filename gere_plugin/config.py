@@ -50,6 +50,8 @@ MONITOR_KEYS = (
 ANY_FAMILY_TASK_METHODS = ("wise",)
 #: Rows drawn from each earlier task when ``gere_task_replay_size`` is not changed.
 DEFAULT_TASK_REPLAY_SIZE = 100
+#: Tokens per position a logit-replay snapshot keeps (``gere_task_replay_topk``).
+DEFAULT_TASK_REPLAY_TOPK = 32
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,13 @@ class GeReArguments:
         gere_task_replay_weight: Share ``rho`` of the task term given to earlier-task rows: task term =
             ``(1 - rho) * loss_task + rho * CE_earlier``. ``None`` = their row share,
             ``gere_task_replay_per_step / (global batch + gere_task_replay_per_step)``.
+        gere_task_replay_logit_weight: ``beta`` of logit replay (dark-experience-replay style): the
+            earlier-task rows also get ``beta * KL(stored || model)`` on their target tokens, against the
+            top-k log-probabilities the model had when that task ended (a ``<stem>.topk.safetensors``
+            snapshot beside the earlier-task file; ``gere sequence`` writes it). Task term =
+            ``(1 - rho) * loss_task + rho * (CE_earlier + beta * KL_earlier)``. 0 = off.
+        gere_task_replay_topk: Tokens per position of the stored snapshot the KL compares (at most the
+            snapshot's own ``k``; with the vocabulary size the KL is exact).
         gere_regularizer: ``tm`` (GeRe), ``l1``/``l2`` (hidden-state distance to the base model),
             ``kl`` (logit KL to the base model) or ``none`` (vanilla replay, CE only).
         gere_weight: ``dynamic`` (weight = CE / regularizer, both detached: the paper's rule) or a
@@ -224,6 +233,18 @@ class GeReArguments:
             "help": "Share rho of the task term for earlier-task rows: (1 - rho) * task loss + rho * CE_earlier. "
             "Default: their row share, per_step / (global batch + per_step)."
         },
+    )
+    gere_task_replay_logit_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Logit replay (DER): beta of beta * KL(stored top-k || model) on the earlier-task rows' targets, "
+            "next to their CE, against the snapshot taken when that task ended (<stem>.topk.safetensors beside the "
+            "file; gere sequence writes it; rows without one: CE only). 0 = off. Needs gere_task_replay."
+        },
+    )
+    gere_task_replay_topk: int = field(
+        default=DEFAULT_TASK_REPLAY_TOPK,
+        metadata={"help": "Top-k tokens per position that logit replay stores and compares (KL exact at the vocab size)."},
     )
     gere_regularizer: str = field(
         default="tm",

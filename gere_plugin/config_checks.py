@@ -198,6 +198,12 @@ def check_key_combinations(values: dict[str, Any]) -> None:
         for name in ("gere_flow_tau", "gere_flow_cache"):
             if get(name) is not None:
                 raise GeReConfigError(f"{name} is set but gere_flow is false: set gere_flow: true to use FLOW, or drop {name}.")
+    if get("gere_task_replay_logit_weight") and not get("gere_task_replay"):
+        raise GeReConfigError(
+            "gere_task_replay_logit_weight is set but gere_task_replay is not: logit replay acts on the earlier-task "
+            "rows. Point gere_task_replay at the earlier tasks' files (with their .topk.safetensors snapshots), or "
+            "set gere_task_replay_logit_weight to 0."
+        )
     if get("gere_ewc_state") is not None and not get("gere_ewc_lambda"):
         raise GeReConfigError(
             "gere_ewc_state is set but gere_ewc_lambda is 0, so EWC is off: set gere_ewc_lambda > 0 or drop gere_ewc_state."
@@ -273,6 +279,16 @@ def _validate_task_replay(get: Any, out: dict[str, Any]) -> None:
                 "of the task term), or null for their row share."
             )
         out["gere_task_replay_weight"] = float(rho) if "gere_task_replay_weight" in out else rho
+    beta = get("gere_task_replay_logit_weight")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(float(beta)) or beta < 0:
+        raise GeReConfigError(
+            f"gere_task_replay_logit_weight={beta!r} must be a number >= 0 (beta of the KL to the stored logits of "
+            "the earlier-task rows; 0 = off)."
+        )
+    if "gere_task_replay_logit_weight" in out:
+        out["gere_task_replay_logit_weight"] = float(beta)
+    _check_int("gere_task_replay_topk", get("gere_task_replay_topk"), 1,
+               "It is the tokens per position a logit snapshot keeps (32 holds almost all of a trained model's mass).")
 
 
 def gere_value_problems(values: dict[str, Any]) -> list[str]:

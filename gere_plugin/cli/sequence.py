@@ -10,7 +10,9 @@ The tasks run in the order given, carrying the model forward; replay methods sha
 cache built from the ORIGINAL model. Methods ending in ``_er`` (``gere_er``, ``replay_er``, ``plain_er``)
 also replay earlier tasks: after each task a seeded sample of at most ``--gere_task_replay_size`` of its
 training rows is kept as token ids in ``OUT/task_replay/`` and replayed in every later task
-(``--gere_task_replay_per_step`` rows per step, share ``--gere_task_replay_weight`` of the task term). The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task
+(``--gere_task_replay_per_step`` rows per step, share ``--gere_task_replay_weight`` of the task term); ``der`` is
+``gere_er`` whose earlier-task rows also get a KL (weight ``--gere_task_replay_logit_weight``) to the model's top-k
+log-probabilities stored beside them when their task ended (``OUT/task_replay/<k>_<name>.topk.safetensors``). The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task
 logs, general ability when ``--ppl`` / ``--cloze`` are given) is rewritten after every task and can be
 turned into tables and plots with ``gere report``. Library equivalent: :func:`gere_plugin.continual.run_sequence`.
 """
@@ -89,7 +91,7 @@ TRAIN_FLAGS = (
 GERE_SETTING_FLAGS = (
     "gere_replay_size", "gere_replay_max_length", "gere_replay_per_step", "gere_weight", "gere_seed",
     "gere_state_batch_size", "gere_task_replay_size", "gere_task_replay_per_step", "gere_task_replay_weight",
-    "gere_ewc_lambda", "gere_task_kl", "gere_wise_alpha",
+    "gere_task_replay_logit_weight", "gere_task_replay_topk", "gere_ewc_lambda", "gere_task_kl", "gere_wise_alpha",
     "gere_monitor", "gere_monitor_size", "gere_monitor_steps", "gere_monitor_max_length", "gere_monitor_task_size",
 )  # fmt: skip
 #: Old spellings (still accepted, with a note) -> the flag they now are.

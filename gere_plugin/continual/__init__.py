@@ -34,6 +34,8 @@ Method presets (:data:`METHODS`):
 ``wise``        plain SFT + WiSE-FT after each task: ``theta <- (1 - a) theta_before + a theta_after``
                 (:data:`WISE_ALPHA`; no replay)
 ``gere_wise``   ``gere`` + WiSE-FT after each task
+``der``         ``gere_er`` + logit replay: the earlier-task rows also get ``beta * KL`` to the top-k
+                log-probabilities stored when their task ended (dark experience replay; :data:`DER_LOGIT_WEIGHT`)
 =============== ===================================================================================
 
 The EWC state written at the end of task ``k`` (``<task k output>/gere_ewc``) is handed to task ``k + 1``
@@ -43,7 +45,9 @@ presets' strengths.
 Methods with earlier-task replay (``task_replay=True``) keep, after every finished task, a seeded
 sample of at most ``gere_task_replay_size`` of its training rows as token ids (tokenized exactly as
 the task trained on them) in ``output_dir/task_replay/<k>_<name>.jsonl``; every later task replays
-all kept files through ``gere_task_replay``. The result records the budget and what was kept.
+all kept files through ``gere_task_replay``. The result records the budget and what was kept. With logit
+replay (``der``) the model's top-``gere_task_replay_topk`` log-probabilities on the kept rows are written
+beside each file when its task ends (``<k>_<name>.topk.safetensors``, :mod:`gere_plugin.methods.logit_replay`).
 
 Modules: :mod:`~gere_plugin.continual.presets` (the methods, :class:`SequenceTask`),
 :mod:`~gere_plugin.continual.settings` (:class:`TrainSettings`), :mod:`~gere_plugin.continual.runner`

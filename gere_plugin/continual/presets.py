@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 from ..evaluation.tasks import ClassificationItem
 
-__all__ = ["EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT",
-           "WISE_ALPHA", "MethodSpec", "SequenceTask"]
+__all__ = ["DER_LOGIT_WEIGHT", "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS",
+           "TASK_KL_WEIGHT", "WISE_ALPHA", "MethodSpec", "SequenceTask"]
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,23 @@ class MethodSpec:
             "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
         }
         out.update(dict(self.gere))  # the method's own keys (weighting, FLOW, EWC, task KL)
+        if task_index == 0:  # no earlier task yet, so no logits of one: the first task trains as without them
+            out.pop("gere_task_replay_logit_weight", None)
         return out
 
     @property
     def uses(self) -> list[str]:
-        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``, ``wise``)."""
+        """The methods without replay this preset switches on (``flow``, ``ewc``, ``task_kl``, ``wise``), and
+        ``logit_replay`` when it gives the earlier-task rows a KL to their stored logits."""
         from ..config import task_methods
 
-        return task_methods(dict(self.gere))
+        return task_methods(dict(self.gere)) + (["logit_replay"] if self.logit_replay else [])
+
+    @property
+    def logit_replay(self) -> bool:
+        """Earlier-task rows with a KL to the logits stored when their task ended (``der``)."""
+        weight = dict(self.gere).get("gere_task_replay_logit_weight")
+        return self.task_replay and isinstance(weight, (int, float)) and weight > 0
 
     @property
     def needs_base_reference(self) -> bool:
@@ -71,6 +80,9 @@ TASK_KL_WEIGHT = 0.1
 #: :func:`gere_plugin.continual.wise_select.select_wise_alpha`; override with ``TrainSettings.gere_wise_alpha``
 #: / ``gere sequence --gere_wise_alpha``.
 WISE_ALPHA = 0.5
+#: Logit-replay ``beta`` of the ``der`` preset: the KL to the stored logits at half the weight of the
+#: earlier-task CE (not tuned on any benchmark yet: override with ``TrainSettings.gere_task_replay_logit_weight``).
+DER_LOGIT_WEIGHT = 0.5
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
@@ -93,10 +105,13 @@ METHODS: dict[str, MethodSpec] = {
     "plain_er": MethodSpec("plain_er", replay=False, regularizer="none", task_replay=True),
     "wise": MethodSpec("wise", replay=False, regularizer="none", gere=(("gere_wise_alpha", WISE_ALPHA),)),
     "gere_wise": MethodSpec("gere_wise", replay=True, regularizer="tm", gere=(("gere_wise_alpha", WISE_ALPHA),)),
+    "der": MethodSpec("der", replay=True, regularizer="tm", task_replay=True,
+                      gere=(("gere_task_replay_logit_weight", DER_LOGIT_WEIGHT),)),
 }
 
 #: TrainSettings fields that override a preset's strength (only for presets that use the key).
-STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl", "gere_wise_alpha": "wise"}
+STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl", "gere_wise_alpha": "wise",
+                     "gere_task_replay_logit_weight": "logit_replay"}
 
 
 @dataclass

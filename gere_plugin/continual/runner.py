@@ -69,6 +69,7 @@ def stage_gere_keys(
             gere_task_replay_size=settings.gere_task_replay_size,
             gere_task_replay_per_step=settings.gere_task_replay_per_step,
             gere_task_replay_weight=settings.gere_task_replay_weight,
+            gere_task_replay_topk=settings.gere_task_replay_topk,
             gere_seed=gere_seed,
         )
     if method.replay:
@@ -98,6 +99,8 @@ def stage_gere_keys(
     for key, uses in STRENGTH_SETTINGS.items():
         if getattr(settings, key) is not None and uses in method.uses:
             gere[key] = getattr(settings, key)  # ... except an explicit strength for a key the method uses
+    if not task_replay:  # the first task has no earlier task to replay, nor their logits
+        gere.pop("gere_task_replay_logit_weight", None)
     if ewc_state is not None:
         gere["gere_ewc_state"] = str(ewc_state)
     return gere
@@ -238,6 +241,8 @@ class SequenceRun:
                 "per_step": settings.gere_task_replay_per_step,
                 "weight": settings.gere_task_replay_weight,
                 "folder": str(self.out_dir / "task_replay"),
+                "logit_weight": self.logit_weight if spec.logit_replay else None,
+                "topk": settings.gere_task_replay_topk if spec.logit_replay else None,
                 "kept": {},
             } if spec.task_replay else None,
             "base": base,
@@ -256,7 +261,7 @@ class SequenceRun:
         net = self.train(stage, k, net)  # the trainer is gone when this returns ...
         gc.collect()  # ... and its optimizer state freed before evaluating
         if self.spec.task_replay and k < len(self.tasks) - 1:
-            self.keep_sample(k)
+            self.keep_sample(k, net)
         stage["end_fingerprint"] = model_fingerprint(net)
         is_last = k == len(self.tasks) - 1
         general = self.general if is_last or self.settings.general_every_task else None
@@ -361,21 +366,54 @@ class SequenceRun:
         return {"alpha": chosen, "candidates": candidates, "current_dev": [current[a] for a in candidates],
                 "earlier_dev": [earlier[a] for a in candidates], "seconds": time.perf_counter() - t0}
 
-    def keep_sample(self, k: int) -> None:
-        """Keep task ``k``'s sample for the later tasks' earlier-task replay."""
+    @property
+    def logit_weight(self) -> float:
+        """Logit replay's ``beta`` (an explicit setting wins over the preset's)."""
+        given = self.settings.gere_task_replay_logit_weight
+        return float(given if given is not None else dict(self.spec.gere).get("gere_task_replay_logit_weight", 0.0))
+
+    def keep_sample(self, k: int, net: torch.nn.Module) -> None:
+        """Keep task ``k``'s sample for the later tasks' earlier-task replay and, with logit replay, the
+        model's top-k log-probabilities on it (``net`` as task ``k`` left it)."""
         task = self.tasks[k]
         path, n = keep_task_sample(task, self.tokenizer, self.settings, self.keep_seed, k, self.out_dir / "task_replay")
         self.kept.append(path)
-        self.result["task_replay"]["kept"][task.name] = {"rows": n, "of": len(task.train), "path": str(path)}
+        kept: dict[str, Any] = {"rows": n, "of": len(task.train), "path": str(path)}
+        if self.spec.logit_replay and self.logit_weight > 0:
+            kept["logit_snapshot"] = self.keep_logits(path, net)
+        self.result["task_replay"]["kept"][task.name] = kept
+
+    def keep_logits(self, path: Path, net: torch.nn.Module) -> dict[str, Any]:
+        """Write ``net``'s top-k snapshot of the kept rows at ``path`` beside them (as the next trainers read them:
+        completion-only, truncated to ``max_length``), through the model's forward as it stands, with no autocast
+        added (measured on SmolLM2-135M after a bf16 task: the same snapshot bytes with and without an added bf16
+        autocast, i.e. the forward already runs as in training)."""
+        from ..data.task_rows import Tokenization
+        from ..methods.logit_replay import snapshot_summary, write_logit_snapshot
+        from ..model.introspection import pad_token_id
+
+        settings = self.settings
+        how = Tokenization(add_eos=True, completion_only=True, max_length=settings.max_length)
+        t0 = time.perf_counter()
+        written = write_logit_snapshot(net, path, self.tokenizer, how, settings.gere_task_replay_topk,
+                                       pad_token_id(self.tokenizer), settings.eval_batch_size, key="--out")
+        return dict(snapshot_summary(written), seconds=time.perf_counter() - t0)
 
 
 def task_replay_record(trainer: Any) -> Optional[dict[str, Any]]:
     """The earlier-task samples a stage's trainer replays (``None`` when it replays none)."""
-    replay_step = getattr(getattr(trainer, "gere_step", None), "task_replay", None)
-    return None if replay_step is None else {
+    term = getattr(getattr(trainer, "gere_step", None), "earlier", None)
+    if term is None:
+        return None
+    replay_step = term.replay
+    logits = getattr(term, "logits", None)
+    out = {
         "sources": list(replay_step.rows.sources), "rows": list(replay_step.rows.kept),
         "per_step": replay_step.per_step, "weight": replay_step.weight,
     }
+    if logits is not None:  # weight, top-k and the fingerprint of each snapshot used
+        out["logit_replay"] = logits.state_dict()
+    return out
 
 
 def record_training(stage: dict[str, Any], trainer: Any, train_out: Any, train_seconds: float,

@@ -70,6 +70,8 @@ class TrainSettings:
     gere_task_replay_size: int = _gere_field("gere_task_replay_size", 100)
     gere_task_replay_per_step: Optional[int] = _gere_field("gere_task_replay_per_step", None)
     gere_task_replay_weight: Optional[float] = _gere_field("gere_task_replay_weight", None)
+    gere_task_replay_logit_weight: Optional[float] = _gere_field("gere_task_replay_logit_weight", None)
+    gere_task_replay_topk: int = _gere_field("gere_task_replay_topk", 32)
     wise_alphas: tuple[float, ...] = _train_field(
         (), "WiSE-FT presets only: candidate gere_wise_alpha values, one chosen after every task on the dev split by "
         "select_wise_alpha (1.0 is always a candidate; every task needs dev items). Empty = the fixed alpha.")

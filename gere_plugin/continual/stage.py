@@ -96,7 +96,7 @@ def train_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     keep = ("step", "loss", "learning_rate", "grad_norm", "gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight",
             "gere/out_of_state", "gere/replay_rows", "gere/grad_norm_ce", "gere/grad_norm_reg",
-            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce",
+            "gere/grad_norm_total", "gere/clip_coef", "gere/grad_cosine", "gere/task_replay_ce", "gere/task_replay_kl",
             "gere/task_replay_rows", "gere/task_ce", "gere/flow_weight", "gere/flow_ce", "gere/task_kl", "gere/ewc_penalty",
             "train_runtime", "train_loss", *MONITOR_METRICS)
     return [{k: v for k, v in rec.items() if k in keep} for rec in log_history]

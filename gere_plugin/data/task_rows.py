@@ -148,6 +148,7 @@ class TaskReplaySet:
     sources: list[str]
     kept: list[int]  # rows kept per source
     fingerprint: str
+    records: list[int] = field(default_factory=list)  # each row's index in its source (logit snapshots)
     targets: np.ndarray = field(init=False)  # target tokens per row (what the CE counts)
 
     def __post_init__(self) -> None:
@@ -170,6 +171,7 @@ class TaskReplaySet:
         ids_all: list[list[int]] = []
         masks_all: list[list[int]] = []
         task_of: list[int] = []
+        records_all: list[int] = []
         kept: list[int] = []
         for index, source in enumerate(sources):
             records = load_records(source, split, key=KEY)
@@ -207,7 +209,8 @@ class TaskReplaySet:
                 logger.warning("gere: %s has %d usable rows, fewer than gere_task_replay_size=%d: all of them are "
                                "replayed.", source, len(drawn), size)
             drawn.sort(key=lambda r: r[0])
-            for _, ids, mask in drawn:
+            for record, ids, mask in drawn:
+                records_all.append(record)
                 ids_all.append(ids)
                 masks_all.append(mask)
                 task_of.append(index)
@@ -218,7 +221,7 @@ class TaskReplaySet:
             h.update(b"|")
             h.update(np.asarray(mask, dtype=np.int8).tobytes())
             h.update(b"#")
-        return cls(ids_all, masks_all, task_of, list(sources), kept, h.hexdigest()[:32])
+        return cls(ids_all, masks_all, task_of, list(sources), kept, h.hexdigest()[:32], records_all)
 
     def collate(self, indices: Sequence[int], pad_token_id: int, device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids`` / ``attention_mask`` / ``target_mask`` (0 on padding and non-targets)."""

@@ -14,9 +14,12 @@ they are a second replay source beside ``gere_replay``:
 * every optimizer step holds exactly ``gere_task_replay_per_step`` of them, dealt over micro-batches,
   accumulation and ranks by the same exact, seeded, resumable :class:`~gere_plugin.data.schedule.ReplaySchedule`
   as the general replay (an independent stream of the same ``gere_seed``);
-* they enter the loss by cross-entropy only (no state cache, no regularizer): the task term becomes
+* they enter the loss by cross-entropy (no state cache, no regularizer): the task term becomes
   ``(1 - rho) * loss_task + rho * CE_earlier`` with ``CE_earlier`` the token mean over the target
-  tokens of all earlier-task rows of the step (see :class:`TaskReplay` and docs/architecture.md).
+  tokens of all earlier-task rows of the step (see :class:`TaskReplay` and docs/architecture.md);
+* with ``gere_task_replay_logit_weight = beta > 0`` (logit replay, :mod:`gere_plugin.methods.logit_replay`)
+  also by a KL to the top-k log-probabilities stored when their task ended:
+  ``rho * (CE_earlier + beta * KL_earlier)``, the KL summed over the same tokens and divided by the same count.
 
 :class:`TaskReplay` is the rows, their schedule, shares and cross-entropy; :class:`EarlierTasks` puts their
 scaled part into each micro-batch's loss.
@@ -34,9 +37,10 @@ from ..data.schedule import ReplaySchedule
 from ..data.task_rows import TaskReplaySet, Tokenization
 from ..model.hidden import forward_hidden
 from ..model.introspection import autocast_of
-from ..ops.logits import LogitHead, chunked_target_ce
+from ..ops.logits import LogitHead, chunked_target_ce, kl_chunk_tokens
 from ..ops.losses import target_ce
 from .base import Term, register
+from .logit_replay import LogitReplay
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer.resources import Resources
@@ -117,20 +121,27 @@ class TaskReplay:
 
 @register
 class EarlierTasks(Term):
-    """The earlier-task rows of each micro-batch and their scaled cross-entropy."""
+    """The earlier-task rows of each micro-batch and their scaled cross-entropy (+ logit replay's KL)."""
 
     name = "task_replay"
     key = "gere_task_replay"
-    metrics = ("gere/task_replay_ce",)
+    metrics = ("gere/task_replay_ce", "gere/task_replay_kl")
 
-    def __init__(self, replay: TaskReplay) -> None:
+    def __init__(self, replay: TaskReplay, logits: Optional[LogitReplay] = None) -> None:
         self.replay = replay
+        self.logits = logits
         self.rows_now: list[int] = []
 
     @classmethod
     def build(cls, res: Resources, trainer: Any) -> EarlierTasks:
         how = Tokenization.of_trainer_args(trainer.args)
-        return cls(TaskReplay.from_args(res.args, res.tokenizer, how, res.global_batch))
+        replay = TaskReplay.from_args(res.args, res.tokenizer, how, res.global_batch)
+        beta = float(getattr(res.args, "gere_task_replay_logit_weight", 0.0) or 0.0)
+        logits = None
+        if beta > 0:
+            vocab = int(getattr(getattr(res.model, "config", None), "vocab_size", 0) or 0)
+            logits = LogitReplay(replay.rows, beta, int(res.args.gere_task_replay_topk), vocab)
+        return cls(replay, logits)
 
     def replay_loss(self, step: ReplayStep, trainer: Any, model: torch.nn.Module, index: int, micro: int,
                     scaling: StepScaling, device: torch.device) -> Optional[torch.Tensor]:
@@ -146,6 +157,8 @@ class EarlierTasks(Term):
         if not self.rows_now:
             return None
         module = step.forward_module(trainer, model)
+        if self.logits is not None:
+            return self._with_logits(step, trainer, model, module, index, micro, scaling, device)
         head = step.logit_head
         if head is None:
             ce_micro = tr.cross_entropy(module, self.rows_now, step.pad_token_id, device)
@@ -158,8 +171,36 @@ class EarlierTasks(Term):
         step.metrics.add("gere/task_replay_ce", ce_micro)
         return scaling.extra_factor * step.task_coef * tr.weight * tr.share(index, self.rows_now) * ce_micro
 
+    def _with_logits(self, step: ReplayStep, trainer: Any, model: torch.nn.Module, module: torch.nn.Module,
+                     index: int, micro: int, scaling: StepScaling, device: torch.device) -> torch.Tensor:
+        """:meth:`replay_loss` with logit replay: ``F * c * rho * (CE_sum + beta * KL_sum) / N`` (``N`` the
+        step's earlier-task target tokens), CE and KL from one forward and one log-softmax per chunk."""
+        tr, lr, rows = self.replay, self.logits, self.rows_now
+        assert lr is not None
+        head = step.logit_head
+        if head is None:
+            ce_sum, kl_sum = lr.ce_kl(module, rows, step.pad_token_id, device)
+        else:
+            chunk = kl_chunk_tokens(step.logit_chunk)  # a chunk holds logits, log-softmax and the rest mass
+            pad_to = step.chunks_over_ranks(tr.schedule, lambda i: int(tr.rows.targets[i]), index, micro,
+                                            scaling.accumulation, chunk)
+            with autocast_of(trainer):
+                ce_sum, kl_sum = lr.ce_kl(module, rows, step.pad_token_id, device, head.in_fsdp_unit(model), chunk,
+                                          pad_to)
+        tokens = max(sum(int(tr.rows.targets[i]) for i in rows), 1)
+        step.metrics.add("gere/task_replay_ce", ce_sum.detach() / tokens)
+        covered = lr.snapshot_tokens(rows)
+        if covered:
+            step.metrics.add("gere/task_replay_kl", kl_sum.detach() / covered)
+        part = (ce_sum + lr.weight * kl_sum) / tokens
+        return scaling.extra_factor * step.task_coef * tr.weight * tr.share(index, rows) * part
+
     def describe(self) -> str:
-        return self.replay.describe()
+        out = self.replay.describe()
+        return out if self.logits is None else f"{out}; {self.logits.describe()}"
 
     def state_dict(self) -> dict[str, Any]:
-        return self.replay.state_dict()
+        out = self.replay.state_dict()
+        if self.logits is not None:  # absent when off: checkpoints of runs without logit replay still match
+            out["logit_replay"] = self.logits.state_dict()
+        return out

@@ -58,15 +58,17 @@ def describe_gere(trainer: Any, checkpoint: Optional[str] = None) -> str:
         ]
     else:
         parts.append("no general replay (gere_replay is not set)")
-    if step.task_replay is not None:
-        parts.append(step.task_replay.describe())
+    if step.earlier is not None:
+        parts.append(step.earlier.describe())
     parts.append(f"loss family {step.family.name}")
     if step.states is not None:
         parts.append(f"state cache {step.cache_dir(trainer)} {step.cache_action}")
     parts.append(frozen)
     if checkpoint is not None:
         parts.append(f"resuming {checkpoint} (replay settings checked)")
-    task = "task" if step.task_replay is None else "((1-rho)*task + rho*CE_earlier)"
+    logits = getattr(step.earlier, "logits", None)
+    earlier = "CE_earlier" if logits is None else f"(CE_earlier + {logits.weight:g}*KL_earlier)"
+    task = "task" if step.task_replay is None else f"((1-rho)*task + rho*{earlier})"
     if step.replay is None:
         total = task
     else:

@@ -63,5 +63,6 @@ def check_resume(step: ReplayStep, checkpoint: str) -> None:
         raise GeReConfigError(
             f"Checkpoint {checkpoint} was trained with other earlier-task replay (saved {saved.get('task_replay')}, "
             f"now {now.get('task_replay')}). Resume with the same gere_task_replay, gere_task_replay_size, "
-            "gere_task_replay_per_step, gere_task_replay_weight, max_length and gere_seed, or start a new run."
+            "gere_task_replay_per_step, gere_task_replay_weight, gere_task_replay_logit_weight, gere_task_replay_topk "
+            "(and the same logit snapshots), max_length and gere_seed, or start a new run."
         )

@@ -62,7 +62,7 @@ class ReplayStep:
 
     METRIC_KEYS = ("gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state",
                    "gere/grad_norm_ce", "gere/grad_norm_reg", "gere/grad_norm_total", "gere/clip_coef",
-                   "gere/grad_cosine", "gere/task_replay_ce")
+                   "gere/grad_cosine", "gere/task_replay_ce", "gere/task_replay_kl")
 
     def __init__(self, res: Resources) -> None:
         self.res = res
