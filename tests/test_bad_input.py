@@ -48,6 +48,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "gere_task_replay_split": ["", 3, None, ["train"]],
     "gere_task_replay_size": [0, -1, 1.5, "10", True, None, NAN],
     "gere_task_replay_per_step": [0, -3, 1.5, "4", True],
+    "gere_task_replay_logit_weight": [-0.5, NAN, INF, "0.5", True, None, [0.5]],
+    "gere_task_replay_topk": [0, -1, 1.5, "32", True, None],
     "gere_task_replay_weight": [0, 1, -0.1, 1.5, NAN, INF, "0.3", True],
     "gere_regularizer": ["tmx", "", 1, None, "TM", ["tm"]],
     "gere_weight": ["dyn", "abc", -1, "-2", NAN, "nan", INF, True, None, []],
