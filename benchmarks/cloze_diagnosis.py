@@ -206,10 +206,12 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 def choice_token_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]],
                           max_length: int = 512, batch_size: int = 16,
-                          label_ids: Optional[Sequence[int]] = None) -> tuple[list[list[float]], Optional[torch.Tensor]]:
+                          label_ids: Optional[Sequence[int]] = None,
+                          ) -> tuple[list[list[float]], Optional[torch.Tensor], torch.Tensor]:
     """Per-token log-probabilities of each continuation after its context, encoded as
     :func:`gere_plugin.evaluation.scoring.continuation_logprobs` encodes them (their sums are its scores), and with
-    ``label_ids`` the log-probabilities of those tokens as the continuation's first token (``[pairs, labels]``).
+    ``label_ids`` the log-probabilities of those tokens as the continuation's first token (``[pairs, labels]``),
+    and the mean over the pairs of the next-token distribution after the context (``[vocab]``).
     The output head runs only on the positions that predict a continuation token."""
     from gere_plugin.evaluation.scoring import eval_mode
     from gere_plugin.model.introspection import model_device, pad_token_id
@@ -229,6 +231,7 @@ def choice_token_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
     labels = None if label_ids is None else torch.empty((len(pairs), len(label_ids)), dtype=torch.float32)
     wanted = None if label_ids is None else torch.tensor(list(label_ids), dtype=torch.long)
     body, head = model.get_decoder(), model.get_output_embeddings()
+    first_sum: Optional[torch.Tensor] = None
     with eval_mode(model):
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -241,7 +244,10 @@ def choice_token_logprobs(model: torch.nn.Module, tokenizer: Any, pairs: Sequenc
                 out[i] = [float(v) for v in logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)]
                 if labels is not None and wanted is not None:
                     labels[i] = logp[0, wanted.to(logp.device)].cpu()
-    return out, labels
+                p0 = logp[0].double().exp().cpu()
+                first_sum = p0 if first_sum is None else first_sum + p0
+    assert first_sum is not None
+    return out, labels, first_sum / len(pairs)
 
 
 def grouped(flat: Sequence[Any], sizes: Sequence[int]) -> list[list[Any]]:
@@ -428,8 +434,9 @@ def measure(args: argparse.Namespace, env: dict[str, Any], name: str) -> Path:
     arc = env["arc"]
     pairs = [(it.context, ch) for it in arc for ch in it.choices]
     words, ids, groups = label_token_table(tok, env["tasks"])
-    cond, pair_labels = choice_token_logprobs(model, tok, pairs, batch_size=args.batch_size, label_ids=ids)
-    uncond, _ = choice_token_logprobs(model, tok, [(NEUTRAL_PROMPT, ch) for _, ch in pairs], batch_size=args.batch_size)
+    cond, pair_labels, first_dist = choice_token_logprobs(model, tok, pairs, batch_size=args.batch_size, label_ids=ids)
+    torch.save(first_dist, work_dir(args) / f"answer_dist_{name}.pt")
+    uncond, _, _ = choice_token_logprobs(model, tok, [(NEUTRAL_PROMPT, ch) for _, ch in pairs], batch_size=args.batch_size)
     assert pair_labels is not None
     firsts = [sum(len(it.choices) for it in arc[:k]) for k in range(len(arc))]
     arc_next = pair_labels[firsts]  # the next-token distribution after each item's context (its first choice's row)
@@ -485,13 +492,15 @@ SCORINGS = {
     "acc": "summed log-prob",
     "calibrated": f"calibrated (log p(choice given the question) - log p(choice given '{NEUTRAL_PROMPT}'))",
     "acc_norm_no_label_mass": "benchmark, label words' next-token mass taken out of the first token",
+    "acc_norm_base_first_token": "benchmark, with the base's log-prob of each answer's first token",
 }
 
 
 def model_predictions(s: dict[str, Any]) -> dict[str, list[int]]:
     return {"acc_norm": predictions(s["cond"], s["n_chars"]), "acc": predictions(s["cond"]),
             "calibrated": predictions(s["calibrated"]),
-            "acc_norm_no_label_mass": predictions(s["no_label_mass"], s["n_chars"])}
+            "acc_norm_no_label_mass": predictions(s["no_label_mass"], s["n_chars"]),
+            "acc_norm_base_first_token": predictions(s["base_first"], s["n_chars"])}
 
 
 def label_share_items(base: dict[str, Any], arc_choices: list[list[str]], labels: set[str]) -> list[int]:
@@ -501,6 +510,35 @@ def label_share_items(base: dict[str, Any], arc_choices: list[list[str]], labels
         flags = [shares_label_word(c, labels) for c in choices]
         if any(flags) and not all(flags):
             out.append(i)
+    return out
+
+
+def top_gains(dist: torch.Tensor, base_dist: torch.Tensor, k: int = 12) -> list[tuple[int, float, float]]:
+    """The ``k`` tokens whose mean probability rose most from ``base_dist`` to ``dist``: (id, base, model)."""
+    gain = dist.double() - base_dist.double()
+    top = torch.topk(gain, k).indices.tolist()
+    return [(int(i), float(base_dist[i]), float(dist[i])) for i in top]
+
+
+def answer_gains(args: argparse.Namespace, env: dict[str, Any], label_words: Sequence[str]) -> Optional[dict[str, Any]]:
+    """Which next tokens after the ARC-Easy prompts gained probability (mean over the scored pairs), and how much of
+    the total gain the label words hold."""
+    paths = {n: work_dir(args) / f"answer_dist_{n}.pt" for n in MODELS}
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(env["model_dir"]))
+    dists = {n: torch.load(p) for n, p in paths.items()}
+    ids = [int(_ids(tok, w)[0]) for w in label_words]
+    out: dict[str, Any] = {}
+    for n in MODELS[1:]:
+        gain = (dists[n] - dists["base"]).clamp_min(0)
+        out[n] = {
+            "total_positive_gain": float(gain.sum()),
+            "label_words_share_of_gain": float(gain[ids].sum() / max(float(gain.sum()), 1e-12)),
+            "top": [{"token": tok.decode([i]), "base": b, "model": m} for i, b, m in top_gains(dists[n], dists["base"])],
+        }
     return out
 
 
@@ -516,6 +554,9 @@ def build_report(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any
         p = work_dir(args) / f"{name}_seed{args.seed}" / "train_record.json"
         train_recs[name] = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
     s = {n: scored(recs[n]) for n in MODELS}
+    for n in MODELS:  # counterfactual: the model's scores with the base's first-token log-probabilities
+        s[n]["base_first"] = [[c - f + b for c, f, b in zip(ci, fi, bi)]
+                              for ci, fi, bi in zip(s[n]["cond"], s[n]["first"], s["base"]["first"])]
     preds = {n: model_predictions(s[n]) for n in MODELS}
     gold = s["base"]["gold"]
     acc = {n: {k: accuracy(v, gold) for k, v in preds[n].items()} for n in MODELS}
@@ -564,6 +605,7 @@ def build_report(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any
         overlap[n]["shift_label_choices"] = sum(lab) / len(lab) if lab else None
         overlap[n]["shift_other_choices"] = sum(other) / len(other) if other else None
     label_prior = {n: recs[n]["label_mass"] for n in MODELS}
+    gains = answer_gains(args, env, recs["base"]["label_words"])
     drift = {n: {"wiki": recs[n]["wiki"], "arc_prompts": recs[n]["arc_prompts"],
                  "weight_change": recs[n].get("weight_change")} for n in MODELS[1:]}
     ppl = {n: {"wiki": recs[n]["wiki"]["ppl"], "arc_prompts": recs[n]["arc_prompts"]["ppl"]} for n in MODELS}
@@ -578,7 +620,7 @@ def build_report(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any
         "accuracy": acc, "drop_vs_base": drops, "flips": flips, "shifts": shifts,
         "shift_by_choice_length": by_length,
         "chosen_answer_tokens": {**chosen_len, "gold": gold_len},
-        "label_prior": label_prior, "label_overlap": overlap, "perplexity": ppl, "drift": drift,
+        "label_prior": label_prior, "answer_cue_gains": gains, "label_overlap": overlap, "perplexity": ppl, "drift": drift,
         "measure_seconds": {n: recs[n]["seconds"] for n in MODELS},
     }
     if args.preset == "cpu-fair" and FAIR_JSON.is_file():
@@ -604,6 +646,7 @@ def findings(doc: dict[str, Any]) -> dict[str, Any]:
             "drop_acc_norm": d["acc_norm"], "drop_calibrated": d["calibrated"], "drop_acc": d["acc"],
             "calibration_removes_share_of_drop": (1 - d["calibrated"] / d["acc_norm"]) if d["acc_norm"] > 0 else None,
             "drop_acc_norm_no_label_mass": d["acc_norm_no_label_mass"],
+            "drop_acc_norm_base_first_token": d["acc_norm_base_first_token"],
             "label_mass_removal_removes_share_of_drop": ((1 - d["acc_norm_no_label_mass"] / d["acc_norm"])
                                                          if d["acc_norm"] > 0 else None),
             "margin_shift_per_char": doc["shifts"][n]["per_char (acc_norm's score)"]["margin"],
@@ -710,6 +753,17 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "Per word after an ARC-Easy prompt (%): " + "; ".join(
         f"{w.strip()} {100 * lp['base']['arc_next_per_word'][w]:.3f} / {100 * lp['plain']['arc_next_per_word'][w]:.3f} / "
         f"{100 * lp['gere']['arc_next_per_word'][w]:.3f}" for w in doc["settings"]["label_words"]) + " (base / plain / GeRe).", ""]
+    gains = doc.get("answer_cue_gains")
+    if gains:
+        lines += ["Which next tokens gained probability after the ARC-Easy prompts (mean next-token distribution, %):", "",
+                  "| model | share of the gain on label words | top gaining tokens (base -> model) |", "|---|---|---|"]
+        for n in MODELS[1:]:
+            g = gains[n]
+            top = ", ".join(f"`{t['token']!r}` {100 * t['base']:.2f}->{100 * t['model']:.2f}".replace("|", "\\|")
+                            for t in g["top"][:8])
+            lines.append(f"| {n} | {_pct(g['label_words_share_of_gain'])} (of {_pct(g['total_positive_gain'])} points "
+                         f"gained) | {top} |")
+        lines.append("")
     ov = doc["label_overlap"]
     lines += [f"ARC-Easy items with a choice sharing a word with the labels (and one not): {ov['items']}; gold is such a "
               f"choice in {_pct(ov['share_gold_is_label_choice'])}% of them.", "",
@@ -803,6 +857,12 @@ def implications(doc: dict[str, Any]) -> list[str]:
     elif share is not None:
         out.append(f"- Calibrated scoring removes only {100 * share:.0f}% of GeRe's drop: the question's conditioning "
                    "of the answer itself changed, not only the answers' prior.")
+    swap = g["drop_acc_norm_base_first_token"]
+    out.append(f"- With the base's log-probability of each answer's first token, GeRe's drop is {_pct(swap)} points "
+               f"(of {_pct(g['drop_acc_norm'])}): "
+               + ("most of the drop sits in the answer's first token (the position after the answer cue)."
+                  if swap <= 0.5 * g["drop_acc_norm"] else
+                  "most of the drop sits in the answers' later tokens, not in the first token after the cue."))
     first, rest = g["margin_shift_first_token"], g["margin_shift_rest"]
     if first < 0 and abs(first) >= abs(rest):
         out.append(f"- The correct choice loses most at its first token ({first:+.3f} vs {rest:+.3f} nats for the "

@@ -124,12 +124,14 @@ MC = [
 def test_token_logprobs_sum_to_the_benchmark_scorer(tiny_model, tiny_tokenizer):
     pairs = [(it.context, ch) for it in MC for ch in it.choices] + [("Answer:", " the river")]
     label_ids = [int(tiny_tokenizer(w, add_special_tokens=False)["input_ids"][0]) for w in (" the", " a")]
-    mine, labels = cd.choice_token_logprobs(tiny_model, tiny_tokenizer, pairs, batch_size=3, label_ids=label_ids)
+    mine, labels, dist = cd.choice_token_logprobs(tiny_model, tiny_tokenizer, pairs, batch_size=3, label_ids=label_ids)
     ref = continuation_logprobs(tiny_model, tiny_tokenizer, pairs, batch_size=2)
     # the label rows are the next-token log-probs after each context (the benchmark's label scorer's numbers)
     ctx_pairs = [i for i, (c, _) in enumerate(pairs) if c]
     direct = next_token_logprobs(tiny_model, tiny_tokenizer, [pairs[i][0] for i in ctx_pairs], label_ids, batch_size=2)
     assert labels is not None and torch.allclose(labels[ctx_pairs], direct, atol=1e-5)
+    assert dist.shape == (len(tiny_tokenizer),) and float(dist.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(dist[label_ids[0]]) == pytest.approx(float(labels[:, 0].double().exp().mean()), abs=1e-6)
     assert [len(t) for t in mine] == [r.n_tokens for r in ref]
     for t, r in zip(mine, ref):
         assert sum(t) == pytest.approx(r.logprob, abs=1e-4)
