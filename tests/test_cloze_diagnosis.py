@@ -173,3 +173,12 @@ def test_text_passes_nll_matches_perplexity_and_self_drift_is_zero(tiny_model, t
     assert moved["layer_rel_l2"][2] > 1e-3 and moved["kl_base_model"] > 0
     wc = cd.weight_change(tiny_model, twin)
     assert wc["layer 1"] == pytest.approx(0.0) and wc["layer 2"] > 0
+
+
+def test_top_gains_and_prefixes():
+    base = torch.tensor([0.5, 0.3, 0.1, 0.1])
+    new = torch.tensor([0.2, 0.3, 0.4, 0.1])
+    top = cd.top_gains(new, base, k=2)
+    assert top[0] == (2, pytest.approx(0.1), pytest.approx(0.4))  # +0.3 first, then an unchanged token (+0.0)
+    assert top[1][0] in (1, 3)
+    assert cd.wiki_prefixes(["one two  three four", "short"], chars=12) == ["one two", "short"]
