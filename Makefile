@@ -79,7 +79,8 @@ test-latest: $(VENV_LATEST)/.installed
 		tests/test_dpo_trainer.py tests/test_grpo_trainer.py tests/test_families.py tests/test_cli_recipes.py \
 		tests/test_any_trainer.py tests/test_freeze.py tests/test_task_replay.py tests/test_resume_safety.py \
 		tests/test_flow.py tests/test_task_kl.py tests/test_ewc.py tests/test_baselines.py \
-		tests/test_logits.py tests/test_replay_logits.py tests/test_monitor.py $(PYTEST_ARGS)
+		tests/test_logits.py tests/test_replay_logits.py tests/test_monitor.py tests/test_wise.py \
+		tests/test_logit_replay.py tests/test_cache_io.py $(PYTEST_ARGS)
 
 # Every Axolotl test (config, recipes, plugin-line forms, `axolotl gere` subcommands, end-to-end
 # `axolotl train` SFT/DPO full/LoRA, GRPO full) on the newest Axolotl as well.
