@@ -107,6 +107,9 @@ METHODS: dict[str, MethodSpec] = {
     "gere_wise": MethodSpec("gere_wise", replay=True, regularizer="tm", gere=(("gere_wise_alpha", WISE_ALPHA),)),
     "der": MethodSpec("der", replay=True, regularizer="tm", task_replay=True,
                       gere=(("gere_task_replay_logit_weight", DER_LOGIT_WEIGHT),)),
+    # der with the paper's TM weighting (gere_paper + earlier-task replay + logit replay)
+    "der_paper": MethodSpec("der_paper", replay=True, regularizer="tm", task_replay=True,
+                            gere=PAPER_WEIGHTING + (("gere_task_replay_logit_weight", DER_LOGIT_WEIGHT),)),
 }
 
 #: TrainSettings fields that override a preset's strength (only for presets that use the key).
