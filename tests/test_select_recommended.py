@@ -1,0 +1,53 @@
+"""benchmarks/select_recommended.py: the dev-only rule that picks the recommended preset, on hand-made numbers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+select = pytest.importorskip("select_recommended")
+
+
+def dev(plasticity, ap, arc, wiki=-1.0, sciq=-1.0, bwt=-10.0):
+    return {"plasticity": plasticity, "AP": ap, "BWT": bwt, "arc_easy": arc,
+            "ppl_rise/wiki": wiki, "ppl_rise/sciq_support": sciq}
+
+
+def test_highest_score_among_admissible_wins():
+    pick = select.apply_rule({"plain": dev(90, 60, 30, 20, 25),
+                              "der": dev(89.5, 75, 36),           # score 111, admissible
+                              "der_paper": dev(88.0, 80, 40)})    # score 120, but plasticity < 90 - 1
+    assert pick["chosen"] == "der" and pick["admissible"] is True
+    assert pick["candidates"]["der_paper"]["plasticity_ok"] is False
+    assert pick["candidates"]["der"]["score"] == pytest.approx(111)
+
+
+def test_perplexity_rise_makes_a_candidate_inadmissible():
+    pick = select.apply_rule({"plain": dev(90, 60, 30), "der": dev(90, 80, 40, sciq=0.5), "der_paper": dev(90, 70, 35)})
+    assert pick["chosen"] == "der_paper"
+    assert pick["candidates"]["der"] == {"admissible": False, "plasticity_ok": True, "ppl_ok": False, "score": 120}
+
+
+def test_no_admissible_candidate_falls_back_to_the_score_and_says_so():
+    pick = select.apply_rule({"plain": dev(95, 60, 30), "der": dev(90, 70, 35), "der_paper": dev(90, 80, 35)})
+    assert pick["chosen"] == "der_paper" and pick["admissible"] is False
+
+
+def test_ties_go_to_the_cheaper_candidate_and_the_reference_is_required():
+    pick = select.apply_rule({"plain": dev(90, 60, 30), "der": dev(90, 70, 35), "der_paper": dev(90, 70, 35)})
+    assert pick["chosen"] == select.CANDIDATES[0]
+    with pytest.raises(ValueError, match="reference"):
+        select.apply_rule({"der": dev(90, 70, 35), "der_paper": dev(90, 70, 35)})
+
+
+def test_dev_metrics_from_a_run():
+    run = {"matrix": [[0.8, 0.5], [0.6, 0.9]],
+           "final": {"general": {"cloze": {"arc_easy": 0.4}, "ppl": {"wiki": 9.0, "sciq_support": 22.0}}}}
+    base = {"general": {"ppl": {"wiki": 10.0, "sciq_support": 20.0}}}
+    m = select.dev_metrics(run, base)
+    assert m["plasticity"] == pytest.approx(85) and m["AP"] == pytest.approx(75) and m["BWT"] == pytest.approx(-20)
+    assert m["arc_easy"] == pytest.approx(40)
+    assert m["ppl_rise/wiki"] == pytest.approx(-10) and m["ppl_rise/sciq_support"] == pytest.approx(10)
