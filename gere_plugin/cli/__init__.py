@@ -7,8 +7,9 @@ Commands:
                                             build the base-model state cache (reuse / refuse / replace)
     gere keys [--check docs/configuration.md]         the table of every gere_* key
     gere evaluate ... / gere report ...     evaluation (see docs/evaluation.md)
-    gere sequence --model DIR --task NAME TRAIN TEST ... --method gere --gere_replay R --out DIR
+    gere sequence --model DIR --task NAME TRAIN TEST ... --gere_replay R --out DIR [--method M]
                                             fine-tune a task sequence, evaluate each stage
+                                            (default: the recommended preset)
 
 Every gere_* setting has the spelling of config.py (--gere_replay_size, ...) in every command; the old
 spellings (--size, --replay-size, ...) still work and print a deprecation note. `gere COMMAND --help`

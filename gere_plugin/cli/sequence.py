@@ -12,9 +12,15 @@ also replay earlier tasks: after each task a seeded sample of at most ``--gere_t
 training rows is kept as token ids in ``OUT/task_replay/`` and replayed in every later task
 (``--gere_task_replay_per_step`` rows per step, share ``--gere_task_replay_weight`` of the task term); ``der`` is
 ``gere_er`` whose earlier-task rows also get a KL (weight ``--gere_task_replay_logit_weight``) to the model's top-k
-log-probabilities stored beside them when their task ended (``OUT/task_replay/<k>_<name>.topk.safetensors``). The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task
-logs, general ability when ``--ppl`` / ``--cloze`` are given) is rewritten after every task and can be
-turned into tables and plots with ``gere report``. Library equivalent: :func:`gere_plugin.continual.run_sequence`.
+log-probabilities stored beside them when their task ended (``OUT/task_replay/<k>_<name>.topk.safetensors``).
+
+Without ``--method`` the recommended preset runs (``gere_plugin.continual.RECOMMENDED``: ``der`` or ``der_paper``,
+picked on dev splits by ``benchmarks/select_recommended.py``); it replays general text, so it needs
+``--gere_replay``. ``--method gere`` runs plain GeRe, ``--method plain`` plain SFT.
+
+The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task logs, general ability when ``--ppl`` /
+``--cloze`` are given) is rewritten after every task and can be turned into tables and plots with
+``gere report``. Library equivalent: :func:`gere_plugin.continual.run_sequence`.
 """
 
 from __future__ import annotations
@@ -106,7 +112,7 @@ DEPRECATED_FLAGS = {
 
 def sequence_parser() -> argparse.ArgumentParser:
     from ..config import GeReArguments
-    from ..continual import METHODS, TrainSettings
+    from ..continual import METHODS, RECOMMENDED, TrainSettings
     from .flags import add_deprecated_flag, add_field_flags
 
     p = argparse.ArgumentParser(prog="gere sequence", description=__doc__,
@@ -114,7 +120,10 @@ def sequence_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the ORIGINAL base model (folder or cached id)")
     p.add_argument("--task", nargs=3, action="append", metavar=("NAME", "TRAIN", "TEST"), required=True,
                    help="one task of the sequence (repeat, in order)")
-    p.add_argument("--method", default="gere", choices=sorted(METHODS))
+    p.add_argument("--method", default=RECOMMENDED, choices=sorted(METHODS), metavar="METHOD",
+                   help=f"the method preset (default {RECOMMENDED}: the recommended preset, GeRe general replay + "
+                        "earlier-task replay + logit replay, picked on dev splits; --method gere for plain GeRe, "
+                        f"--method plain for plain SFT). One of: {', '.join(sorted(METHODS))}")
     add_field_flags(p, GeReArguments, ("gere_replay",))
     p.add_argument("--out", required=True, help="output folder (trainer runs, result.json, final model)")
     add_field_flags(p, GeReArguments, ("gere_state_cache",))

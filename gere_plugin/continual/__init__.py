@@ -36,7 +36,11 @@ Method presets (:data:`METHODS`):
 ``gere_wise``   ``gere`` + WiSE-FT after each task
 ``der``         ``gere_er`` + logit replay: the earlier-task rows also get ``beta * KL`` to the top-k
                 log-probabilities stored when their task ended (dark experience replay; :data:`DER_LOGIT_WEIGHT`)
+``der_paper``   ``der`` with the paper's exact weighting (:data:`PAPER_WEIGHTING`)
 =============== ===================================================================================
+
+:data:`RECOMMENDED` names the recommended preset (``der`` or ``der_paper``, picked on dev splits by
+``benchmarks/select_recommended.py``; see docs/evaluation.md); ``gere sequence`` and ``make demo`` run it by default.
 
 The EWC state written at the end of task ``k`` (``<task k output>/gere_ewc``) is handed to task ``k + 1``
 as ``gere_ewc_state``; ``TrainSettings.gere_ewc_lambda`` / ``gere_task_kl`` / ``gere_wise_alpha`` override the
@@ -72,6 +76,7 @@ from .presets import (
     FD_WEIGHTING,
     METHODS,
     PAPER_WEIGHTING,
+    RECOMMENDED,
     STRENGTH_SETTINGS,
     TASK_KL_WEIGHT,
     WISE_ALPHA,
@@ -84,7 +89,8 @@ from .stage import evaluate_stage, model_fingerprint
 from .task_rows import keep_task_sample, tokenized_for_training, tokenized_without_eos
 
 __all__ = [
-    "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA",
+    "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "RECOMMENDED", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT",
+    "WISE_ALPHA",
     "MethodSpec", "PeakMemory", "SequenceTask", "TrainSettings", "build_trainer", "evaluate_stage", "keep_task_sample",
     "max_rss_bytes", "model_fingerprint", "peak_rss", "release_free_heap", "reset_peak_rss", "rss_bytes", "run_sequence",
     "stage_gere_keys", "step_clock", "tokenized_for_training", "tokenized_without_eos",
