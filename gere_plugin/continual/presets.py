@@ -3,13 +3,15 @@ the recommended one (:data:`RECOMMENDED`), their strengths, and one task of a se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from ..evaluation.tasks import ClassificationItem
+from ..evaluation.tasks import ClassificationItem, GenerationItem
 
-__all__ = ["DER_LOGIT_WEIGHT", "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "RECOMMENDED",
-           "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "MethodSpec", "SequenceTask"]
+__all__ = ["DER_LOGIT_WEIGHT", "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "PAPER_WEIGHTING",
+           "RECOMMENDED", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "MethodSpec", "SequenceTask", "TaskItem",
+           "item_kind"]
 
 
 @dataclass(frozen=True)
@@ -123,19 +125,62 @@ STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl", "gere_
                      "gere_task_replay_logit_weight": "logit_replay"}
 
 
+#: A test or dev item of a sequence task: a label-word item or a generation item (prompt + reference answers).
+TaskItem = Union[ClassificationItem, GenerationItem]
+
+#: Greedy tokens generated per generation item when a task is scored (short answers: keeps evaluation cheap).
+GENERATION_MAX_NEW_TOKENS = 12
+
+
+def item_kind(items: Sequence[TaskItem], what: str = "items") -> Optional[str]:
+    """``"classification"`` or ``"generation"`` when every item is of that kind, ``None`` for no items;
+    :class:`ValueError` (naming ``what``) for a mix or for anything else."""
+    kinds = set()
+    for item in items:
+        if isinstance(item, ClassificationItem):
+            kinds.add("classification")
+        elif isinstance(item, GenerationItem):
+            kinds.add("generation")
+        else:
+            raise ValueError(f"{what}: {type(item).__name__} is neither a ClassificationItem nor a GenerationItem")
+    if len(kinds) > 1:
+        raise ValueError(f"{what} mix ClassificationItem and GenerationItem; one task holds items of one kind")
+    return kinds.pop() if kinds else None
+
+
 @dataclass
 class SequenceTask:
-    """One task of the sequence: TRL SFT rows (prompt/completion or text) and label-word test items.
+    """One task of the sequence: TRL SFT rows (prompt/completion or text) and test items of ONE kind, either
+    label-word items (:class:`ClassificationItem`, scored by ``label_accuracy``) or generation items
+    (:class:`GenerationItem`, scored by greedy exact match with ``max_new_tokens`` tokens).
 
-    ``dev`` holds held-out items for choosing hyper-parameters (never the test items); may be empty.
+    ``dev`` holds held-out items of the same kind for choosing hyper-parameters (never the test items); may be
+    empty.
     """
 
     name: str
     train: list[dict[str, str]]
-    test: list[ClassificationItem]
-    dev: list[ClassificationItem] = field(default_factory=list)
+    test: list[TaskItem]
+    dev: list[TaskItem] = field(default_factory=list)
+    max_new_tokens: int = GENERATION_MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        test_kind = item_kind(self.test, f"task {self.name!r} test")
+        dev_kind = item_kind(self.dev, f"task {self.name!r} dev")
+        if test_kind and dev_kind and test_kind != dev_kind:
+            raise ValueError(f"task {self.name!r}: test items are {test_kind} items but dev items are {dev_kind} "
+                             "items; give both splits items of one kind")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens={self.max_new_tokens} must be >= 1")
+
+    @property
+    def kind(self) -> Optional[str]:
+        """``"classification"`` or ``"generation"`` (``None`` while the task has no test or dev items)."""
+        return item_kind(self.test) or item_kind(self.dev)
 
     @classmethod
     def from_label_task(cls, task: Any) -> SequenceTask:
-        """From an :class:`gere_plugin.assets.LabelTask` (or anything with name/train/test[/dev])."""
-        return cls(name=task.name, train=list(task.train), test=list(task.test), dev=list(getattr(task, "dev", [])))
+        """From an :class:`gere_plugin.assets.LabelTask` or :class:`~gere_plugin.assets.GenerationTask` (or
+        anything with name/train/test[/dev][/max_new_tokens])."""
+        return cls(name=task.name, train=list(task.train), test=list(task.test), dev=list(getattr(task, "dev", [])),
+                   max_new_tokens=getattr(task, "max_new_tokens", GENERATION_MAX_NEW_TOKENS))

@@ -28,6 +28,7 @@ from .stage import (
     load_tokenizer,
     model_fingerprint,
     monitor_record,
+    score_items,
     train_history,
 )
 from .task_rows import keep_task_sample, tokenized_without_eos
@@ -336,7 +337,6 @@ class SequenceRun:
         one :func:`~gere_plugin.continual.wise_select.select_wise_alpha` picks is kept (the test split is not
         read). Cost: one more host copy of the trainable weights, and one dev evaluation of the tasks so far
         per candidate."""
-        from ..evaluation.tasks import label_accuracy
         from ..methods.wise import fresh_adapter_partners, interpolate_
         from .wise_select import select_wise_alpha
 
@@ -352,7 +352,8 @@ class SequenceRun:
             interpolate_(params, before, alpha, keep)
 
         def dev(task: SequenceTask) -> float:
-            return 100.0 * label_accuracy(model, self.tokenizer, task.dev, self.settings.eval_batch_size)["accuracy"]
+            res = score_items(model, self.tokenizer, task.dev, self.settings.eval_batch_size, task.max_new_tokens)
+            return 100.0 * res["accuracy"]
 
         candidates = sorted(set(self.settings.wise_alphas) | {1.0})
         current: dict[float, float] = {}

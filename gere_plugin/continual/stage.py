@@ -8,16 +8,22 @@ import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 
 from ..evaluation.general import GeneralEvalConfig, evaluate_general
-from ..evaluation.tasks import label_accuracy
-from .presets import SequenceTask
+from ..evaluation.tasks import (
+    ClassificationItem,
+    GenerationItem,
+    exact_match_accuracy,
+    label_accuracy,
+    normalize_answer,
+)
+from .presets import GENERATION_MAX_NEW_TOKENS, SequenceTask, TaskItem, item_kind
 
 __all__ = ["cache_state", "evaluate_stage", "load_model", "load_tokenizer", "model_fingerprint", "monitor_record",
-           "train_history"]
+           "score_items", "train_history"]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -43,6 +49,37 @@ def cache_state(folder: Optional[Path]) -> dict[str, Any]:
     }
 
 
+def score_items(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[TaskItem],
+    batch_size: int = 16,
+    max_new_tokens: int = GENERATION_MAX_NEW_TOKENS,
+) -> dict[str, Any]:
+    """Accuracy and majority share of one task's items (all of one kind).
+
+    * :class:`~gere_plugin.evaluation.tasks.ClassificationItem`: ``label_accuracy`` (the most likely label
+      word); the majority share is that of the most frequent predicted label;
+    * :class:`~gere_plugin.evaluation.tasks.GenerationItem`: ``exact_match_accuracy`` (greedy decoding of at
+      most ``max_new_tokens`` tokens, normalised exact match); the majority share is that of the most frequent
+      normalised output (:func:`~gere_plugin.evaluation.tasks.normalize_answer`).
+
+    A majority share near 1.0 means the model gives every item the same answer: it learned a prior, not the task.
+    """
+    kind = item_kind(items)
+    if kind is None:
+        raise ValueError("score_items needs at least one item")
+    if kind == "generation":
+        generation = cast(Sequence[GenerationItem], items)
+        res = exact_match_accuracy(model, tokenizer, generation, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        answers = [normalize_answer(out) for out in res["outputs"]]
+    else:
+        res = label_accuracy(model, tokenizer, cast(Sequence[ClassificationItem], items), batch_size=batch_size)
+        answers = [str(p) for p in res["predictions"]]
+    most = max(answers.count(a) for a in set(answers))
+    return {"accuracy": res["accuracy"], "n": len(items), "majority_share": most / len(answers)}
+
+
 def evaluate_stage(
     model: Any,
     tokenizer: Any,
@@ -50,19 +87,19 @@ def evaluate_stage(
     general: Optional[GeneralEvalConfig],
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Accuracy on every task's test items and (when ``general`` is given) general ability.
+    """Accuracy on every task's test items (:func:`score_items`: label-word or exact-match accuracy by the
+    items' kind) and (when ``general`` is given) general ability.
 
-    ``majority_share[task]`` is the share of the most frequent predicted label (1.0 = the model
-    answers every item with the same label word, i.e. it learned the label prior, not the task).
+    ``majority_share[task]`` is the share of the most frequent answer (the predicted label word, or the
+    normalised generated text): 1.0 = the model answers every item the same way, i.e. it learned the answer
+    prior, not the task.
     """
     t0 = time.perf_counter()
     out: dict[str, Any] = {"tasks": {}, "majority_share": {}}
     for task in tasks:
-        res = label_accuracy(model, tokenizer, task.test, batch_size=batch_size)
+        res = score_items(model, tokenizer, task.test, batch_size=batch_size, max_new_tokens=task.max_new_tokens)
         out["tasks"][task.name] = res["accuracy"]
-        # share of the most frequent prediction: near 1.0 means the model collapsed onto one label
-        counts = [res["predictions"].count(k) for k in set(res["predictions"])]
-        out["majority_share"][task.name] = max(counts) / len(res["predictions"])
+        out["majority_share"][task.name] = res["majority_share"]
     if general is not None:
         out["general"] = evaluate_general(model, tokenizer, general)
     out["seconds"] = time.perf_counter() - t0
