@@ -286,5 +286,5 @@ def test_der_trains_the_first_task_as_gere_er() -> None:
     later = stage_gere_keys(METHODS["der"], 1, settings, "r.jsonl", None, 1, task_replay=[Path("0_a.jsonl")])
     assert later["gere_task_replay_logit_weight"] == 2.0 and later["gere_task_replay"] == ["0_a.jsonl"]
     with pytest.raises(GeReConfigError, match="gere_task_replay_logit_weight sets the strength of methods with "
-                                              "logit_replay \\(der\\); method 'gere_er' does not use it"):
+                                              "logit_replay \\(der, der_paper\\); method 'gere_er' does not use it"):
         check_sequence(TASKS, METHODS["gere_er"], settings)
