@@ -58,6 +58,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -233,13 +234,17 @@ def choose_learning_rate(grid_results: dict[str, dict[str, float]]) -> float:
 
 def select_learning_rates(
     doc: dict[str, Any], cfg: dict[str, Any], methods: list[str], model_dir: Path, tasks: list[SequenceTask],
-    replay: Path, work: Path, settings: TrainSettings, save: Any,
+    replay: Path, work: Path, settings: TrainSettings, save: Any, extra_grid: Sequence[float] = (),
 ) -> dict[str, float]:
     """Per-method learning rate: train the FIRST task with each grid value (seed ``lr_seed``) and keep
-    the one with the best accuracy on that task's dev split. Results go to ``doc["lr_selection"]``."""
+    the one with the best accuracy on that task's dev split. Results go to ``doc["lr_selection"]``.
+
+    ``extra_grid`` adds rates to the preset's grid for ``methods`` (e.g. below its lowest value when a
+    method chose that edge); each method's record lists them under ``extended_with``."""
     grid = cfg.get("lr_grid")
     if not grid:
         return {m: settings.learning_rate for m in methods}
+    grid = list(grid) + [float(lr) for lr in extra_grid if float(lr) not in grid]
     first = tasks[0]
     if not first.dev:
         raise SystemExit(f"learning-rate selection needs dev items for {first.name}: set n_dev in the preset")
@@ -261,6 +266,8 @@ def select_learning_rates(
             selection[method] = {**selection[shared], "shared_with": shared}
         rec = selection.setdefault(method, {"signature": sig, "grid": {}, "task": first.name,
                                             "seed": cfg["lr_seed"], "dev_items": len(first.dev)})
+        if extra_grid:
+            rec["extended_with"] = sorted({*rec.get("extended_with", []), *map(float, extra_grid)})
         for lr in grid:
             key = f"{lr:g}"
             if key in rec["grid"]:
@@ -655,6 +662,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--resume", action="store_true", help="keep finished (method, seed) runs of the output JSON")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--extend-lr-grid", nargs="+", type=float, metavar="LR",
+                   help="add these rates to the learning-rate grid of --methods (e.g. below the grid when a method "
+                        "chose its lowest value); recorded per method as 'extended_with'")
+    p.add_argument("--select-only", action="store_true", help="stop after the learning-rate selection")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine result files of the same preset written by parallel invocations (each with its own "
                         "--out-dir and disjoint --methods) into --out-dir, then re-render")
@@ -784,7 +795,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                           "note": cfg["lr_note"]}
         save()
     else:
-        lrs = select_learning_rates(doc, cfg, methods, model_dir, tasks, replay, work, settings, save)
+        lrs = select_learning_rates(doc, cfg, methods, model_dir, tasks, replay, work, settings, save,
+                                    extra_grid=args.extend_lr_grid or ())
+    stale = sorted({(r["method"], r["settings"]["learning_rate"]) for r in doc["runs"]
+                    if r["method"] in lrs and r.get("settings", {}).get("learning_rate") not in (None, lrs[r["method"]])})
+    if stale:  # a wider grid moved a method's choice: its finished runs are at the old rate
+        raise SystemExit("--extend-lr-grid changed the choice of " + ", ".join(
+            f"{m} (runs at {lr:g}, now {lrs[m]:g})" for m, lr in stale) + f" in {out_json}: rerun those methods "
+            "into another --out-dir; the file keeps the old runs")
+    if args.select_only:
+        print(json.dumps({m: doc["lr_selection"].get(m) for m in methods}, indent=1, default=float))
+        return 0
     done = {(r["method"], r["seed"]) for r in doc["runs"]}
     for seed in seeds:
         for method in methods:
