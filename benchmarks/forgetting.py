@@ -70,6 +70,7 @@ set_offline_defaults()  # before transformers / datasets are imported
 from gere_plugin import assets  # noqa: E402
 from gere_plugin.continual import (  # noqa: E402
     METHODS,
+    RECOMMENDED,
     MethodSpec,
     SequenceTask,
     TrainSettings,
@@ -406,7 +407,10 @@ def fair_verdicts(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
     task_replay_checks = _method_checks("gere_er", per_method.get("gere_er"), plain, bwt_floor_points=-2.0)
     decided = [v for v in checks.values() if v is not None]
     tr_decided = [v for v in task_replay_checks.values() if v is not None]
+    recommended = recommended_checks(summary, per_method, plain, RECOMMENDED, cost_ratios(RECOMMENDED))
     return {
+        # issue 27: the recommended preset against plain SFT on every axis (None: not measured)
+        "recommended": recommended,
         "plain": plain, "plain_learns": plain_learns, "per_method": per_method, "checks": checks,
         # False without GeRe runs (e.g. cpu-seq2): the target is about GeRe, plain SFT learning alone does not meet it
         "issue_target_met": "gere" in per_method and bool(decided) and all(decided) and len(decided) == len(checks),
@@ -418,6 +422,63 @@ def fair_verdicts(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
         "paired_gere_minus_plain": paired_differences(runs, "gere", "plain"),
         "paired_gere_minus_replay": paired_differences(runs, "gere", "replay"),
     }
+
+
+#: method_cost.py results that give the step-time and memory ratios to plain SFT, first match wins
+COST_FILES = [RESULTS / "method_cost_cpu_recommended.json", RESULTS / "method_cost_cpu.json"]
+
+
+def cost_ratios(method: str, files: Sequence[Path] = tuple(COST_FILES)) -> dict[str, Any]:
+    """``step_s_vs_plain`` / ``peak_added_mib_vs_plain`` of ``method`` from the first method_cost.py result
+    that measured it side by side with plain SFT (empty when none did)."""
+    for path in files:
+        if not Path(path).is_file():
+            continue
+        rec = json.loads(Path(path).read_text(encoding="utf-8")).get("summary", {}).get(method)
+        if rec is not None and rec.get("step_s_vs_plain") is not None:
+            return {"step_s_vs_plain": rec["step_s_vs_plain"], "peak_added_mib_vs_plain": rec["peak_added_mib_vs_plain"],
+                    "source": Path(path).name}
+    return {}
+
+
+def recommended_checks(summary: dict[str, dict[str, Any]], per_method: dict[str, Any],
+                       plain: dict[str, Optional[float]], method: str, cost: dict[str, Any]) -> dict[str, Any]:
+    """Issue 27's targets for the recommended preset against plain SFT (means over seeds; ``None`` when a
+    number is missing): plasticity >= plain's - 1 point; BWT >= -5 points; perplexity rise <= 0 on SciQ and
+    on Wikipedia; ARC-Easy drop <= 25% of plain's; step time <= 1.5x and peak memory <= 1.3x plain's
+    (``cost``, from method_cost.py); and on the frontier of general ability vs AP (no method of the table
+    better on both)."""
+    rec = per_method.get(method)
+    if rec is None:
+        return {"method": method, "measured": False}
+
+    def at_most(value: Optional[float], bound: float) -> Optional[bool]:
+        return None if value is None else value <= bound
+
+    def at_least(value: Optional[float], bound: float) -> Optional[bool]:
+        return None if value is None else value >= bound
+
+    points = {m: (st["metrics"]["general_score"]["mean"], st["metrics"]["AP"]["mean"]) for m, st in summary.items()
+              if m != "base" and "general_score" in st["metrics"] and "AP" in st["metrics"]}
+    better = sorted(m for m, (g, a) in points.items() if m != method and method in points
+                    and g >= points[method][0] and a >= points[method][1] and (g, a) != points[method])
+    bwt = rec.get("BWT")
+    checks = {
+        "plasticity_at_least_plain_minus_1_point": at_least(rec.get("plasticity_minus_plain_points"), -1.0),
+        "BWT_at_least_minus_5_points": None if bwt is None else 100 * bwt >= -5.0,
+        "ppl_rise_sciq_support_at_most_0": at_most(rec.get("ood_ppl_rise"), 0.0),
+        "ppl_rise_wiki_at_most_0": at_most(rec.get("in_domain_ppl_rise"), 0.0),
+        "cloze_drop_at_most_25pct_of_plain": (None if rec.get("cloze_drop_share_of_plain") is None
+                                              else rec["cloze_drop_share_of_plain"] <= 0.25),
+        "step_time_at_most_1.5x_plain": at_most(cost.get("step_s_vs_plain"), 1.5),
+        "peak_memory_at_most_1.3x_plain": at_most(cost.get("peak_added_mib_vs_plain"), 1.3),
+        "on_general_vs_AP_frontier": None if method not in points else not better,
+    }
+    decided = [v for v in checks.values() if v is not None]
+    return {"method": method, "measured": True, "checks": checks, "numbers": rec, "cost": cost,
+            "better_on_both_axes": better, "all_met": bool(decided) and all(decided) and len(decided) == len(checks),
+            "missed": sorted(k for k, v in checks.items() if v is False),
+            "undecided": sorted(k for k, v in checks.items() if v is None)}
 
 
 def _method_checks(method: str, rec: Optional[dict[str, Any]], plain: dict[str, Optional[float]],

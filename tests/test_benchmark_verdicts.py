@@ -119,6 +119,43 @@ def test_fair_verdicts_match_hand_computation():
     assert v2["issue_target_met"] is False
 
 
+def test_recommended_checks_match_hand_computation(tmp_path):
+    rec = forgetting.RECOMMENDED
+    runs = FAIR_RUNS + [
+        # plasticity 0.895 (plain 0.85), BWT -0.04, ood ppl -10%, wiki +10%, cloze +1 point over the base
+        _fair_run(rec, 1, [0.9, 0.89], [0.86], 9.0, 0.41),
+        _fair_run(rec, 2, [0.9, 0.89], [0.86], 9.0, 0.41),
+    ]
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"summary": {rec: {"step_s_vs_plain": 1.4, "peak_added_mib_vs_plain": 1.35}}}))
+    ratios = forgetting.cost_ratios(rec, [tmp_path / "missing.json", cost])
+    assert ratios == {"step_s_vs_plain": 1.4, "peak_added_mib_vs_plain": 1.35, "source": "cost.json"}
+    summary = summarize_runs(runs)
+    v = forgetting.fair_verdicts(summary, runs, {"tasks": {"a": 0.5, "b": 0.4}})
+    per_method = v["per_method"]
+    out = forgetting.recommended_checks(summary, per_method, v["plain"], rec, ratios)
+    c = out["checks"]
+    assert c["plasticity_at_least_plain_minus_1_point"] is True
+    assert c["BWT_at_least_minus_5_points"] is True  # -4 points
+    assert c["ppl_rise_sciq_support_at_most_0"] is True
+    assert c["ppl_rise_wiki_at_most_0"] is False  # 22 vs 20: +10%
+    assert c["cloze_drop_at_most_25pct_of_plain"] is True
+    assert c["step_time_at_most_1.5x_plain"] is True and c["peak_memory_at_most_1.3x_plain"] is False
+    assert c["on_general_vs_AP_frontier"] is True and out["better_on_both_axes"] == []
+    assert out["missed"] == ["peak_memory_at_most_1.3x_plain", "ppl_rise_wiki_at_most_0"]
+    assert out["all_met"] is False
+    # without a cost measurement the cost checks are undecided, never passed
+    blind = forgetting.recommended_checks(summary, per_method, v["plain"], rec, {})
+    assert blind["checks"]["step_time_at_most_1.5x_plain"] is None and blind["all_met"] is False
+    # a method better on both axes takes the preset off the frontier
+    best = runs + [_fair_run("oracle", 1, [0.9, 0.9], [0.9], 9.0, 0.45)]
+    s2 = summarize_runs(best)
+    v2 = forgetting.fair_verdicts(s2, best, {"tasks": {"a": 0.5, "b": 0.4}})
+    off = forgetting.recommended_checks(s2, v2["per_method"], v2["plain"], rec, ratios)
+    assert off["checks"]["on_general_vs_AP_frontier"] is False and off["better_on_both_axes"] == ["oracle"]
+    assert forgetting.recommended_checks(summary, {}, v["plain"], rec, ratios) == {"method": rec, "measured": False}
+
+
 def test_merge_combines_parallel_invocations_and_refuses_duplicates(tmp_path):
     settings = {"methods": ["plain"], "seeds": [1], "max_steps": 40, "method_specs": {"plain": {}}}
     a = {"preset": "cpu-fair", "settings": settings, "runs": FAIR_RUNS[:2], "lr_selection": {"plain": {"chosen": 1e-4}},
