@@ -670,6 +670,14 @@ def method_spec_json(spec: dict[str, Any]) -> str:
     return json.dumps(json.loads(json.dumps({**defaults, **spec}, default=str)), sort_keys=True)
 
 
+def _timing_key(path: Path, key: str) -> str:
+    """A timing's key in a merged file: prefixed once with the folder of the invocation that measured it (keys
+    merged before keep their prefix; the repeated ``results/`` prefixes of older merges are collapsed)."""
+    while key.startswith("results/results/"):
+        key = key[len("results/"):]
+    return key if "/" in key else f"{path.parent.name}/{key}"
+
+
 def merge_results(paths: list[Path]) -> dict[str, Any]:
     """One result document from several of the same preset and settings (methods may differ; a
     (method, seed) pair must not appear twice). Learning-rate selections and timings are combined."""
@@ -692,7 +700,7 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
             seen.add(key)
             merged["runs"].append(run)
         merged["lr_selection"].update(doc.get("lr_selection", {}))
-        merged["timings"].update({f"{path.parent.name}/{k}": v for k, v in doc.get("timings", {}).items()})
+        merged["timings"].update({_timing_key(path, k): v for k, v in doc.get("timings", {}).items()})
         merged["settings"]["methods"] = list(dict.fromkeys(merged["settings"]["methods"] + doc["settings"]["methods"]))
         merged["settings"]["seeds"] = sorted(set(merged["settings"]["seeds"]) | set(doc["settings"]["seeds"]))
         merged["settings"]["method_specs"] = {**merged["settings"].get("method_specs", {}),
