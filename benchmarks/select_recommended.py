@@ -116,11 +116,16 @@ def markdown(doc: dict[str, Any]) -> str:
     keys = ["plasticity", "AP", "BWT", "arc_easy", "ppl_rise/wiki", "ppl_rise/sciq_support"]
     lines = ["| method | lr | " + " | ".join(keys) + " | admissible | score |", "|---" * (len(keys) + 4) + "|"]
     pick = doc.get("selection") or {}
+    base = doc.get("base") or {}
+    if base.get("tasks") and base.get("general"):
+        acc = list(base["tasks"].values())
+        lines.append("| base | - | - | " + f"{100 * sum(acc) / len(acc):.1f} | - | "
+                     + f"{100 * base['general']['cloze']['arc_easy']:.1f} | - | - | - | - |")
     for name, rec in doc["runs"].items():
         m = rec["dev"]
         c = pick.get("candidates", {}).get(name, {})
         lines.append(f"| {name} | {rec['lr']:g} | " + " | ".join(f"{m[k]:.1f}" for k in keys)
-                     + f" | {c.get('admissible', '-')} | {c.get('score', float('nan')):.1f} |")
+                     + f" | {c.get('admissible', '-')} | " + (f"{c['score']:.1f}" if "score" in c else "-") + " |")
     if pick:
         lines += ["", f"Rule: {pick['rule']}.", "", f"**Chosen: `{pick['chosen']}`** (admissible: {pick['admissible']})."]
     return "\n".join(lines) + "\n"
