@@ -73,7 +73,9 @@ COLUMN_WIDTH = 20
 
 
 def _row(label: str, values: list[str]) -> str:
-    return f"{label:<{LABEL_WIDTH}}" + "".join(f"{v:>{COLUMN_WIDTH}}" for v in values)
+    # a value wider than its column still gets one space before it (e.g. "der_paper (recommended)")
+    return f"{label:<{LABEL_WIDTH}}" + "".join(f"{v:>{COLUMN_WIDTH}}" if len(v) < COLUMN_WIDTH else f" {v}"
+                                                for v in values)
 
 
 def _acc(p: float, n: Optional[int]) -> str:
