@@ -133,7 +133,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # The second sequence (cpu-seq2): another kind of task than cpu-fair's label-word classification.
-SEQ2_METHODS = ["plain", "replay", "der"]
+SEQ2_METHODS = ["plain", "replay", RECOMMENDED]  # plain SFT, vanilla replay and the recommended preset
 #: cpu-seq2's fixed learning rates: no grid search on this sequence (a 3-value grid triples the runs on 2 CPU
 #: cores). Carried over from cpu-fair's dev-split selection (forgetting_cpu-fair.json, lr_selection).
 SEQ2_LEARNING_RATES = {"plain": 1e-4, "replay": 1e-4, "gere": 2e-4, "gere_paper": 2e-4, "gere_er": 2e-4,
