@@ -169,7 +169,8 @@ def test_cpu_seq2_fixed_learning_rates_cover_its_methods_and_refuse_others():
     cfg = forgetting.PRESETS["cpu-seq2"]
     assert cfg["tasks"] == ["sciq_qa", "social_iqa"] and "lr_grid" not in cfg
     rates = forgetting.fixed_learning_rates(cfg, cfg["methods"], "cpu-seq2")
-    assert rates == {"plain": 1e-4, "replay": 1e-4, "der": 2e-4}
+    assert cfg["methods"] == ["plain", "replay", forgetting.RECOMMENDED]  # plain, vanilla replay, the recommended preset
+    assert rates == {"plain": 1e-4, "replay": 1e-4, forgetting.RECOMMENDED: 2e-4}
     for method in ("gere", "gere_paper", "der_paper", "gere_er"):
         assert forgetting.fixed_learning_rates(cfg, [method], "cpu-seq2")[method] == 2e-4
     with pytest.raises(SystemExit, match=r"method\(s\) l2, ewc in the preset's 'lr_by_method'"):
