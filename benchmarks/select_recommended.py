@@ -43,6 +43,7 @@ import forgetting  # noqa: E402
 
 from gere_plugin import assets  # noqa: E402
 from gere_plugin.continual import SequenceTask, evaluate_stage, run_sequence  # noqa: E402
+from gere_plugin.evaluation.metrics import average_performance, backward_transfer, plasticity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "cpu-fair"
@@ -79,12 +80,11 @@ def dev_general(splits: assets.WikiSplits, cfg: dict[str, Any]) -> Any:
 def dev_metrics(run: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     """Points: plasticity, AP, BWT, ARC-Easy; percent: perplexity rise per dev text set."""
     matrix = run["matrix"]
-    n = len(matrix)
     general, base_general = run["final"]["general"], base["general"]
     out = {
-        "plasticity": 100 * sum(matrix[k][k] for k in range(n)) / n,
-        "AP": 100 * sum(matrix[-1]) / n,
-        "BWT": 100 * sum(matrix[-1][k] - matrix[k][k] for k in range(n - 1)) / max(n - 1, 1),
+        "plasticity": 100 * plasticity(matrix),
+        "AP": 100 * average_performance(matrix),
+        "BWT": 100 * backward_transfer(matrix),
         "arc_easy": 100 * general["cloze"]["arc_easy"],
     }
     for name, ppl in general["ppl"].items():
