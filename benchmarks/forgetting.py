@@ -77,6 +77,7 @@ from gere_plugin.continual import (  # noqa: E402
     evaluate_stage,
     run_sequence,
 )
+from gere_plugin.evaluation.metrics import average_performance, plasticity  # noqa: E402
 from gere_plugin.evaluation.report import (  # noqa: E402
     markdown_table,
     monitor_series,
@@ -204,11 +205,26 @@ def preset_settings(cfg: dict[str, Any], steps: int, lr: Optional[float] = None,
     )
 
 
+#: WiSE-FT's ``alpha`` candidates (1.0 is always one too): the runner picks one after every task on the dev
+#: items of that task and the earlier ones (:func:`gere_plugin.continual.wise_select.select_wise_alpha`).
+WISE_ALPHA_GRID = (0.25, 0.5, 0.75)
+
+
+def method_settings(settings: TrainSettings, method: str, lr: float) -> TrainSettings:
+    """A method's settings for one benchmark run: its learning rate, and for the WiSE-FT presets the dev-split
+    choice of ``alpha`` among :data:`WISE_ALPHA_GRID` instead of the preset's fixed one."""
+    wise = "wise" in METHODS[method].uses
+    return dataclasses.replace(settings, learning_rate=float(lr), wise_alphas=WISE_ALPHA_GRID if wise else ())
+
+
 def first_task_signature(method: str) -> str:
     """Methods that train the first task identically (e.g. gere and gere_freeze, whose freeze starts at
-    task 2) share one learning-rate selection."""
+    task 2) share one learning-rate selection. WiSE-FT trains each task as its base method and interpolates
+    only afterwards, with ``alpha`` chosen on dev items (:func:`method_settings`), so ``wise`` shares plain
+    SFT's rate and ``gere_wise`` GeRe's."""
     spec = METHODS[method]
     sig = {"replay": spec.replay, **spec.gere_kwargs(0)}
+    sig.pop("gere_wise_alpha", None)
     if spec.external is not None:  # an external trainer never shares a selection with ours
         sig["external"] = spec.external
     return json.dumps(sig, sort_keys=True, default=str)
@@ -511,9 +527,7 @@ def paired_differences(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, 
     """Per-seed ``a - b`` of cloze accuracy (points), perplexity rises (%) and AP (points)."""
     def metrics(run: dict[str, Any]) -> dict[str, float]:
         gen, base = run["final"].get("general") or {}, (run.get("base") or {}).get("general") or {}
-        last = run["matrix"][-1]
-        m = {"AP": 100 * sum(last) / len(last),
-             "plasticity": 100 * sum(run["matrix"][k][k] for k in range(len(last))) / len(last)}
+        m = {"AP": 100 * average_performance(run["matrix"]), "plasticity": 100 * plasticity(run["matrix"])}
         if gen.get("general_score") is not None:
             m["general"] = 100 * gen["general_score"]
         for k, v in (gen.get("ppl") or {}).items():
@@ -884,7 +898,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             tr = time.perf_counter()
             result = run_sequence(
                 str(model_dir), tasks, method, work / f"{method}_seed{seed}",
-                settings=dataclasses.replace(settings, learning_rate=lrs[method]),
+                settings=method_settings(settings, method, lrs[method]),
                 replay=replay, state_cache=work / "states", seed=seed, general=general,
                 base_eval=doc["base"],
             )

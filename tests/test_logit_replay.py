@@ -286,5 +286,30 @@ def test_der_trains_the_first_task_as_gere_er() -> None:
     later = stage_gere_keys(METHODS["der"], 1, settings, "r.jsonl", None, 1, task_replay=[Path("0_a.jsonl")])
     assert later["gere_task_replay_logit_weight"] == 2.0 and later["gere_task_replay"] == ["0_a.jsonl"]
     with pytest.raises(GeReConfigError, match="gere_task_replay_logit_weight sets the strength of methods with "
-                                              "logit_replay \\(der, der_paper\\); method 'gere_er' does not use it"):
+                                              "logit_replay \\(der, der_paper, der_paper_beta1, der_paper_rho25\\); "
+                                              "method 'gere_er' does not use it"):
         check_sequence(TASKS, METHODS["gere_er"], settings)
+
+
+def test_the_stronger_der_paper_variants_differ_only_from_the_second_task_on() -> None:
+    """der_paper_rho25 / der_paper_beta1 train the first task exactly as der_paper (so they share its learning-rate
+    selection) and change one earlier-task strength from the second task on: the share rho, or the logit beta."""
+    from gere_plugin.continual import METHODS, TrainSettings
+    from gere_plugin.continual.presets import DER_LOGIT_WEIGHT, DER_STRONG_LOGIT_WEIGHT, DER_STRONG_SHARE
+    from gere_plugin.continual.runner import stage_gere_keys
+
+    settings = TrainSettings()
+    base = METHODS["der_paper"]
+    for name in ("der_paper_rho25", "der_paper_beta1"):
+        assert METHODS[name].gere_kwargs(0) == base.gere_kwargs(0)
+        assert stage_gere_keys(METHODS[name], 0, settings, "r.jsonl", None, 1) == \
+            stage_gere_keys(base, 0, settings, "r.jsonl", None, 1)
+    kept = [Path("0_a.jsonl")]
+    ref = stage_gere_keys(base, 1, settings, "r.jsonl", None, 1, task_replay=kept)
+    rho = stage_gere_keys(METHODS["der_paper_rho25"], 1, settings, "r.jsonl", None, 1, task_replay=kept)
+    beta = stage_gere_keys(METHODS["der_paper_beta1"], 1, settings, "r.jsonl", None, 1, task_replay=kept)
+    assert ref["gere_task_replay_weight"] is None and ref["gere_task_replay_logit_weight"] == DER_LOGIT_WEIGHT
+    assert {k for k in rho if rho[k] != ref.get(k)} == {"gere_task_replay_weight"}
+    assert rho["gere_task_replay_weight"] == DER_STRONG_SHARE
+    assert {k for k in beta if beta[k] != ref.get(k)} == {"gere_task_replay_logit_weight"}
+    assert beta["gere_task_replay_logit_weight"] == DER_STRONG_LOGIT_WEIGHT

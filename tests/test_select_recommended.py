@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 select = pytest.importorskip("select_recommended")
 
 
+PAIR = ["der", "der_paper"]  # the hand-made examples weigh the first two candidates
+
+
 def dev(plasticity, ap, arc, wiki=-1.0, sciq=-1.0, bwt=-10.0):
     return {"plasticity": plasticity, "AP": ap, "BWT": bwt, "arc_easy": arc,
             "ppl_rise/wiki": wiki, "ppl_rise/sciq_support": sciq}
@@ -19,28 +22,39 @@ def dev(plasticity, ap, arc, wiki=-1.0, sciq=-1.0, bwt=-10.0):
 def test_highest_score_among_admissible_wins():
     pick = select.apply_rule({"plain": dev(90, 60, 30, 20, 25),
                               "der": dev(89.5, 75, 36),           # score 111, admissible
-                              "der_paper": dev(88.0, 80, 40)})    # score 120, but plasticity < 90 - 1
+                              "der_paper": dev(88.0, 80, 40)}, PAIR)    # score 120, but plasticity < 90 - 1
     assert pick["chosen"] == "der" and pick["admissible"] is True
     assert pick["candidates"]["der_paper"]["plasticity_ok"] is False
     assert pick["candidates"]["der"]["score"] == pytest.approx(111)
 
 
 def test_perplexity_rise_makes_a_candidate_inadmissible():
-    pick = select.apply_rule({"plain": dev(90, 60, 30), "der": dev(90, 80, 40, sciq=0.5), "der_paper": dev(90, 70, 35)})
+    pick = select.apply_rule({"plain": dev(90, 60, 30), "der": dev(90, 80, 40, sciq=0.5), "der_paper": dev(90, 70, 35)}, PAIR)
     assert pick["chosen"] == "der_paper"
     assert pick["candidates"]["der"] == {"admissible": False, "plasticity_ok": True, "ppl_ok": False, "score": 120}
 
 
 def test_no_admissible_candidate_falls_back_to_the_score_and_says_so():
-    pick = select.apply_rule({"plain": dev(95, 60, 30), "der": dev(90, 70, 35), "der_paper": dev(90, 80, 35)})
+    pick = select.apply_rule({"plain": dev(95, 60, 30), "der": dev(90, 70, 35), "der_paper": dev(90, 80, 35)}, PAIR)
     assert pick["chosen"] == "der_paper" and pick["admissible"] is False
 
 
 def test_ties_go_to_the_cheaper_candidate_and_the_reference_is_required():
-    pick = select.apply_rule({"plain": dev(90, 60, 30), "der": dev(90, 70, 35), "der_paper": dev(90, 70, 35)})
-    assert pick["chosen"] == select.CANDIDATES[0]
+    pick = select.apply_rule({"plain": dev(90, 60, 30), "der": dev(90, 70, 35), "der_paper": dev(90, 70, 35)}, PAIR)
+    assert pick["chosen"] == PAIR[0]
     with pytest.raises(ValueError, match="reference"):
-        select.apply_rule({"der": dev(90, 70, 35), "der_paper": dev(90, 70, 35)})
+        select.apply_rule({"der": dev(90, 70, 35), "der_paper": dev(90, 70, 35)}, PAIR)
+
+
+def test_the_default_candidates_are_all_required_and_weighed():
+    metrics = {"plain": dev(90, 60, 30), **{c: dev(90, 70, 35) for c in select.CANDIDATES}}
+    metrics["der_paper_rho25"] = dev(89.5, 85, 36)   # the best admissible score
+    metrics["der_paper_beta1"] = dev(88.5, 95, 40)   # higher, but learns too little
+    pick = select.apply_rule(metrics)
+    assert pick["chosen"] == "der_paper_rho25" and set(pick["candidates"]) == set(select.CANDIDATES)
+    del metrics["der_paper_beta1"]
+    with pytest.raises(ValueError, match="der_paper_beta1"):
+        select.apply_rule(metrics)
 
 
 def test_dev_metrics_from_a_run():

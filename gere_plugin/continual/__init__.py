@@ -37,9 +37,13 @@ Method presets (:data:`METHODS`):
 ``der``         ``gere_er`` + logit replay: the earlier-task rows also get ``beta * KL`` to the top-k
                 log-probabilities stored when their task ended (dark experience replay; :data:`DER_LOGIT_WEIGHT`)
 ``der_paper``   ``der`` with the paper's exact weighting (:data:`PAPER_WEIGHTING`)
+``der_paper_rho25``
+                ``der_paper`` with the earlier tasks' share of the task term at :data:`DER_STRONG_SHARE`
+``der_paper_beta1``
+                ``der_paper`` with the logit replay's ``beta`` at :data:`DER_STRONG_LOGIT_WEIGHT`
 =============== ===================================================================================
 
-:data:`RECOMMENDED` names the recommended preset (``der`` or ``der_paper``, picked on dev splits by
+:data:`RECOMMENDED` names the recommended preset (one of ``der``, ``der_paper``, ``der_paper_rho25``, ``der_paper_beta1``, picked on dev splits by
 ``benchmarks/select_recommended.py``; see docs/evaluation.md); ``gere sequence`` and ``make demo`` run it by default.
 
 The EWC state written at the end of task ``k`` (``<task k output>/gere_ewc``) is handed to task ``k + 1``

@@ -102,6 +102,7 @@ def stage_gere_keys(
             gere[key] = getattr(settings, key)  # ... except an explicit strength for a key the method uses
     if not task_replay:  # the first task has no earlier task to replay, nor their logits
         gere.pop("gere_task_replay_logit_weight", None)
+        gere.pop("gere_task_replay_weight", None)
     if ewc_state is not None:
         gere["gere_ewc_state"] = str(ewc_state)
     return gere
