@@ -11,7 +11,17 @@ paired difference's mean with a 95% t-interval over the seeds.
                                             # settings.learning_rate / lr_grid set to 2e-4 / null
     python benchmarks/tm_vs_replay.py --replay /tmp/replay-2e-4/forgetting_cpu-fair.json
 
-Writes ``benchmarks/results/tm_vs_replay_same_lr.{json,md}``.
+Writes ``benchmarks/results/tm_vs_replay_same_lr.{json,md}`` (``--stem`` names another pair).
+
+At a LOWER replay ratio (1 general row beside the 8 task rows of a step instead of 2), both sides come
+from new runs at the same rate, and ``--fair`` points at the GeRe runs instead of cpu-fair's::
+
+    python benchmarks/forgetting.py ... --lr 2e-4 --replay-per-step 1 --methods gere --seeds 1 2 --out-dir /tmp/low-gere
+    python benchmarks/forgetting.py ... --lr 2e-4 --replay-per-step 1 --methods replay --seeds 1 2 --out-dir /tmp/low-replay
+    python benchmarks/tm_vs_replay.py --fair /tmp/low-gere/forgetting_cpu-fair.json --methods gere \
+        --replay /tmp/low-replay/forgetting_cpu-fair.json --stem tm_vs_replay_low_ratio
+
+Both files must agree on the learning rate and on the replay rows per step (``gere_replay_per_step``).
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import forgetting  # noqa: E402
+
+from gere_plugin.cache.io import write_file_atomically  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: two-sided 95% Student t quantiles by degrees of freedom
@@ -56,7 +68,8 @@ def compare(gere_runs: list[dict[str, Any]], replay_runs: list[dict[str, Any]], 
 def markdown(doc: dict[str, Any]) -> str:
     lines = []
     for method, rec in doc["comparisons"].items():
-        lines += [f"### {method} - vanilla replay, both at {doc['learning_rate']:g} (seeds {rec['seeds']})", "",
+        lines += [f"### {method} - vanilla replay, both at {doc['learning_rate']:g}, {doc.get('replay_per_step', 2)} "
+                  f"replay rows per step (seeds {rec['seeds']})", "",
                   "| metric | mean | 95% interval | per seed |", "|---|---|---|---|"]
         for key, st in rec.items():
             if key == "seeds":
@@ -75,20 +88,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--replay", required=True, help="forgetting.py output with vanilla replay at the same rate")
     p.add_argument("--methods", nargs="+", default=["gere", "gere_paper"])
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--stem", default="tm_vs_replay_same_lr", help="file name (without suffix) of the results")
     args = p.parse_args(argv)
     fair = json.loads(Path(args.fair).read_text(encoding="utf-8"))
     rep = json.loads(Path(args.replay).read_text(encoding="utf-8"))
     lr = rep["settings"]["learning_rate"]
+    per_step = {f: d["settings"].get("gere_replay_per_step") for f, d in ((args.fair, fair), (args.replay, rep))}
+    if len(set(per_step.values())) != 1:
+        raise SystemExit("the two files replay a different number of general rows per step (gere_replay_per_step: "
+                         + ", ".join(f"{v} in {f}" for f, v in per_step.items()) + "): not the same ratio")
     for m in args.methods:
         own = {r["settings"]["learning_rate"] for r in fair["runs"] if r["method"] == m}
         if own != {lr}:
             raise SystemExit(f"{m} ran at {sorted(own)} in {args.fair}, vanilla replay at {lr:g}: not the same rate")
-    doc = {"learning_rate": lr, "fair": args.fair, "replay": args.replay, "environment": rep.get("environment"),
+    doc = {"learning_rate": lr, "replay_per_step": per_step[args.replay],
+           "task_rows_per_step": rep["settings"].get("per_device_train_batch_size"), "fair": args.fair,
+           "replay": args.replay, "environment": rep.get("environment"),
            "comparisons": {m: compare(fair["runs"], rep["runs"], m) for m in args.methods}}
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tm_vs_replay_same_lr.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    (out / "tm_vs_replay_same_lr.md").write_text(markdown(doc), encoding="utf-8")
+    write_file_atomically(out / f"{args.stem}.json", json.dumps(doc, indent=1), "the TM-vs-replay comparison")
+    write_file_atomically(out / f"{args.stem}.md", markdown(doc), "the TM-vs-replay comparison")
     print(markdown(doc))
     return 0
 

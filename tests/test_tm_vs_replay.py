@@ -37,3 +37,27 @@ def test_compare_pairs_seeds_present_in_both():
     assert out["general"]["per_seed"] == pytest.approx([4.0, 1.0])
     assert out["ppl_rise/wiki"]["per_seed"] == pytest.approx([-20.0, -10.0])  # 5% vs 25%, 10% vs 20%
     assert out["AP"]["per_seed"] == pytest.approx([0.0, 5.0])
+
+
+def _results_file(path, method, per_step, lr=2e-4):
+    import json
+
+    runs = [{**run(method, s, 0.35 + s / 100, 21.0 + s, [0.7, 0.9]), "settings": {"learning_rate": lr}} for s in (1, 2)]
+    path.write_text(json.dumps({"settings": {"learning_rate": lr, "gere_replay_per_step": per_step,
+                                             "per_device_train_batch_size": 8}, "runs": runs}))
+    return str(path)
+
+
+def test_main_writes_the_named_pair_and_refuses_another_replay_ratio(tmp_path):
+    gere = _results_file(tmp_path / "gere.json", "gere", 1)
+    replay = _results_file(tmp_path / "replay.json", "replay", 1)
+    out = tmp_path / "out"
+    assert tvr.main(["--fair", gere, "--replay", replay, "--methods", "gere", "--stem", "low", "--out-dir", str(out)]) == 0
+    import json
+
+    doc = json.loads((out / "low.json").read_text())
+    assert doc["replay_per_step"] == 1 and doc["task_rows_per_step"] == 8 and doc["comparisons"]["gere"]["seeds"] == [1, 2]
+    assert "1 replay rows per step" in (out / "low.md").read_text()
+    other = _results_file(tmp_path / "replay2.json", "replay", 2)
+    with pytest.raises(SystemExit, match="gere_replay_per_step: 1 in .*gere.json, 2 in .*replay2.json"):
+        tvr.main(["--fair", gere, "--replay", other, "--methods", "gere", "--out-dir", str(out)])
