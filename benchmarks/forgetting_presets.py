@@ -148,13 +148,16 @@ def preset_settings(cfg: dict[str, Any], steps: int, lr: Optional[float] = None,
 #: WiSE-FT's ``alpha`` candidates (1.0 is always one too): the runner picks one after every task on the dev
 #: items of that task and the earlier ones (:func:`gere_plugin.continual.wise_select.select_wise_alpha`).
 WISE_ALPHA_GRID = (0.25, 0.5, 0.75)
+#: The WiSE-FT presets whose ``alpha`` the benchmark chooses on dev items; the others that interpolate
+#: (``der_paper_wise``) keep their preset's fixed alpha, as select_recommended.py runs them.
+DEV_ALPHA_METHODS = ("wise", "gere_wise")
 
 
 def method_settings(settings: TrainSettings, method: str, lr: float) -> TrainSettings:
-    """A method's settings for one benchmark run: its learning rate, and for the WiSE-FT presets the dev-split
-    choice of ``alpha`` among :data:`WISE_ALPHA_GRID` instead of the preset's fixed one."""
-    wise = "wise" in METHODS[method].uses
-    return dataclasses.replace(settings, learning_rate=float(lr), wise_alphas=WISE_ALPHA_GRID if wise else ())
+    """A method's settings for one benchmark run: its learning rate, and for :data:`DEV_ALPHA_METHODS` the
+    dev-split choice of ``alpha`` among :data:`WISE_ALPHA_GRID` instead of the preset's fixed one."""
+    choose = method in DEV_ALPHA_METHODS and "wise" in METHODS[method].uses
+    return dataclasses.replace(settings, learning_rate=float(lr), wise_alphas=WISE_ALPHA_GRID if choose else ())
 
 
 def first_task_signature(method: str) -> str:

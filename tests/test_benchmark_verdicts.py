@@ -77,7 +77,7 @@ def test_methods_that_train_the_first_task_alike_share_one_selection():
     assert sig("plain") != sig("replay") and sig("l1") != sig("l2")
     # WiSE-FT trains as its base method and interpolates afterwards (alpha chosen on dev items)
     assert sig("wise") == sig("plain") and sig("gere_wise") == sig("gere")
-    assert sig("der_paper_rho25") == sig("der_paper_beta1") == sig("der_paper") == sig("gere_paper")
+    assert sig("der_paper_rho25") == sig("der_paper_beta1") == sig("der_paper_wise") == sig("der_paper") == sig("gere_paper")
 
 
 def test_only_the_wise_presets_choose_alpha_on_dev_items():
@@ -86,7 +86,7 @@ def test_only_the_wise_presets_choose_alpha_on_dev_items():
     base = TrainSettings(learning_rate=1e-4)
     wise = forgetting.method_settings(base, "gere_wise", 2e-4)
     assert wise.wise_alphas == forgetting.WISE_ALPHA_GRID and wise.learning_rate == 2e-4
-    for method in ("plain", "gere", "der_paper"):
+    for method in ("plain", "gere", "der_paper", "der_paper_wise"):  # der_paper_wise keeps its fixed alpha
         assert forgetting.method_settings(base, method, 3e-4).wise_alphas == ()
     assert base.learning_rate == 1e-4 and base.wise_alphas == ()  # the shared settings are not changed
 

@@ -286,7 +286,7 @@ def test_der_trains_the_first_task_as_gere_er() -> None:
     later = stage_gere_keys(METHODS["der"], 1, settings, "r.jsonl", None, 1, task_replay=[Path("0_a.jsonl")])
     assert later["gere_task_replay_logit_weight"] == 2.0 and later["gere_task_replay"] == ["0_a.jsonl"]
     with pytest.raises(GeReConfigError, match="gere_task_replay_logit_weight sets the strength of methods with "
-                                              "logit_replay \\(der, der_paper, der_paper_beta1, der_paper_rho25\\); "
+                                              "logit_replay \\(der, der_paper, der_paper_beta1, der_paper_rho25, der_paper_wise\\); "
                                               "method 'gere_er' does not use it"):
         check_sequence(TASKS, METHODS["gere_er"], settings)
 
@@ -313,3 +313,17 @@ def test_the_stronger_der_paper_variants_differ_only_from_the_second_task_on() -
     assert rho["gere_task_replay_weight"] == DER_STRONG_SHARE
     assert {k for k in beta if beta[k] != ref.get(k)} == {"gere_task_replay_logit_weight"}
     assert beta["gere_task_replay_logit_weight"] == DER_STRONG_LOGIT_WEIGHT
+
+
+def test_der_paper_wise_is_der_paper_with_a_fixed_wise_alpha() -> None:
+    from gere_plugin.continual import METHODS, TrainSettings
+    from gere_plugin.continual.presets import DER_WISE_ALPHA
+    from gere_plugin.continual.runner import stage_gere_keys
+
+    spec, base = METHODS["der_paper_wise"], METHODS["der_paper"]
+    assert "wise" in spec.uses and spec.logit_replay and 0 < DER_WISE_ALPHA < 1
+    kept = [Path("0_a.jsonl")]
+    for k, rows in ((0, ()), (1, kept)):
+        keys = stage_gere_keys(spec, k, TrainSettings(), "r.jsonl", None, 1, task_replay=rows)
+        ref = stage_gere_keys(base, k, TrainSettings(), "r.jsonl", None, 1, task_replay=rows)
+        assert keys.pop("gere_wise_alpha") == DER_WISE_ALPHA and keys == ref  # every task interpolates, the first too

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 
 from ..evaluation.tasks import ClassificationItem, GenerationItem
 
-__all__ = ["DER_LOGIT_WEIGHT", "DER_STRONG_LOGIT_WEIGHT", "DER_STRONG_SHARE", "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "PAPER_WEIGHTING",
+__all__ = ["DER_LOGIT_WEIGHT", "DER_STRONG_LOGIT_WEIGHT", "DER_STRONG_SHARE", "DER_WISE_ALPHA", "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "PAPER_WEIGHTING",
            "RECOMMENDED", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "MethodSpec", "SequenceTask", "TaskItem",
            "item_kind"]
 
@@ -92,6 +92,11 @@ DER_LOGIT_WEIGHT = 0.5
 #: :data:`DER_STRONG_LOGIT_WEIGHT` (``der_paper_beta1``). Neither adds a row, so neither adds step time.
 DER_STRONG_SHARE = 0.25
 DER_STRONG_LOGIT_WEIGHT = 1.0
+#: WiSE-FT's ``alpha`` of ``der_paper_wise``, fixed (the recommended-preset selection scores candidates on the dev
+#: items, so they cannot also choose alpha there): the median of the nine picks the dev rule
+#: (:func:`gere_plugin.continual.wise_select.select_wise_alpha`) had made in the cpu-fair ``wise`` / ``gere_wise``
+#: runs when the preset was written (0.25, 0.75, 0.5 / 0.75, 0.75, 0.5 / 0.75, 1.0, 0.75; dev numbers only).
+DER_WISE_ALPHA = 0.75
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
@@ -126,10 +131,14 @@ METHODS: dict[str, MethodSpec] = {
     # der_paper with the KL to the stored logits at the earlier-task CE's full weight
     "der_paper_beta1": MethodSpec("der_paper_beta1", replay=True, regularizer="tm", task_replay=True,
                                   gere=PAPER_WEIGHTING + (("gere_task_replay_logit_weight", DER_STRONG_LOGIT_WEIGHT),)),
+    # der_paper + WiSE-FT after each task at a fixed alpha (no row added: the interpolation runs once per task)
+    "der_paper_wise": MethodSpec("der_paper_wise", replay=True, regularizer="tm", task_replay=True,
+                                 gere=PAPER_WEIGHTING + (("gere_task_replay_logit_weight", DER_LOGIT_WEIGHT),
+                                                         ("gere_wise_alpha", DER_WISE_ALPHA))),
 }
 
 #: The recommended preset (a key of :data:`METHODS`), picked on dev splits by benchmarks/select_recommended.py
-#: among ``der``, ``der_paper``, ``der_paper_rho25`` and ``der_paper_beta1``
+#: among ``der``, ``der_paper``, ``der_paper_rho25``, ``der_paper_beta1`` and ``der_paper_wise``
 #: (benchmarks/results/recommended_selection_cpu-fair.md: ``der_paper`` won, dev AP 83.3 + dev ARC-Easy 50.0
 #: against 81.0 + 41.4, 80.0 + 50.0 and 79.0 + 50.0; all admissible); see docs/evaluation.md. The one place the
 #: choice is written: ``gere sequence`` and ``make demo`` run it by default. Deliberately no alias entry in
