@@ -140,7 +140,8 @@ METHODS: dict[str, MethodSpec] = {
 #: The recommended preset (a key of :data:`METHODS`), picked on dev splits by benchmarks/select_recommended.py
 #: among ``der``, ``der_paper``, ``der_paper_rho25``, ``der_paper_beta1`` and ``der_paper_wise``
 #: (benchmarks/results/recommended_selection_cpu-fair.md: ``der_paper`` won, dev AP 83.3 + dev ARC-Easy 50.0
-#: against 81.0 + 41.4, 80.0 + 50.0 and 79.0 + 50.0; all admissible); see docs/evaluation.md. The one place the
+#: against 81.0 + 41.4, 80.0 + 50.0 and 79.0 + 50.0; ``der_paper_wise`` learned too little to be admissible);
+#: see docs/evaluation.md. The one place the
 #: choice is written: ``gere sequence`` and ``make demo`` run it by default. Deliberately no alias entry in
 #: :data:`METHODS` (a second name for the same spec would give it two rows in every result table).
 RECOMMENDED: str = "der_paper"
