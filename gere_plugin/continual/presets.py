@@ -9,9 +9,14 @@ from typing import Any, Optional, Union
 
 from ..evaluation.tasks import ClassificationItem, GenerationItem
 
-__all__ = ["DER_LOGIT_WEIGHT", "DER_STRONG_LOGIT_WEIGHT", "DER_STRONG_SHARE", "DER_WISE_ALPHA", "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "PAPER_WEIGHTING",
-           "RECOMMENDED", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "MethodSpec", "SequenceTask", "TaskItem",
-           "item_kind"]
+__all__ = ["DER_LOGIT_WEIGHT", "DER_STRONG_LOGIT_WEIGHT", "DER_STRONG_SHARE", "DER_WISE_ALPHA", "EARLIER_TASK_KEYS",
+           "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "PAPER_WEIGHTING", "RECOMMENDED",
+           "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "MethodSpec", "SequenceTask", "TaskItem", "item_kind"]
+
+
+#: ``gere_*`` keys that act on earlier-task rows only (their share of the task term, the KL to their stored
+#: logits): dropped for a task with no earlier task to replay (the first, or any task of a method without them).
+EARLIER_TASK_KEYS = ("gere_task_replay_logit_weight", "gere_task_replay_weight")
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,9 @@ class MethodSpec:
             "gere_freeze_embeddings": self.freeze_embeddings if freeze else False,
         }
         out.update(dict(self.gere))  # the method's own keys (weighting, FLOW, EWC, task KL)
-        if task_index == 0:  # no earlier task yet, so no logits nor rows of one: the first task trains as without
-            out.pop("gere_task_replay_logit_weight", None)
-            out.pop("gere_task_replay_weight", None)
+        if task_index == 0:  # no earlier task yet: the first task trains as without the earlier-task keys
+            for key in EARLIER_TASK_KEYS:
+                out.pop(key, None)
         return out
 
     @property

@@ -19,7 +19,7 @@ from ..evaluation.general import GeneralEvalConfig
 from ..evaluation.metrics import continual_summary
 from ..methods.wise import trainable_snapshot
 from .cost import PeakMemory, step_clock
-from .presets import METHODS, STRENGTH_SETTINGS, MethodSpec, SequenceTask
+from .presets import EARLIER_TASK_KEYS, METHODS, STRENGTH_SETTINGS, MethodSpec, SequenceTask
 from .settings import TrainSettings
 from .stage import (
     cache_state,
@@ -100,9 +100,9 @@ def stage_gere_keys(
     for key, uses in STRENGTH_SETTINGS.items():
         if getattr(settings, key) is not None and uses in method.uses:
             gere[key] = getattr(settings, key)  # ... except an explicit strength for a key the method uses
-    if not task_replay:  # the first task has no earlier task to replay, nor their logits
-        gere.pop("gere_task_replay_logit_weight", None)
-        gere.pop("gere_task_replay_weight", None)
+    if not task_replay:  # no earlier task to replay (the first task): nothing for their share or logits to act on
+        for key in EARLIER_TASK_KEYS:
+            gere.pop(key, None)
     if ewc_state is not None:
         gere["gere_ewc_state"] = str(ewc_state)
     return gere
