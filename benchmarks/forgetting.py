@@ -85,7 +85,7 @@ from forgetting_presets import (  # noqa: E402
     preset_settings,
     select_learning_rates,
 )
-from forgetting_results import _slim, merge_results, method_spec_json, settings_differ, write_outputs  # noqa: E402
+from forgetting_results import merge_results, method_spec_json, settings_differ, slim_run, write_outputs  # noqa: E402
 from forgetting_verdicts import (  # noqa: E402
     COST_FILES,
     RESULTS,
@@ -297,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             )
             result.pop("base", None)
             result["base"] = {"general": doc["base"].get("general"), "tasks": doc["base"]["tasks"]}
-            doc["runs"].append(_slim(result))
+            doc["runs"].append(slim_run(result))
             doc["timings"][f"{method}_seed{seed}_seconds"] = time.perf_counter() - tr
             write_outputs(doc, args.preset, out_dir)
             logging.info("%s seed %d done in %.0fs: matrix %s", method, seed, time.perf_counter() - tr,

@@ -30,7 +30,7 @@ from gere_plugin.evaluation.report import (  # noqa: E402
 )
 
 
-def _slim(run: dict[str, Any]) -> dict[str, Any]:
+def slim_run(run: dict[str, Any]) -> dict[str, Any]:
     """Drop per-item predictions from a run before storing it."""
     def strip(general: Optional[dict[str, Any]]) -> None:
         if general:

@@ -26,7 +26,6 @@ Writes ``benchmarks/results/recommended_selection_cpu-fair.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -207,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     for m in args.methods:
         tr = time.perf_counter()
-        run = run_sequence(str(model_dir), tasks, m, work / m, settings=dataclasses.replace(settings, learning_rate=lrs[m]),
+        run = run_sequence(str(model_dir), tasks, m, work / m, settings=forgetting.method_settings(settings, m, lrs[m]),
                            replay=replay, state_cache=work / "states", seed=1, general=general, base_eval=base)
         doc["runs"][m] = {"lr": lrs[m], "matrix": run["matrix"], "final_general": run["final"]["general"],
                           "dev": dev_metrics(run, base), "seconds": time.perf_counter() - tr}
