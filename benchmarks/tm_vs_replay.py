@@ -68,7 +68,7 @@ def compare(gere_runs: list[dict[str, Any]], replay_runs: list[dict[str, Any]], 
 def markdown(doc: dict[str, Any]) -> str:
     lines = []
     for method, rec in doc["comparisons"].items():
-        lines += [f"### {method} - vanilla replay, both at {doc['learning_rate']:g}, {doc.get('replay_per_step', 2)} "
+        lines += [f"### {method} - vanilla replay, both at {doc['learning_rate']:g}, {doc['replay_per_step']} "
                   f"replay rows per step (seeds {rec['seeds']})", "",
                   "| metric | mean | 95% interval | per seed |", "|---|---|---|---|"]
         for key, st in rec.items():
