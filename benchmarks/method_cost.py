@@ -56,8 +56,8 @@ set_offline_defaults()
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the methods of the forgetting benchmark's side-by-side table, in its order
-METHODS = ["plain", "replay", "gere", "gere_er", "der", "der_paper", "der_paper_wise", "gere_freeze", "l2", "flow", "ewc", "task_kl", "osf",
-           "sdft"]
+METHODS = ["plain", "replay", "gere", "gere_er", "der", "der_paper", "der_paper_wise", "gere_freeze", "l2", "flow", "ewc",
+           "task_kl", "osf", "sdft"]
 FAIR_JSON = RESULTS / "forgetting_cpu-fair.json"
 #: task test items evaluated after each task (the accuracies are not the point here; keep it short)
 EVAL_ITEMS = 8

@@ -14,8 +14,8 @@ training rows is kept as token ids in ``OUT/task_replay/`` and replayed in every
 ``gere_er`` whose earlier-task rows also get a KL (weight ``--gere_task_replay_logit_weight``) to the model's top-k
 log-probabilities stored beside them when their task ended (``OUT/task_replay/<k>_<name>.topk.safetensors``).
 
-Without ``--method`` the recommended preset runs (``gere_plugin.continual.RECOMMENDED``, one of ``der``, ``der_paper``,
-``der_paper_rho25``, ``der_paper_beta1`` and ``der_paper_wise``, picked on dev splits by ``benchmarks/select_recommended.py``); it replays general text, so it needs
+Without ``--method`` the recommended preset runs (``gere_plugin.continual.RECOMMENDED``, picked on dev splits
+among the ``CANDIDATES`` of ``benchmarks/select_recommended.py``); it replays general text, so it needs
 ``--gere_replay``. ``--method gere`` runs plain GeRe, ``--method plain`` plain SFT.
 
 The result JSON (accuracy matrix, AA/AP/BWT/FWT/FM/F1, per-task logs, general ability when ``--ppl`` /

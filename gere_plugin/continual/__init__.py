@@ -45,7 +45,7 @@ Method presets (:data:`METHODS`):
                 ``der_paper`` + WiSE-FT after each task at a fixed ``alpha`` (``DER_WISE_ALPHA``)
 =============== ===================================================================================
 
-:data:`RECOMMENDED` names the recommended preset (one of ``der``, ``der_paper``, ``der_paper_rho25``, ``der_paper_beta1``, ``der_paper_wise``, picked on dev splits by
+:data:`RECOMMENDED` names the recommended preset (picked on dev splits among the ``CANDIDATES`` of
 ``benchmarks/select_recommended.py``; see docs/evaluation.md); ``gere sequence`` and ``make demo`` run it by default.
 
 The EWC state written at the end of task ``k`` (``<task k output>/gere_ewc``) is handed to task ``k + 1``
