@@ -142,6 +142,68 @@ def test_loss_with_earlier_tasks_equals_hand_computation(tmp_path, tiny_dir, tin
         assert logged_ce[0] == pytest.approx(float(ce_earlier), rel=2e-4)
 
 
+def _long_rows(seed: int, topic: str, words: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [{"prompt": topic[0] + " ".join(rng.choice(WORDS) for _ in range(words)) + ":",
+             "completion": rng.choice([" yes", " no"])} for _ in range(PER_TASK)]
+
+
+@pytest.mark.parametrize("chunk", ["0", ""], ids=["full-logits", "chunked-head"])
+@pytest.mark.parametrize("words", [0, 12], ids=["earlier-rows-narrower", "earlier-rows-wider"])
+@pytest.mark.parametrize("beta", [0.0, 0.5], ids=["ce", "logit-replay"])
+def test_one_packed_forward_equals_two_forwards(tmp_path, tiny_dir, tiny_tokenizer, sft_dataset, replay_file, chunk,
+                                                words, beta, monkeypatch):
+    """General and earlier-task rows of a micro-batch share one forward (``ReplayStep.pack_replay_rows``):
+    one model call less, and the loss and every gradient as with a forward per kind (TM on the general rows,
+    logit replay's KL on the earlier ones, both logit-head paths, and either kind the wider one)."""
+    from transformers import AutoModelForCausalLM
+
+    from gere_plugin.methods.logit_replay import write_logit_snapshot
+
+    if chunk:
+        monkeypatch.setenv("GERE_LOGITS_CHUNK", chunk)
+    files = [str(write_jsonl(tmp_path / f"task{i}.jsonl", _long_rows(20 + i, t, words)))
+             for i, t in enumerate(["Topic", "Question"])]
+    got: dict[bool, Any] = {}
+    for pack in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")
+        kw = dict(gere_regularizer="tm", gere_weight=2.0, gere_replay_per_step=2, per_device_train_batch_size=4,
+                  gere_task_replay_logit_weight=beta, gere_task_replay_topk=4, **_task_kw({"files": files}))
+        trainer = make_trainer(tmp_path / f"pack{pack}", model, tiny_tokenizer, sft_dataset, replay_file, **kw)
+        if beta and not trainer.gere_step.earlier.logits.covered:  # the first pass writes the snapshot
+            write_logit_snapshot(model, files[0], tiny_tokenizer, Tokenization.of_trainer_args(trainer.args), 4,
+                                 tiny_tokenizer.pad_token_id, batch_size=3)
+            trainer = make_trainer(tmp_path / f"pack{pack}", model, tiny_tokenizer, sft_dataset, replay_file, **kw)
+        assert not beta or trainer.gere_step.earlier.logits.covered == PER_TASK
+        step = trainer.gere_step
+        step.pack_replay_rows = pack
+        _perturb(model)
+        model.train()
+        widths = (max(len(step.replay.input_ids[i]) for i in step.schedule.rows_for_step(0)),
+                  max(len(step.task_replay.rows.input_ids[i]) for i in step.task_replay.schedule.rows_for_step(0)))
+        calls: list[tuple[int, ...]] = []
+        hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+        (batch,) = _batches(trainer, 1)
+        num_items = (batch["labels"][:, 1:] != -100).sum()
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.state.global_step = 0
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+        hook.remove()
+        loss.backward()
+        got[pack] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                     calls, widths)
+    (l1, g1, c1, widths), (l2, g2, c2, _) = got[True], got[False]
+    assert (widths[1] > widths[0]) == (words > 0)  # the case the parameter names
+    # separate: earlier-task rows (3), general rows (2), task rows (4); packed: general + earlier (5), task rows
+    assert [c[0] for c in c2] == [3, 2, 4] and [c[0] for c in c1] == [5, 4]
+    assert c1[0][1] == max(widths)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_dpo_replays_earlier_pairs_as_ce_on_chosen(tmp_path, tiny_dir, tiny_tokenizer, replay_file):
     """DPO: loss = (1 - rho) * L_dpo + rho * CE(chosen of earlier pairs) + CE_replay + w * R."""
     from datasets import Dataset

@@ -35,7 +35,7 @@ import torch
 from ..config import GeReConfigError, resolve_task_replay_per_step, resolve_task_replay_weight
 from ..data.schedule import ReplaySchedule
 from ..data.task_rows import TaskReplaySet, Tokenization
-from ..model.hidden import forward_hidden
+from ..model.hidden import forward_final
 from ..model.introspection import autocast_of
 from ..ops.logits import LogitHead, chunked_target_ce, kl_chunk_tokens
 from ..ops.losses import target_ce
@@ -93,20 +93,19 @@ class TaskReplay:
         """This micro-batch's share ``n_j / N`` of the step's earlier-task target tokens."""
         return float(sum(int(self.rows.targets[i]) for i in rows)) / max(self.step_targets(step), 1)
 
-    def cross_entropy(self, model: torch.nn.Module, rows: Sequence[int], pad_token_id: int, device: torch.device,
-                      head: Optional[LogitHead] = None, chunk: int = 0, min_chunks: int = 0) -> torch.Tensor:
-        """Token-mean CE over the target tokens of ``rows`` (one forward).
-
-        With ``head`` (the model's logit head, :mod:`gere_plugin.ops.logits`) the forward returns hidden states
-        only and the CE is taken ``chunk`` tokens at a time, never building full-vocabulary logits; without
-        it, from the model's logits. ``min_chunks``: head calls to make at least (sharded heads)."""
-        batch = self.rows.collate(rows, pad_token_id, device=device)
+    @staticmethod
+    def cross_entropy_of(batch: dict[str, torch.Tensor], last: Optional[torch.Tensor], logits: Optional[torch.Tensor],
+                         head: Optional[LogitHead] = None, chunk: int = 0, min_chunks: int = 0) -> torch.Tensor:
+        """Token-mean CE over the target tokens of ``batch``'s rows, from a forward already run over them:
+        their final hidden states ``last`` with ``head`` (the model's logit head, :mod:`gere_plugin.ops.logits`;
+        the CE is taken ``chunk`` tokens at a time, never building full-vocabulary logits, and ``min_chunks``
+        head calls at least for sharded heads), else their ``logits``; each ``[rows, batch width, ...]``."""
         if head is not None:
-            _, (last,) = forward_hidden(model, batch["input_ids"], batch["attention_mask"], [-1], need_logits=False)
+            assert last is not None
             ce_sum, count = chunked_target_ce(head, last, batch["input_ids"], batch["target_mask"], chunk, min_chunks)
         else:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            ce_sum, count = target_ce(out.logits, batch["input_ids"], batch["target_mask"])
+            assert logits is not None
+            ce_sum, count = target_ce(logits, batch["input_ids"], batch["target_mask"])
         return ce_sum / count.clamp_min(1)
 
     def describe(self) -> str:
@@ -143,50 +142,71 @@ class EarlierTasks(Term):
             logits = LogitReplay(replay.rows, beta, int(res.args.gere_task_replay_topk), vocab)
         return cls(replay, logits)
 
+    def rows_for(self, step: ReplayStep, index: int, micro: int, scaling: StepScaling) -> list[int]:
+        """This micro-batch's earlier-task rows (kept as :attr:`rows_now`), from the earlier-task schedule:
+        their own per-step count, never counted against ``gere_replay_per_step``."""
+        self.rows_now = self.replay.schedule.rows_for_micro(index, micro, scaling.accumulation, step.rank,
+                                                            step.world_size)
+        return self.rows_now
+
+    def collate(self, pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """:attr:`rows_now`, right-padded (``input_ids`` / ``attention_mask`` / ``target_mask``)."""
+        return self.replay.rows.collate(self.rows_now, pad_token_id, device=device)
+
     def replay_loss(self, step: ReplayStep, trainer: Any, model: torch.nn.Module, index: int, micro: int,
                     scaling: StepScaling, device: torch.device) -> Optional[torch.Tensor]:
-        """This micro-batch's part of ``c * rho * CE_earlier`` (``None`` without earlier-task rows here).
-
-        The rows come from the earlier-task schedule (their own per-step count, never counted against
-        ``gere_replay_per_step``); one forward; cross-entropy only, so the regularizer stays on the general
-        replay rows. The CE is chunked from hidden states like the general replay CE when the logit head
-        allows it (no full-vocabulary logits), else taken from the model's logits.
-        """
-        tr = self.replay
-        self.rows_now = tr.schedule.rows_for_micro(index, micro, scaling.accumulation, step.rank, step.world_size)
-        if not self.rows_now:
+        """This micro-batch's part of ``c * rho * CE_earlier`` from a forward of its own (``None`` without
+        earlier-task rows here). :class:`~gere_plugin.trainer.step.ReplayStep` runs this forward only when the
+        micro-batch has no general replay rows; otherwise it packs both kinds into one forward and calls
+        :meth:`loss_of` (the same numbers up to float rounding, one forward less)."""
+        if not self.rows_for(step, index, micro, scaling):
             return None
-        module = step.forward_module(trainer, model)
+        batch = self.collate(step.pad_token_id, device)
+        last, logits = forward_final(step.forward_module(trainer, model), batch["input_ids"], batch["attention_mask"],
+                                     step.logit_head is not None)
+        return self.loss_of(step, trainer, model, index, micro, scaling, batch, last, logits)
+
+    def loss_of(self, step: ReplayStep, trainer: Any, model: torch.nn.Module, index: int, micro: int,
+                scaling: StepScaling, batch: dict[str, torch.Tensor], last: Optional[torch.Tensor],
+                logits: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`replay_loss` from a forward already run over :attr:`rows_now` (collated as ``batch``): their
+        final hidden states ``last`` when the step has a logit head (:attr:`ReplayStep.logit_head`), else
+        their ``logits``, each ``[rows, batch width, ...]``.
+
+        Cross-entropy only (+ logit replay's KL), so the regularizer stays on the general replay rows. The CE
+        is chunked from hidden states like the general replay CE when the logit head allows it (no
+        full-vocabulary logits), else taken from the logits.
+        """
         if self.logits is not None:
-            return self._with_logits(step, trainer, model, module, index, micro, scaling, device)
+            return self._with_logits(step, trainer, model, index, micro, scaling, batch, last, logits)
+        tr = self.replay
         head = step.logit_head
         if head is None:
-            ce_micro = tr.cross_entropy(module, self.rows_now, step.pad_token_id, device)
+            ce_micro = tr.cross_entropy_of(batch, last, logits)
         else:
             pad_to = step.chunks_over_ranks(tr.schedule, lambda i: int(tr.rows.targets[i]), index, micro,
                                             scaling.accumulation, step.logit_chunk)
             with autocast_of(trainer):
-                ce_micro = tr.cross_entropy(module, self.rows_now, step.pad_token_id, device,
-                                            head.in_fsdp_unit(model), step.logit_chunk, pad_to)
+                ce_micro = tr.cross_entropy_of(batch, last, logits, head.in_fsdp_unit(model), step.logit_chunk, pad_to)
         step.metrics.add("gere/task_replay_ce", ce_micro)
         return scaling.extra_factor * step.task_coef * tr.weight * tr.share(index, self.rows_now) * ce_micro
 
-    def _with_logits(self, step: ReplayStep, trainer: Any, model: torch.nn.Module, module: torch.nn.Module,
-                     index: int, micro: int, scaling: StepScaling, device: torch.device) -> torch.Tensor:
-        """:meth:`replay_loss` with logit replay: ``F * c * rho * (CE_sum + beta * KL_sum) / N`` (``N`` the
-        step's earlier-task target tokens), CE and KL from one forward and one log-softmax per chunk."""
+    def _with_logits(self, step: ReplayStep, trainer: Any, model: torch.nn.Module, index: int, micro: int,
+                     scaling: StepScaling, batch: dict[str, torch.Tensor], last: Optional[torch.Tensor],
+                     logits: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`loss_of` with logit replay: ``F * c * rho * (CE_sum + beta * KL_sum) / N`` (``N`` the
+        step's earlier-task target tokens), CE and KL from one log-softmax per chunk."""
         tr, lr, rows = self.replay, self.logits, self.rows_now
         assert lr is not None
         head = step.logit_head
         if head is None:
-            ce_sum, kl_sum = lr.ce_kl(module, rows, step.pad_token_id, device)
+            ce_sum, kl_sum = lr.ce_kl_of(rows, batch, last, logits)
         else:
             chunk = kl_chunk_tokens(step.logit_chunk)  # a chunk holds logits, log-softmax and the rest mass
             pad_to = step.chunks_over_ranks(tr.schedule, lambda i: int(tr.rows.targets[i]), index, micro,
                                             scaling.accumulation, chunk)
             with autocast_of(trainer):
-                ce_sum, kl_sum = lr.ce_kl(module, rows, step.pad_token_id, device, head.in_fsdp_unit(model), chunk,
-                                          pad_to)
+                ce_sum, kl_sum = lr.ce_kl_of(rows, batch, last, logits, head.in_fsdp_unit(model), chunk, pad_to)
         tokens = max(sum(int(tr.rows.targets[i]) for i in rows), 1)
         step.metrics.add("gere/task_replay_ce", ce_sum.detach() / tokens)
         covered = lr.snapshot_tokens(rows)

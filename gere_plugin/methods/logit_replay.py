@@ -41,7 +41,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import GeReConfigError
 from ..data.task_rows import TaskReplaySet, Tokenization
-from ..model.hidden import forward_hidden
 from ..monitor.kl import rest_logmass, topk_kl
 from ..ops.logits import LogitHead, num_chunks
 
@@ -298,24 +297,25 @@ class LogitReplay:
         """Target tokens of ``rows`` that have a snapshot (host ints)."""
         return sum(int(self.rows.targets[i]) for i in rows if self.where[i] is not None)
 
-    def ce_kl(self, model: torch.nn.Module, rows: Sequence[int], pad_token_id: int, device: torch.device,
-              head: Optional[LogitHead] = None, chunk: int = 0, min_chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(CE sum, KL sum)`` over the target tokens of ``rows`` (one forward; the KL sum counts only rows
-        with a snapshot). With ``head`` only the target positions' hidden states reach it, ``chunk`` of them
-        at a time (each chunk checkpointed; ``min_chunks`` head calls at least, for sharded heads). A chunk holds
-        its logits, their log-softmax and one more copy for the rest mass: take ``chunk`` from
-        :func:`~gere_plugin.ops.logits.kl_chunk_tokens` (half the CE chunk)."""
-        batch = self.rows.collate(rows, pad_token_id, device=device)
+    def ce_kl_of(self, rows: Sequence[int], batch: dict[str, torch.Tensor], last: Optional[torch.Tensor],
+                 logits: Optional[torch.Tensor], head: Optional[LogitHead] = None, chunk: int = 0,
+                 min_chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(CE sum, KL sum)`` over the target tokens of ``rows`` (collated as ``batch``) from a forward already
+        run over them: their final hidden states ``last`` with ``head``, else their ``logits``, each ``[rows,
+        batch width, ...]`` (the KL sum counts only rows with a snapshot). With ``head`` only the target
+        positions' hidden states reach it, ``chunk`` of them at a time (each chunk checkpointed; ``min_chunks``
+        head calls at least, for sharded heads). A chunk holds its logits, their log-softmax and one more copy
+        for the rest mass: take ``chunk`` from :func:`~gere_plugin.ops.logits.kl_chunk_tokens` (half the CE
+        chunk)."""
         keep = target_positions(batch["target_mask"])
         targets = batch["input_ids"][:, 1:][keep]
-        stored = self.targets_of(rows, device)
+        stored = self.targets_of(rows, batch["input_ids"].device)
         if head is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            assert logits is not None
             per = position_ce_kl(logits[:, :-1][keep], targets, *stored)
         else:
-            _, (last,) = forward_hidden(model, batch["input_ids"], batch["attention_mask"], [-1], need_logits=False)
-            hidden = last[:, :-1][keep]
-            per = self._chunked(head, hidden, targets, stored, chunk, min_chunks)
+            assert last is not None
+            per = self._chunked(head, last[:, :-1][keep], targets, stored, chunk, min_chunks)
         return per[:, 0].sum(), per[:, 1].sum()
 
     @staticmethod

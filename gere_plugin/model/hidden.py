@@ -44,6 +44,16 @@ def forward_hidden(
     return (out.logits if need_logits else None), _select_hidden(out.hidden_states, layers)
 
 
+def forward_final(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_only: bool
+                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One forward for a loss on the model's outputs: ``(final hidden states, None)`` when ``hidden_only`` (the
+    caller applies the logit head a chunk at a time, :mod:`gere_plugin.ops.logits`), else ``(None, logits)``."""
+    if hidden_only:
+        _, (last,) = forward_hidden(model, input_ids, attention_mask, [-1], need_logits=False)
+        return last, None
+    return None, model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
 def check_layer_indices(model: Any, layers: Sequence[int]) -> None:
     """Raise :class:`GeReConfigError` when ``gere_layers`` names a hidden state the model does not return.
 

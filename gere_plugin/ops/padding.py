@@ -26,3 +26,23 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False
         ids[row, cols] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, cols] = 1
     return ids, mask
+
+
+def stack_right_padded(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack right-padded ``(ids, mask)`` batches of different widths into one batch of the widest width.
+
+    Rows keep their order (the first batch's rows first) and their columns: a right-padded row only gains
+    padding at its end, so a causal model gives its real tokens the same positions and outputs as in its
+    own batch, and ``out[a:b, :width]`` recovers a part (``width`` its own width).
+    """
+    if not parts:
+        raise ValueError("stack_right_padded needs at least one batch")
+    width = max(int(ids.shape[1]) for ids, _ in parts)
+    ids_out, mask_out = [], []
+    for ids, mask in parts:
+        extra = width - int(ids.shape[1])
+        ids_out.append(torch.nn.functional.pad(ids, (0, extra), value=int(pad_id)))
+        mask_out.append(torch.nn.functional.pad(mask, (0, extra), value=0))
+    return torch.cat(ids_out), torch.cat(mask_out)

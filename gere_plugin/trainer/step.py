@@ -13,7 +13,8 @@ fixed ``gere_weight`` replaces ``w``.) ``CE_replay`` is the token mean over all 
 are split over micro-batches or ranks. The replay forward returns hidden states only; ``CE_replay`` and
 ``kl`` apply the model's logit head to them a chunk of tokens at a time (:mod:`gere_plugin.logits`), so the
 replay rows never hold full-vocabulary logits. Earlier-task rows (``gere_task_replay``) are the
-:class:`~gere_plugin.methods.earlier_tasks.EarlierTasks` term's; the step only calls it.
+:class:`~gere_plugin.methods.earlier_tasks.EarlierTasks` term's: a micro-batch with both kinds runs them in
+one forward (general rows first, :attr:`ReplayStep.pack_replay_rows`) and hands the term its rows' slice.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..model.hidden import forward_hidden
 from ..model.introspection import autocast_of, is_sharded, unwrap
 from ..ops.logits import chunked_token_ce, kl_chunk_tokens, num_chunks
 from ..ops.losses import replay_ce_weight, resolve_weight, token_ce
+from ..ops.padding import stack_right_padded
 from .diagnostics import grad_balance
 from .metrics import MetricBuffer
 from .resources import Resources
@@ -63,6 +65,11 @@ class ReplayStep:
     METRIC_KEYS = ("gere/task_loss", "gere/replay_ce", "gere/reg_loss", "gere/weight", "gere/out_of_state",
                    "gere/grad_norm_ce", "gere/grad_norm_reg", "gere/grad_norm_total", "gere/clip_coef",
                    "gere/grad_cosine", "gere/task_replay_ce", "gere/task_replay_kl")
+
+    #: Run a micro-batch's earlier-task rows in the general replay rows' forward when it has both (one
+    #: forward less per micro-batch; the same losses up to float rounding). False gives each kind its own
+    #: forward: what benchmarks/method_cost.py sets to measure what packing saves, not a user setting.
+    pack_replay_rows: bool = True
 
     def __init__(self, res: Resources) -> None:
         self.res = res
@@ -178,17 +185,35 @@ class ReplayStep:
         step, micro, rows = self.rows_now(trainer, scaling.accumulation)
         device = getattr(getattr(trainer, "args", None), "device", None) or next(model.parameters()).device
         out = ReplayForward(step, micro, rows, scaling)
-        if self.earlier is not None:
-            out.earlier = self.earlier.replay_loss(self, trainer, model, step, micro, scaling, device)  # type: ignore[attr-defined]
+        earlier = self.earlier
+        packed = bool(earlier is not None and earlier.rows_for(self, step, micro, scaling)  # type: ignore[attr-defined]
+                      and rows and self.pack_replay_rows)
+        if earlier is not None and not packed:
+            out.earlier = earlier.replay_loss(self, trainer, model, step, micro, scaling, device)  # type: ignore[attr-defined]
         if not rows:
             return out
         assert self.replay is not None and self.schedule is not None and self.res.regularizer is not None
         batch = self.replay.collate(rows, self.pad_token_id, device=device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         chunked = self.logit_head is not None
-        logits, hidden = forward_hidden(self.forward_module(trainer, model), ids, mask, [*self.layers, -1],
+        if packed:  # the earlier-task rows ride in the same forward, after the general rows
+            assert earlier is not None
+            earlier_batch = earlier.collate(self.pad_token_id, device)  # type: ignore[attr-defined]
+            fwd_ids, fwd_mask = stack_right_padded(
+                [(ids, mask), (earlier_batch["input_ids"], earlier_batch["attention_mask"])], self.pad_token_id)
+        else:
+            fwd_ids, fwd_mask = ids, mask
+        logits, hidden = forward_hidden(self.forward_module(trainer, model), fwd_ids, fwd_mask, [*self.layers, -1],
                                         need_logits=not chunked)
         last = hidden.pop()  # hidden_states[-1], the logit head's input
+        if packed:
+            assert earlier is not None
+            n, width, e_width = ids.shape[0], ids.shape[1], earlier_batch["input_ids"].shape[1]
+            out.earlier = earlier.loss_of(  # type: ignore[attr-defined]
+                self, trainer, model, step, micro, scaling, earlier_batch, last[n:, :e_width],
+                None if logits is None else logits[n:, :e_width])
+            last, hidden = last[:n, :width], [h[:n, :width] for h in hidden]
+            logits = None if logits is None else logits[:n, :width]
         lengths = self.replay.lengths
         if chunked:
             assert self.logit_head is not None
