@@ -182,8 +182,8 @@ def test_one_packed_forward_equals_two_forwards(tmp_path, tiny_dir, tiny_tokeniz
         widths = (max(len(step.replay.input_ids[i]) for i in step.schedule.rows_for_step(0)),
                   max(len(step.task_replay.rows.input_ids[i]) for i in step.task_replay.schedule.rows_for_step(0)))
         calls: list[tuple[int, ...]] = []
-        hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
-                                           with_kwargs=True)
+        hook = model.register_forward_hook(
+            lambda m, args, kwargs, out, calls=calls: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
         (batch,) = _batches(trainer, 1)
         num_items = (batch["labels"][:, 1:] != -100).sum()
         trainer.current_gradient_accumulation_steps = 1
