@@ -84,6 +84,7 @@ from forgetting_presets import (  # noqa: E402
     method_settings,
     preset_settings,
     select_learning_rates,
+    shared_selection,
 )
 from forgetting_results import merge_results, method_spec_json, settings_differ, slim_run, write_outputs  # noqa: E402
 from forgetting_verdicts import (  # noqa: E402
@@ -112,7 +113,7 @@ __all__ = [
     "choose_learning_rate", "cost_ratios", "diagnose_gradients", "fair_verdicts", "first_task_signature",
     "fixed_learning_rates", "main", "merge_results", "method_settings", "method_spec_json", "paired_differences",
     "plot_gradient_balance", "preset_settings", "recommended_checks", "select_learning_rates", "settings_differ",
-    "verdicts", "write_outputs",
+    "shared_selection", "verdicts", "write_outputs",
 ]
 
 

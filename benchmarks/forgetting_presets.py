@@ -173,6 +173,15 @@ def first_task_signature(method: str) -> str:
     return json.dumps(sig, sort_keys=True, default=str)
 
 
+def shared_selection(selection: dict[str, Any], method: str) -> Optional[str]:
+    """Whose finished dev-split learning-rate selection ``method`` uses: its own when it has a chosen rate,
+    else that of a method with the same :func:`first_task_signature`; ``None`` when there is none."""
+    if (selection.get(method) or {}).get("chosen"):
+        return method
+    sig = first_task_signature(method)
+    return next((m for m, rec in selection.items() if rec.get("signature") == sig and rec.get("chosen")), None)
+
+
 def fixed_learning_rates(cfg: dict[str, Any], methods: list[str], preset: str) -> dict[str, float]:
     """Each method's rate from the preset's fixed table ``lr_by_method`` (no selection run); SystemExit naming
     the method and the key when the table has no rate for one of ``methods``."""
@@ -221,7 +230,7 @@ def select_learning_rates(
     chosen: dict[str, float] = {}
     for method in methods:
         sig = first_task_signature(method)
-        shared = next((m for m, rec in selection.items() if rec.get("signature") == sig and rec.get("chosen")), None)
+        shared = shared_selection(selection, method)
         if method not in selection and shared is not None:
             selection[method] = {**selection[shared], "shared_with": shared}
         rec = selection.setdefault(method, {"signature": sig, "grid": {}, "task": first.name,

@@ -177,9 +177,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     selection = json.loads(Path(args.lr_from).read_text(encoding="utf-8")).get("lr_selection", {})
     lrs = {}
     for m in args.methods:
-        sig = forgetting.first_task_signature(m)
-        rec = selection.get(m) or next((r for r in selection.values() if r.get("signature") == sig and r.get("chosen")), None)
-        if rec is None or not rec.get("chosen"):
+        shared = forgetting.shared_selection(selection, m)
+        rec = None if shared is None else selection[shared]
+        if rec is None:
             raise SystemExit(f"no dev-split learning-rate selection for {m} in {args.lr_from}: run forgetting.py for it first")
         lrs[m] = float(rec["chosen"])
     cfg = dict(forgetting.PRESETS[PRESET])

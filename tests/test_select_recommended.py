@@ -65,3 +65,30 @@ def test_dev_metrics_from_a_run():
     assert m["plasticity"] == pytest.approx(85) and m["AP"] == pytest.approx(75) and m["BWT"] == pytest.approx(-20)
     assert m["arc_easy"] == pytest.approx(40)
     assert m["ppl_rise/wiki"] == pytest.approx(-10) and m["ppl_rise/sciq_support"] == pytest.approx(10)
+
+
+def test_the_recommended_constant_is_the_committed_dev_selections_pick():
+    """``continual.RECOMMENDED`` names what the committed dev selection chose, among the rule's candidates, and
+    that selection ran every candidate and the reference."""
+    import json
+
+    from gere_plugin.continual import RECOMMENDED
+
+    doc = json.loads((select.RESULTS / f"recommended_selection_{select.PRESET}.json").read_text())
+    assert doc["selection"]["chosen"] == RECOMMENDED
+    assert RECOMMENDED in select.CANDIDATES
+    assert set(doc["runs"]) == {select.REFERENCE, *select.CANDIDATES}
+    assert select.apply_rule({m: r["dev"] for m, r in doc["runs"].items()})["chosen"] == RECOMMENDED
+
+
+def test_a_method_uses_its_own_learning_rate_selection_or_one_of_the_same_first_task():
+    from forgetting_presets import first_task_signature, shared_selection
+
+    selection = {"gere": {"signature": first_task_signature("gere"), "chosen": 2e-4},
+                 "plain": {"signature": first_task_signature("plain"), "grid": {}}}  # unfinished
+    assert shared_selection(selection, "gere") == "gere"
+    assert shared_selection(selection, "gere_freeze") == "gere"  # its freeze starts at task 2
+    assert shared_selection(selection, "plain") is None and shared_selection(selection, "wise") is None
+    selection["plain"]["chosen"] = 1e-4
+    assert shared_selection(selection, "wise") == "plain"  # WiSE-FT trains as plain SFT, then interpolates
+    assert shared_selection(selection, "der_paper") is None  # it trains task 1 as gere_paper, absent here
