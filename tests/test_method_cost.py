@@ -38,3 +38,11 @@ def test_summary_takes_medians_over_rounds_and_divides_by_plains_median():
 def test_without_plain_there_is_no_ratio():
     s = method_cost.summarize([rec("gere", 7.0, 1.0, 900.0)], ["gere"])
     assert s["gere"]["step_s_vs_plain"] is None and s["gere"]["peak_added_mib_vs_plain"] is None
+
+
+def test_a_separate_variant_runs_its_preset_and_names_files_without_a_slash():
+    assert method_cost.preset_of("der_paper/separate") == "der_paper"
+    assert method_cost.preset_of("der_paper") == "der_paper"
+    assert method_cost.file_stem("der_paper/separate") == "der_paper-separate"
+    with pytest.raises(SystemExit, match="unknown method"):
+        method_cost.main(["--methods", "plain", "der_papr/separate"])
