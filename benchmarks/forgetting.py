@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment_info, set_offline_defaults  # noqa: E402
+from _env import environment_info, set_offline_defaults, slow_bf16_warning  # noqa: E402
 
 set_offline_defaults()  # before transformers / datasets are imported
 
@@ -191,6 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_name = args.model or cfg.get("model")
     model_dir = Path(model_name) if model_name else assets.prepare_smollm2()
     bf16 = cfg.get("bf16", False) if args.bf16 is None else args.bf16
+    warning = slow_bf16_warning() if bf16 else None
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=args.data_seed)
     replay = assets.replay_jsonl(splits)
     tasks = build_tasks(cfg, splits, args.data_seed)

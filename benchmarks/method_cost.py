@@ -4,7 +4,8 @@ The forgetting benchmark (``forgetting.py``) records a cost for every run, but i
 different times, two at a time, under different loads, and its oldest runs have no memory figure. This
 benchmark measures every method of its table in ONE invocation, one method at a time on an otherwise
 idle machine, with the same settings as the ``cpu-fair`` preset: SmolLM2-135M full fine-tune, batch 8,
-task rows of at most 128 tokens, 2 general replay rows per step, bf16 autocast, the method's selected
+task rows of at most 128 tokens, 2 general replay rows per step, bf16 autocast (``--precision fp32`` on CPUs
+without native bf16 matmuls, see ``_env.slow_bf16_warning``), the method's selected
 learning rate (from ``results/forgetting_cpu-fair.json``), on the preset's first two tasks (SST-2 ->
 Wikipedia topic), ``--steps`` optimizer steps each. Task 2 is the one measured: every method's machinery
 is on there (EWC's penalty, earlier-task replay, the frozen layers of ``gere_freeze``).
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import environment_info, set_offline_defaults  # noqa: E402
+from _env import environment_info, set_offline_defaults, slow_bf16_warning  # noqa: E402
 
 set_offline_defaults()
 
@@ -83,7 +84,7 @@ def preset() -> dict[str, Any]:
     return dict(PRESETS["cpu-fair"], tasks=PRESETS["cpu-fair"]["tasks"][:2])
 
 
-def _setup(threads: int) -> tuple[Any, ...]:
+def _setup(threads: int, bf16: bool = True) -> tuple[Any, ...]:
     """Model folder, tasks (first two of cpu-fair, short test lists), replay file, base settings."""
     import torch
     from forgetting import build_tasks, preset_settings
@@ -97,7 +98,7 @@ def _setup(threads: int) -> tuple[Any, ...]:
     splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=DATA_SEED)
     replay = assets.replay_jsonl(splits)
     tasks = [dataclasses.replace(t, test=t.test[:EVAL_ITEMS], dev=[]) for t in build_tasks(cfg, splits, DATA_SEED)]
-    settings = dataclasses.replace(preset_settings(cfg, 1, data_seed=DATA_SEED, bf16=True), print_logs=False)
+    settings = dataclasses.replace(preset_settings(cfg, 1, data_seed=DATA_SEED, bf16=bf16), print_logs=False)
     return model_dir, tasks, replay, settings
 
 
@@ -111,7 +112,8 @@ def file_stem(method: str) -> str:
     return method.replace("/", "-")
 
 
-def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work: Path) -> dict[str, Any]:
+def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work: Path,
+            bf16: bool = True) -> dict[str, Any]:
     """One method's two-task sequence in THIS process; returns its cost record."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,7 +123,7 @@ def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work
 
     ReplayStep.pack_replay_rows = not method.endswith(SEPARATE)  # a fresh process per run: nothing else sees it
 
-    model_dir, tasks, replay, settings = _setup(threads)
+    model_dir, tasks, replay, settings = _setup(threads, bf16)
     settings = dataclasses.replace(settings, max_steps=steps, learning_rate=lr)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -152,11 +154,11 @@ def run_one(method: str, steps: int, lr: float, threads: int, states: Path, work
     }
 
 
-def build_state_cache(states: Path, threads: int, work: Path) -> float:
+def build_state_cache(states: Path, threads: int, work: Path, bf16: bool = True) -> float:
     """Build the shared GeRe state cache once (one optimizer step of ``gere``); returns its build seconds."""
     from gere_plugin.continual import run_sequence
 
-    model_dir, tasks, replay, settings = _setup(threads)
+    model_dir, tasks, replay, settings = _setup(threads, bf16)
     result = run_sequence(str(model_dir), tasks[:1], "gere", work, settings=settings, replay=replay,
                           state_cache=states, seed=1)
     return float(result["stages"][0]["setup_seconds"])
@@ -232,6 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--stem", default="method_cost_cpu", help="name of the result files in --out-dir")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 autocast (the forgetting benchmark's setting) or fp32 (CPUs without native bf16)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method in this process
     p.add_argument("--state-cache-only", action="store_true", help=argparse.SUPPRESS)  # internal: build the cache
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -246,13 +250,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                          f"{SEPARATE!r})")
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2 (the first step of task 2 is not timed)")
+    bf16 = args.precision == "bf16"
     if args.one or args.state_cache_only:  # child process
         work = Path(args.workdir)
         if args.state_cache_only:
-            rec = {"state_cache_seconds": build_state_cache(work / "states", args.threads, work / "cache_run")}
+            rec = {"state_cache_seconds": build_state_cache(work / "states", args.threads, work / "cache_run", bf16)}
         else:
             rec = run_one(args.one, args.steps, args.lr, args.threads, work / "states",
-                          work / f"run_{file_stem(args.one)}")
+                          work / f"run_{file_stem(args.one)}", bf16)
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, default=float), encoding="utf-8")
         os.replace(tmp, args.json)
@@ -260,16 +265,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from forgetting import preset_settings
 
+    warning = slow_bf16_warning() if bf16 else None
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
     lrs = _selected_lrs()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gere-method-cost-"))  # ours alone: removed at the end
     cfg = preset()
-    shared = dataclasses.replace(preset_settings(cfg, args.steps, data_seed=DATA_SEED, bf16=True), print_logs=False)
+    shared = dataclasses.replace(preset_settings(cfg, args.steps, data_seed=DATA_SEED, bf16=bf16), print_logs=False)
     doc: dict[str, Any] = {
         "benchmark": "method_cost",
         "environment": environment_info(),
         "settings": {"methods": args.methods, "steps_per_task": args.steps, "rounds": args.rounds,
+                     "precision": args.precision,
                      "threads": args.threads, "tasks": cfg["tasks"], "measured_task": cfg["tasks"][-1],
                      "eval_items_per_task": EVAL_ITEMS, "runner": dataclasses.asdict(shared),
                      "learning_rates": {m: lrs.get(preset_of(m), shared.learning_rate) for m in args.methods},
@@ -280,7 +289,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     def child(what: str, target: Path, *extra: str) -> dict[str, Any]:
         """Run this script in a fresh process for ``extra``; its record, or exit naming ``what`` failed."""
         cmd = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps), "--threads",
-               str(args.threads), "--workdir", str(work), "--json", str(target), *extra]
+               str(args.threads), "--precision", args.precision, "--workdir", str(work), "--json", str(target),
+               *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{what} failed:\n{proc.stderr[-4000:]}")

@@ -46,3 +46,15 @@ def test_a_separate_variant_runs_its_preset_and_names_files_without_a_slash():
     assert method_cost.file_stem("der_paper/separate") == "der_paper-separate"
     with pytest.raises(SystemExit, match="unknown method"):
         method_cost.main(["--methods", "plain", "der_papr/separate"])
+
+
+def test_bf16_warning_names_the_missing_cpu_flags_and_the_fp32_switch(monkeypatch):
+    import _env
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warning = _env.slow_bf16_warning("fpu sse2 avx avx2 fma")
+    assert warning is not None and "avx512_bf16" in warning and "--precision fp32" in warning
+    assert _env.slow_bf16_warning("fpu avx2 avx512f avx512_bf16") is None
+    assert _env.slow_bf16_warning("fpu avx2 amx_bf16 amx_tile") is None
+    assert _env.slow_bf16_warning("fpu avx2 avx512_bf16x") is not None  # whole flags only
