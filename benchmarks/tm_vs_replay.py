@@ -40,6 +40,10 @@ import forgetting  # noqa: E402
 from gere_plugin.cache.io import write_file_atomically  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: settings both files must share (key -> what it is, for the error): the ratio of replay to task rows, the
+#: length of a task, the precision
+SAME_SETTINGS = {"gere_replay_per_step": "general replay rows per step", "per_device_train_batch_size": "task rows per step",
+                 "max_steps": "steps per task", "bf16": "precision"}
 #: two-sided 95% Student t quantiles by degrees of freedom
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -68,8 +72,10 @@ def compare(gere_runs: list[dict[str, Any]], replay_runs: list[dict[str, Any]], 
 def markdown(doc: dict[str, Any]) -> str:
     lines = []
     for method, rec in doc["comparisons"].items():
+        rows = f", {doc['task_rows_per_step']} task rows" if doc.get("task_rows_per_step") else ""
+        precision = {True: ", bf16 autocast", False: ", fp32"}.get(doc.get("bf16"), "")
         lines += [f"### {method} - vanilla replay, both at {doc['learning_rate']:g}, {doc['replay_per_step']} "
-                  f"replay rows per step (seeds {rec['seeds']})", "",
+                  f"replay rows per step{rows}{precision} (seeds {rec['seeds']})", "",
                   "| metric | mean | 95% interval | per seed |", "|---|---|---|---|"]
         for key, st in rec.items():
             if key == "seeds":
@@ -93,16 +99,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     fair = json.loads(Path(args.fair).read_text(encoding="utf-8"))
     rep = json.loads(Path(args.replay).read_text(encoding="utf-8"))
     lr = rep["settings"]["learning_rate"]
-    per_step = {f: d["settings"].get("gere_replay_per_step") for f, d in ((args.fair, fair), (args.replay, rep))}
-    if len(set(per_step.values())) != 1:
-        raise SystemExit("the two files replay a different number of general rows per step (gere_replay_per_step: "
-                         + ", ".join(f"{v} in {f}" for f, v in per_step.items()) + "): not the same ratio")
+    for key, what in SAME_SETTINGS.items():
+        values = {f: d["settings"].get(key) for f, d in ((args.fair, fair), (args.replay, rep))}
+        if len(set(values.values())) != 1:
+            raise SystemExit(f"the two files differ in {what} ({key}: "
+                             + ", ".join(f"{v} in {f}" for f, v in values.items()) + "): not a paired comparison")
     for m in args.methods:
         own = {r["settings"]["learning_rate"] for r in fair["runs"] if r["method"] == m}
         if own != {lr}:
             raise SystemExit(f"{m} ran at {sorted(own)} in {args.fair}, vanilla replay at {lr:g}: not the same rate")
-    doc = {"learning_rate": lr, "replay_per_step": per_step[args.replay],
-           "task_rows_per_step": rep["settings"].get("per_device_train_batch_size"), "fair": args.fair,
+    doc = {"learning_rate": lr, "replay_per_step": rep["settings"].get("gere_replay_per_step"),
+           "task_rows_per_step": rep["settings"].get("per_device_train_batch_size"),
+           "bf16": rep["settings"].get("bf16"), "fair": args.fair,
            "replay": args.replay, "environment": rep.get("environment"),
            "comparisons": {m: compare(fair["runs"], rep["runs"], m) for m in args.methods}}
     out = Path(args.out_dir)

@@ -57,7 +57,13 @@ def test_main_writes_the_named_pair_and_refuses_another_replay_ratio(tmp_path):
 
     doc = json.loads((out / "low.json").read_text())
     assert doc["replay_per_step"] == 1 and doc["task_rows_per_step"] == 8 and doc["comparisons"]["gere"]["seeds"] == [1, 2]
-    assert "1 replay rows per step" in (out / "low.md").read_text()
+    assert "1 replay rows per step, 8 task rows" in (out / "low.md").read_text()
     other = _results_file(tmp_path / "replay2.json", "replay", 2)
     with pytest.raises(SystemExit, match="gere_replay_per_step: 1 in .*gere.json, 2 in .*replay2.json"):
         tvr.main(["--fair", gere, "--replay", other, "--methods", "gere", "--out-dir", str(out)])
+    wider = json.loads(Path(replay).read_text())
+    wider["settings"]["per_device_train_batch_size"] = 16  # 1 row per 16 task rows is another ratio too
+    (tmp_path / "replay16.json").write_text(json.dumps(wider))
+    with pytest.raises(SystemExit, match="task rows per step .per_device_train_batch_size: 8 in .*, 16 in"):
+        tvr.main(["--fair", gere, "--replay", str(tmp_path / "replay16.json"), "--methods", "gere",
+                  "--out-dir", str(out)])
