@@ -81,8 +81,8 @@ def environment_info() -> dict[str, Any]:
 
 
 #: x86 CPU flags (``/proc/cpuinfo``) under which bf16 matrix products run natively (oneDNN); without them (AVX2
-#: and older) a bf16 matmul falls back to a reference kernel: 0.3 GFLOP/s against 177 in fp32 on a 2-core AVX2
-#: Xeon (measured with torch 2.13.0)
+#: and older) a bf16 matmul falls back to a reference kernel: 0.3 GFLOP/s against 177 in fp32 on a 2-core
+#: AMD EPYC VM whose flags stop at AVX2 (measured with torch 2.13.0)
 FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
