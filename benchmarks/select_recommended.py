@@ -178,10 +178,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     lrs = {}
     for m in args.methods:
         shared = forgetting.shared_selection(selection, m)
-        rec = None if shared is None else selection[shared]
-        if rec is None:
+        if shared is None:
             raise SystemExit(f"no dev-split learning-rate selection for {m} in {args.lr_from}: run forgetting.py for it first")
-        lrs[m] = float(rec["chosen"])
+        lrs[m] = float(selection[shared]["chosen"])
     cfg = dict(forgetting.PRESETS[PRESET])
     model_dir = assets.prepare_smollm2()
     splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=1234)

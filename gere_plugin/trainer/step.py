@@ -186,8 +186,9 @@ class ReplayStep:
         device = getattr(getattr(trainer, "args", None), "device", None) or next(model.parameters()).device
         out = ReplayForward(step, micro, rows, scaling)
         earlier = self.earlier
-        packed = bool(earlier is not None and earlier.rows_for(self, step, micro, scaling)  # type: ignore[attr-defined]
-                      and rows and self.pack_replay_rows)
+        # the earlier-task schedule is asked here only when packing is possible; replay_loss asks it otherwise
+        packed = bool(rows and self.pack_replay_rows and earlier is not None
+                      and earlier.rows_for(self, step, micro, scaling))  # type: ignore[attr-defined]
         if earlier is not None and not packed:
             out.earlier = earlier.replay_loss(self, trainer, model, step, micro, scaling, device)  # type: ignore[attr-defined]
         if not rows:
