@@ -306,6 +306,21 @@ def test_report_cost_columns_are_hand_computed_per_step_time_and_largest_added_m
     assert "s/step" not in markdown_table(summarize_runs(runs[2:]))
 
 
+def test_summary_refuses_runs_of_different_base_models():
+    """One table has one base row: runs measured against another base (general values or task accuracies) are
+    refused by name, not summarized against the first run's base."""
+    same = [_fake_run("plain", 1, 30.0, [0.6, 0.9]), _fake_run("gere", 1, 21.0, [0.8, 0.9])]
+    assert summarize_runs(same)["base"]["metrics"]["ppl"]["mean"] == pytest.approx(20.0)
+    other_ppl = _fake_run("gere", 2, 21.0, [0.8, 0.9])
+    other_ppl["base"]["general"]["ppl"]["wiki"] = 25.0
+    with pytest.raises(ValueError, match=r"run 'gere' seed 2 was evaluated against another base model"):
+        summarize_runs(same + [other_ppl])
+    other_row = _fake_run("l2", 3, 21.0, [0.8, 0.9])
+    other_row["base_row"] = [0.55, 0.4]
+    with pytest.raises(ValueError, match=r"run 'l2' seed 3"):
+        summarize_runs(same + [other_row])
+
+
 def test_peak_memory_sees_an_allocation_made_inside_it():
     from gere_plugin.continual import PeakMemory
 

