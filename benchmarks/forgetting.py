@@ -77,6 +77,7 @@ from forgetting_presets import (  # noqa: E402
     SEQ2_LR_NOTE,
     SEQ2_METHODS,
     WISE_ALPHA_GRID,
+    build_label_tasks,
     build_tasks,
     choose_learning_rate,
     first_task_signature,
@@ -109,7 +110,8 @@ from gere_plugin.evaluation.report import markdown_table  # noqa: E402
 
 __all__ = [
     "COST_FILES", "DEFAULT_PRESET", "FAIR_METHODS", "GRADIENT_VARIANTS", "PLAIN_VARIANT", "PRESETS", "RECOMMENDED",
-    "RESULTS", "SEQ2_LEARNING_RATES", "SEQ2_LR_NOTE", "SEQ2_METHODS", "WISE_ALPHA_GRID", "build_tasks",
+    "RESULTS", "SEQ2_LEARNING_RATES", "SEQ2_LR_NOTE", "SEQ2_METHODS", "WISE_ALPHA_GRID", "build_label_tasks",
+    "build_tasks",
     "choose_learning_rate", "cost_ratios", "diagnose_gradients", "fair_verdicts", "first_task_signature",
     "fixed_learning_rates", "main", "merge_results", "method_settings", "method_spec_json", "paired_differences",
     "plot_gradient_balance", "preset_settings", "recommended_checks", "select_learning_rates", "settings_differ",

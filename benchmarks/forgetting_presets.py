@@ -23,6 +23,7 @@ from gere_plugin import assets  # noqa: E402
 from gere_plugin.continual import (  # noqa: E402
     METHODS,
     RECOMMENDED,
+    WISE_ALPHA_GRID,
     SequenceTask,
     TrainSettings,
     evaluate_stage,
@@ -101,9 +102,10 @@ PRESETS["gpu-hub"] = {
 DEFAULT_PRESET = "cpu-fair"
 
 
-def build_tasks(cfg: dict[str, Any], splits: assets.WikiSplits, data_seed: int) -> list[SequenceTask]:
-    """The preset's task sequence (fixed data seed: identical for every method and seed), with dev splits.
-    ``n_test`` / ``n_dev`` are one size for every task or ``{task: size}``."""
+def build_label_tasks(cfg: dict[str, Any], splits: assets.WikiSplits, data_seed: int, n_tune: int = 0) -> list[Any]:
+    """The preset's tasks as :mod:`gere_plugin.assets` builds them (fixed data seed: identical for every method and
+    seed), with dev splits and, with ``n_tune``, a tune split of that many items per task that leaves the other
+    splits as they are. ``n_test`` / ``n_dev`` are one size for every task or ``{task: size}``."""
     n_train, chars = cfg["n_train"], cfg.get("clip_chars", 200)
 
     def size(key: str, name: str) -> int:
@@ -111,7 +113,8 @@ def build_tasks(cfg: dict[str, Any], splits: assets.WikiSplits, data_seed: int) 
         return int(value[name]) if isinstance(value, dict) else int(value)
 
     def sizes(name: str) -> dict[str, int]:
-        return {"n_train": n_train[name], "n_test": size("n_test", name), "seed": data_seed, "n_dev": size("n_dev", name)}
+        return {"n_train": n_train[name], "n_test": size("n_test", name), "seed": data_seed, "n_dev": size("n_dev", name),
+                "n_tune": n_tune}
 
     builders = {
         "sst2": lambda: assets.sst2_task(**sizes("sst2")),
@@ -121,7 +124,12 @@ def build_tasks(cfg: dict[str, Any], splits: assets.WikiSplits, data_seed: int) 
         "sciq_qa": lambda: assets.sciq_qa_task(**sizes("sciq_qa")),
         "social_iqa": lambda: assets.social_iqa_task(**sizes("social_iqa")),
     }
-    return [SequenceTask.from_label_task(builders[name]()) for name in cfg["tasks"]]
+    return [builders[name]() for name in cfg["tasks"]]
+
+
+def build_tasks(cfg: dict[str, Any], splits: assets.WikiSplits, data_seed: int) -> list[SequenceTask]:
+    """The preset's task sequence (:func:`build_label_tasks`) as the runner takes it: train, test and dev items."""
+    return [SequenceTask.from_label_task(task) for task in build_label_tasks(cfg, splits, data_seed)]
 
 
 def preset_settings(cfg: dict[str, Any], steps: int, lr: Optional[float] = None, batch_size: Optional[int] = None,
@@ -145,11 +153,10 @@ def preset_settings(cfg: dict[str, Any], steps: int, lr: Optional[float] = None,
     )
 
 
-#: WiSE-FT's ``alpha`` candidates (1.0 is always one too): the runner picks one after every task on the dev
-#: items of that task and the earlier ones (:func:`gere_plugin.continual.wise_select.select_wise_alpha`).
-WISE_ALPHA_GRID = (0.25, 0.5, 0.75)
-#: The WiSE-FT presets whose ``alpha`` the benchmark chooses on dev items; the others that interpolate
-#: (``der_paper_wise``) keep their preset's fixed alpha, as select_recommended.py runs them.
+#: The WiSE-FT presets whose ``alpha`` the benchmark chooses on dev items among
+#: :data:`~gere_plugin.continual.presets.WISE_ALPHA_GRID` (1.0 is always one too: the runner picks one after every
+#: task on the dev items of that task and the earlier ones, :func:`gere_plugin.continual.wise_select.select_wise_alpha`);
+#: ``der_paper_wise`` keeps its preset's fixed alpha, and ``der_paper_wise_tuned`` chooses by its own preset.
 DEV_ALPHA_METHODS = ("wise", "gere_wise")
 
 

@@ -9,6 +9,9 @@ of ``forgetting.py`` were looked at; this script never reads a test item:
   is scored on its **dev** items (100 per task), and general ability on **dev** sets disjoint from the
   test ones: held-out Wikipedia texts 80..127 (the test uses 0..79), SciQ support passages 64..111 (the
   test uses 0..63) and the 70 ARC-Easy validation items the test's 500 leave out;
+* **a candidate's own knob** (WiSE-FT's ``alpha`` in ``der_paper_wise_tuned``) is chosen on a **tune** split
+  of :data:`TUNE_ITEMS` items per task, disjoint from the dev items the candidate is scored on (and from the
+  training and test items), so choosing it cannot flatter the candidate's dev score;
 * **runs**: plain SFT (the reference) and every candidate of :data:`CANDIDATES`;
 * **admissible**: dev plasticity (accuracy on each task right after training it, mean) >= plain's - 1 point,
   AND dev perplexity rise <= 0 on both dev text sets (against the base model);
@@ -43,6 +46,7 @@ import forgetting  # noqa: E402
 from gere_plugin import assets  # noqa: E402
 from gere_plugin.cache.io import write_file_atomically  # noqa: E402
 from gere_plugin.continual import SequenceTask, evaluate_stage, run_sequence  # noqa: E402
+from gere_plugin.continual.presets import GENERATION_MAX_NEW_TOKENS  # noqa: E402
 from gere_plugin.evaluation.metrics import average_performance, backward_transfer, plasticity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +59,13 @@ PRESET = "cpu-fair"
 #: earlier tasks without replay; the rule itself is unchanged and still reads dev numbers only. Ties go to the
 #: earlier entry.
 CANDIDATES = ["der", "der_paper", "der_paper_rho25", "der_paper_beta1", "der_paper_wise"]
+#: Candidates added to the rule whose dev run is not in the committed selection yet: the rule weighs each one as
+#: soon as its run is merged in (after :data:`CANDIDATES`, so ties stay with those); then move it into
+#: :data:`CANDIDATES`. ``der_paper_wise_tuned`` (alpha chosen per task on the tune split, giving up at most 1 point
+#: of the task's accuracy there) was added after ``der_paper_wise`` fell below the plasticity floor.
+PENDING = ["der_paper_wise_tuned"]
+#: Items per task of the tune split (disjoint from train, dev and test) on which a candidate chooses its own knob.
+TUNE_ITEMS = 100
 REFERENCE = "plain"
 PLASTICITY_SLACK_POINTS = 1.0
 RULE = (
@@ -96,10 +107,27 @@ def dev_metrics(run: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def same_base(a: Any, b: Any, rel: float = 1e-4) -> bool:
+    """Whether two files scored the same base model on the same dev sets: equal dev accuracies (counts of items)
+    and perplexities within ``rel`` (two machines' float kernels differ in the last bits)."""
+    if not (a and b) or a.get("tasks") != b.get("tasks"):
+        return False
+    ga, gb = a.get("general", {}), b.get("general", {})
+    if ga.get("cloze") != gb.get("cloze") or set(ga.get("ppl", {})) != set(gb.get("ppl", {})):
+        return False
+    return all(abs(ga["ppl"][k] - gb["ppl"][k]) <= rel * abs(gb["ppl"][k]) for k in ga["ppl"])
+
+
+def weighed(runs: Any) -> list[str]:
+    """The candidates the rule weighs given the methods in ``runs``: all of :data:`CANDIDATES`, then those of
+    :data:`PENDING` that have a run."""
+    return CANDIDATES + [c for c in PENDING if c in runs]
+
+
 def apply_rule(metrics: dict[str, dict[str, float]], candidates: Optional[list[str]] = None) -> dict[str, Any]:
     """The pick of :data:`RULE` from per-method dev metrics (``metrics[REFERENCE]`` and every one of
-    ``candidates``, default :data:`CANDIDATES`, in their order of preference on ties)."""
-    candidates = list(CANDIDATES if candidates is None else candidates)
+    ``candidates``, default :func:`weighed` of ``metrics``, in their order of preference on ties)."""
+    candidates = list(weighed(metrics) if candidates is None else candidates)
     if REFERENCE not in metrics:
         raise ValueError(f"the rule needs the reference {REFERENCE!r} run")
     missing = [c for c in candidates if c not in metrics]
@@ -148,7 +176,8 @@ def write(doc: dict[str, Any], out_dir: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=[REFERENCE, *CANDIDATES], choices=[REFERENCE, *CANDIDATES])
+    p.add_argument("--methods", nargs="+", default=[REFERENCE, *CANDIDATES, *PENDING],
+                   choices=[REFERENCE, *CANDIDATES, *PENDING])
     p.add_argument("--lr-from", default=str(RESULTS / f"forgetting_{PRESET}.json"),
                    help="results JSON whose dev-split lr_selection gives each method's learning rate")
     p.add_argument("--threads", type=int, default=0)
@@ -160,12 +189,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir = Path(args.out_dir)
     if args.merge:
         docs = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge]
+        # files written before "bf16" was recorded ran at the default, bf16
+        precisions = {f: d.get("bf16", True) for f, d in zip(args.merge, docs)}
+        if len(set(precisions.values())) > 1 or not all(same_base(d.get("base"), docs[0].get("base")) for d in docs):
+            raise SystemExit(f"--merge: the files differ in precision (bf16: {precisions}) or in the base model's dev "
+                             "scores; merge runs of one protocol only")
         merged = {**docs[0], "runs": {}}
         for d in docs:
+            if "tune_items" in d.get("dev_sets", {}):
+                merged["dev_sets"] = {**merged["dev_sets"], "tune_items": d["dev_sets"]["tune_items"]}
             clash = set(merged["runs"]) & set(d["runs"])
             if clash:
                 raise SystemExit(f"--merge: {', '.join(sorted(clash))} appear twice")
             merged["runs"].update(d["runs"])
+        merged["candidates"] = weighed(merged["runs"])
         write(merged, out_dir)
         print(markdown(merged))
         return 0
@@ -185,7 +222,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_dir = assets.prepare_smollm2()
     splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=1234)
     replay = assets.replay_jsonl(splits)
-    tasks = [SequenceTask(t.name, t.train, test=list(t.dev)) for t in forgetting.build_tasks(cfg, splits, 1234)]
+    # scored on the dev items; the tune items are the runner's "dev" items, read only by a candidate choosing alpha
+    tasks = [SequenceTask(t.name, t.train, test=list(t.dev), dev=list(t.tune),
+                          max_new_tokens=getattr(t, "max_new_tokens", GENERATION_MAX_NEW_TOKENS))
+             for t in forgetting.build_label_tasks(cfg, splits, 1234, n_tune=TUNE_ITEMS)]
     general = dev_general(splits, cfg)
     settings = forgetting.preset_settings(cfg, cfg["steps"], data_seed=1234, bf16=args.bf16)
     work = Path(args.workdir)
@@ -197,8 +237,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = evaluate_stage(base_model, tok, tasks, general, settings.eval_batch_size)
     del base_model
     doc: dict[str, Any] = {
-        "preset": PRESET, "environment": environment_info(), "rule": RULE, "candidates": CANDIDATES,
-        "dev_sets": {"tasks": {t.name: len(t.test) for t in tasks}, "wiki_heldout_range": DEV_WIKI,
+        "preset": PRESET, "environment": environment_info(), "rule": RULE, "candidates": weighed(args.methods),
+        "bf16": args.bf16,
+        "dev_sets": {"tasks": {t.name: len(t.test) for t in tasks}, "tune_items": {t.name: len(t.dev) for t in tasks},
+                     "wiki_heldout_range": DEV_WIKI,
                      "sciq_support_range": DEV_SCIQ, "arc_easy_items": len(general.mc_items["arc_easy"])},
         "base": {"tasks": base["tasks"], "general": base["general"]}, "runs": {},
         "seconds": {"base_eval": time.perf_counter() - t0},

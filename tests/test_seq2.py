@@ -64,6 +64,12 @@ def test_sciq_qa_splits_are_disjoint_deterministic_and_only_from_the_first_500_r
     again = assets.sciq_qa_task(n_train=300, n_test=150, seed=5, n_dev=50)
     assert again.train == task.train and again.test == task.test and again.dev == task.dev
     assert assets.sciq_qa_task(n_train=300, n_test=150, seed=6, n_dev=50).test != task.test
+    smaller = assets.sciq_qa_task(n_train=300, n_test=100, seed=5, n_dev=50)  # 50 rows left for a tune split
+    tuned = assets.sciq_qa_task(n_train=300, n_test=100, seed=5, n_dev=50, n_tune=30)
+    assert (tuned.train, tuned.test, tuned.dev) == (smaller.train, smaller.test, smaller.dev) and len(tuned.tune) == 30
+    assert not {it.prompt for it in tuned.tune} & set().union(*_prompts(smaller))
+    with pytest.raises(ValueError, match="n_tune = 30 exceeds the 0 rows left"):
+        assets.sciq_qa_task(n_train=300, n_test=150, seed=5, n_dev=50, n_tune=30)
     with pytest.raises(ValueError, match="500 available rows"):  # rows >= 500 are never used
         assets.sciq_qa_task(n_train=400, n_test=100, seed=5, n_dev=1)
     rows = assets.load_olmo_split("sciq/none/validation")

@@ -349,6 +349,36 @@ def test_runner_chooses_alpha_on_the_dev_split(tmp_path, tiny_dir, tiny_tokenize
         TrainSettings(wise_alphas=(0.0,))
 
 
+def test_a_preset_with_its_own_alpha_grid_chooses_on_the_dev_split(tmp_path, tiny_dir, tiny_tokenizer):
+    """MethodSpec.wise_alphas: the preset itself chooses alpha per task (der_paper_wise_tuned), a run's
+    TrainSettings.wise_alphas overrides its grid, and a task without dev items is refused naming the method."""
+    from transformers import AutoModelForCausalLM
+
+    from gere_plugin.continual import WISE_ALPHA_GRID, MethodSpec, run_sequence
+
+    tuned, fixed = METHODS["der_paper_wise_tuned"], METHODS["der_paper_wise"]
+    assert dataclasses.replace(tuned, name=fixed.name, wise_alphas=()) == fixed  # the same method but the choice
+    assert tuned.wise_candidates() == WISE_ALPHA_GRID and tuned.wise_candidates((0.5,)) == (0.5,)
+    assert fixed.wise_candidates() == () and METHODS["plain"].wise_candidates() == ()
+    with pytest.raises(ValueError, match="method 'x': wise_alphas chooses gere_wise_alpha, which its gere keys lack"):
+        MethodSpec("x", replay=False, regularizer="none", wise_alphas=(0.5,))
+    with pytest.raises(ValueError, match=r"wise_alphas=\(1.5,\) must be numbers in \(0, 1\]"):
+        MethodSpec("x", replay=False, regularizer="none", gere=(("gere_wise_alpha", 0.5),), wise_alphas=(1.5,))
+    task = _label_task("sentiment", (" positive", " negative"), 1)
+    with pytest.raises(GeReConfigError, match="method 'der_paper_wise_tuned' chooses WiSE-FT's alpha on the dev split"):
+        check_sequence([dataclasses.replace(task, dev=[])], tuned, TrainSettings())
+
+    own = dataclasses.replace(METHODS["wise"], name="wise_own_grid", wise_alphas=(0.5,))
+    kw = dict(max_steps=2, per_device_train_batch_size=4, max_length=48, learning_rate=1e-3, logging_steps=1,
+              eval_batch_size=8, general_every_task=False, print_logs=False)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype="float32")
+    result = run_sequence(model, [task], own, tmp_path / "own", tokenizer=tiny_tokenizer, settings=TrainSettings(**kw),
+                          seed=3)
+    stage = result["stages"][0]["wise"]
+    assert stage["candidates"] == [0.5, 1.0] and stage["alpha"] in (0.5, 1.0)
+    assert stage["alpha"] == select_wise_alpha(dict(zip(stage["candidates"], stage["current_dev"])))
+
+
 def test_dpo_with_replay_interpolates_like_sft(tmp_path, tiny_dir, tiny_tokenizer, replay_file):
     """WiSE-FT touches no loss, so the DPO family may use it (with GeRe's replay here): the result is the
     interpolation of an identical run without the key."""

@@ -43,6 +43,10 @@ Method presets (:data:`METHODS`):
                 ``der_paper`` with the logit replay's ``beta`` at :data:`DER_STRONG_LOGIT_WEIGHT`
 ``der_paper_wise``
                 ``der_paper`` + WiSE-FT after each task at a fixed ``alpha`` (``DER_WISE_ALPHA``)
+``der_paper_wise_tuned``
+                ``der_paper`` + WiSE-FT with ``alpha`` chosen after each task on the dev items among
+                :data:`WISE_ALPHA_GRID` and 1.0, giving up at most 1 point of that task's dev accuracy
+                (:attr:`MethodSpec.wise_alphas`; every task needs dev items)
 =============== ===================================================================================
 
 :data:`RECOMMENDED` names the recommended preset (picked on dev splits among the ``CANDIDATES`` of
@@ -86,6 +90,7 @@ from .presets import (
     STRENGTH_SETTINGS,
     TASK_KL_WEIGHT,
     WISE_ALPHA,
+    WISE_ALPHA_GRID,
     MethodSpec,
     SequenceTask,
 )
@@ -96,7 +101,7 @@ from .task_rows import keep_task_sample, tokenized_for_training, tokenized_witho
 
 __all__ = [
     "EWC_LAMBDA", "FD_WEIGHTING", "METHODS", "PAPER_WEIGHTING", "RECOMMENDED", "STRENGTH_SETTINGS", "TASK_KL_WEIGHT",
-    "WISE_ALPHA",
+    "WISE_ALPHA", "WISE_ALPHA_GRID",
     "MethodSpec", "PeakMemory", "SequenceTask", "TrainSettings", "build_trainer", "evaluate_stage", "keep_task_sample",
     "max_rss_bytes", "model_fingerprint", "peak_rss", "release_free_heap", "reset_peak_rss", "rss_bytes", "run_sequence",
     "stage_gere_keys", "step_clock", "tokenized_for_training", "tokenized_without_eos",

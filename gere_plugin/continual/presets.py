@@ -11,7 +11,7 @@ from ..evaluation.tasks import ClassificationItem, GenerationItem
 
 __all__ = ["DER_LOGIT_WEIGHT", "DER_STRONG_LOGIT_WEIGHT", "DER_STRONG_SHARE", "DER_WISE_ALPHA", "EARLIER_TASK_KEYS",
            "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "PAPER_WEIGHTING", "RECOMMENDED",
-           "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "MethodSpec", "SequenceTask", "TaskItem", "item_kind"]
+           "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "WISE_ALPHA_GRID", "MethodSpec", "SequenceTask", "TaskItem", "item_kind"]
 
 
 #: ``gere_*`` keys that act on earlier-task rows only (their share of the task term, the KL to their stored
@@ -35,6 +35,24 @@ class MethodSpec:
     gere: tuple[tuple[str, Any], ...] = ()
     external: Optional[str] = None  # an external baseline of gere_plugin.baselines ("sdft", "osf")
     task_replay: bool = False
+    #: WiSE-FT presets: ``gere_wise_alpha`` candidates, one chosen after every task on the dev items of that task
+    #: and the earlier ones (:func:`~gere_plugin.continual.wise_select.select_wise_alpha`; 1.0 is always one);
+    #: empty: the fixed ``gere_wise_alpha`` of :attr:`gere`. A run's ``TrainSettings.wise_alphas`` overrides it.
+    wise_alphas: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.wise_alphas and "gere_wise_alpha" not in dict(self.gere):
+            raise ValueError(f"method {self.name!r}: wise_alphas chooses gere_wise_alpha, which its gere keys lack")
+        if not all(isinstance(a, (int, float)) and 0 < a <= 1 for a in self.wise_alphas):
+            raise ValueError(f"method {self.name!r}: wise_alphas={self.wise_alphas!r} must be numbers in (0, 1]")
+
+    def wise_candidates(self, override: Sequence[float] = ()) -> tuple[float, ...]:
+        """The ``gere_wise_alpha`` candidates chosen among after each task on dev items: ``override`` (a run's
+        ``TrainSettings.wise_alphas``) when given, else the preset's :attr:`wise_alphas`; empty for a fixed alpha
+        (and for a method that does not interpolate)."""
+        if "wise" not in self.uses:
+            return tuple(override)  # check_sequence refuses a non-empty override for such a method by name
+        return tuple(float(a) for a in (override or self.wise_alphas))
 
     def gere_kwargs(self, task_index: int) -> dict[str, Any]:
         """The ``gere_*`` regularizer/freeze keys for task ``task_index`` (replay source added by the caller)."""
@@ -102,6 +120,9 @@ DER_STRONG_LOGIT_WEIGHT = 1.0
 #: (:func:`gere_plugin.continual.wise_select.select_wise_alpha`) had made in the cpu-fair ``wise`` / ``gere_wise``
 #: runs when the preset was written (0.25, 0.75, 0.5 / 0.75, 0.75, 0.5 / 0.75, 1.0, 0.75; dev numbers only).
 DER_WISE_ALPHA = 0.75
+#: WiSE-FT's ``alpha`` candidates of the presets that choose it per task (1.0 is always one too, see
+#: :attr:`MethodSpec.wise_alphas`), and of the forgetting benchmark's ``wise`` / ``gere_wise`` rows.
+WISE_ALPHA_GRID = (0.25, 0.5, 0.75)
 
 METHODS: dict[str, MethodSpec] = {
     "plain": MethodSpec("plain", replay=False, regularizer="none"),
@@ -140,6 +161,13 @@ METHODS: dict[str, MethodSpec] = {
     "der_paper_wise": MethodSpec("der_paper_wise", replay=True, regularizer="tm", task_replay=True,
                                  gere=PAPER_WEIGHTING + (("gere_task_replay_logit_weight", DER_LOGIT_WEIGHT),
                                                          ("gere_wise_alpha", DER_WISE_ALPHA))),
+    # der_paper_wise with alpha chosen after each task on dev items among WISE_ALPHA_GRID and 1.0, giving up at most
+    # 1 point of the task's dev accuracy (select_wise_alpha); gere_wise_alpha marks it as interpolating (the chosen
+    # alpha replaces it)
+    "der_paper_wise_tuned": MethodSpec("der_paper_wise_tuned", replay=True, regularizer="tm", task_replay=True,
+                                       gere=PAPER_WEIGHTING + (("gere_task_replay_logit_weight", DER_LOGIT_WEIGHT),
+                                                               ("gere_wise_alpha", DER_WISE_ALPHA)),
+                                       wise_alphas=WISE_ALPHA_GRID),
 }
 
 #: The recommended preset (a key of :data:`METHODS`), picked on dev splits by benchmarks/select_recommended.py

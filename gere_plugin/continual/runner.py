@@ -183,7 +183,7 @@ def check_sequence(tasks: Sequence[SequenceTask], spec: MethodSpec, settings: Tr
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
-    if settings.wise_alphas:
+    if spec.wise_candidates(settings.wise_alphas):
         from ..config import GeReConfigError
 
         if "wise" not in spec.uses:
@@ -195,8 +195,9 @@ def check_sequence(tasks: Sequence[SequenceTask], spec: MethodSpec, settings: Tr
         no_dev = [t.name for t in tasks if not t.dev]
         if no_dev:
             raise GeReConfigError(
-                f"wise_alphas chooses alpha on the dev split, but task(s) {', '.join(no_dev)} have no dev items. "
-                "Give every task dev items, or drop wise_alphas for the preset's fixed alpha."
+                f"method {spec.name!r} chooses WiSE-FT's alpha on the dev split (wise_alphas), but task(s) "
+                f"{', '.join(no_dev)} have no dev items. Give every task dev items, or pick a preset with a fixed alpha "
+                "(drop wise_alphas)."
             )
     return names
 
@@ -278,7 +279,7 @@ class SequenceRun:
         memory = PeakMemory().__enter__()  # from before the trainer exists: reference copies count
         t_setup = time.perf_counter()
         # alpha chosen on the dev split: the trainer trains without WiSE-FT and select_wise interpolates after
-        choose = bool(self.settings.wise_alphas) and "wise" in self.spec.uses
+        choose = bool(self.spec.wise_candidates(self.settings.wise_alphas))
         try:
             trainer = build_trainer(
                 net, self.tokenizer, task, self.spec, k, self.settings, self.replay, self.cache,
@@ -333,7 +334,7 @@ class SequenceRun:
             stage["wise"] = dict(wise.summary)  # type: ignore[attr-defined]
 
     def select_wise(self, k: int, model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """WiSE-FT with alpha chosen on the dev split: every candidate of ``settings.wise_alphas`` (and 1.0) is
+        """WiSE-FT with alpha chosen on the dev split: every candidate of :meth:`MethodSpec.wise_candidates` (and 1.0) is
         applied to the trained weights, scored on the dev items of task ``k`` and of the earlier tasks, and the
         one :func:`~gere_plugin.continual.wise_select.select_wise_alpha` picks is kept (the test split is not
         read). Cost: one more host copy of the trainable weights, and one dev evaluation of the tasks so far
@@ -356,7 +357,7 @@ class SequenceRun:
             res = score_items(model, self.tokenizer, task.dev, self.settings.eval_batch_size, task.max_new_tokens)
             return 100.0 * res["accuracy"]
 
-        candidates = sorted(set(self.settings.wise_alphas) | {1.0})
+        candidates = sorted(set(self.spec.wise_candidates(self.settings.wise_alphas)) | {1.0})
         current: dict[float, float] = {}
         earlier: dict[float, list[float]] = {}
         for alpha in candidates:
