@@ -249,8 +249,8 @@ def select_learning_rates(
             if key in rec["grid"]:
                 continue
             t0 = time.perf_counter()
-            run = run_sequence(
-                str(model_dir), [dev_task], method, work / "lr_selection" / f"{method}_lr{key}",
+            run = run_sequence(  # trained as first_task_signature describes it: without WiSE-FT
+                str(model_dir), [dev_task], METHODS[method].without_wise(), work / "lr_selection" / f"{method}_lr{key}",
                 settings=dataclasses.replace(settings, learning_rate=float(lr)), replay=replay,
                 state_cache=work / "states", seed=cfg["lr_seed"], general=None, base_eval=doc["base_dev"],
             )

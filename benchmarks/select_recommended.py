@@ -48,6 +48,7 @@ from gere_plugin.cache.io import write_file_atomically  # noqa: E402
 from gere_plugin.continual import SequenceTask, evaluate_stage, run_sequence  # noqa: E402
 from gere_plugin.continual.presets import GENERATION_MAX_NEW_TOKENS  # noqa: E402
 from gere_plugin.evaluation.metrics import average_performance, backward_transfer, plasticity  # noqa: E402
+from gere_plugin.evaluation.report import close  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESET = "cpu-fair"
@@ -107,15 +108,10 @@ def dev_metrics(run: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def same_base(a: Any, b: Any, rel: float = 1e-4) -> bool:
-    """Whether two files scored the same base model on the same dev sets: equal dev accuracies (counts of items)
-    and perplexities within ``rel`` (two machines' float kernels differ in the last bits)."""
-    if not (a and b) or a.get("tasks") != b.get("tasks"):
-        return False
-    ga, gb = a.get("general", {}), b.get("general", {})
-    if ga.get("cloze") != gb.get("cloze") or set(ga.get("ppl", {})) != set(gb.get("ppl", {})):
-        return False
-    return all(abs(ga["ppl"][k] - gb["ppl"][k]) <= rel * abs(gb["ppl"][k]) for k in ga["ppl"])
+def same_base(a: Any, b: Any) -> bool:
+    """Whether two files scored the same base model on the same dev sets: the same values, numbers within
+    :func:`~gere_plugin.evaluation.report.close` (two machines' float kernels differ in the last bits)."""
+    return bool(a and b) and close(a, b)
 
 
 def weighed(runs: Any) -> list[str]:
@@ -203,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise SystemExit(f"--merge: {', '.join(sorted(clash))} appear twice")
             merged["runs"].update(d["runs"])
         merged["candidates"] = weighed(merged["runs"])
+        merged["bf16"] = next(iter(precisions.values()))
         write(merged, out_dir)
         print(markdown(merged))
         return 0

@@ -215,13 +215,14 @@ def learning_rate(method: str, override: Optional[float] = None) -> float:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .continual import METHODS, RECOMMENDED
+    from .continual import RECOMMENDED
+    from .continual.presets import NO_DEV_METHODS
 
     p = argparse.ArgumentParser(prog="python -m gere_plugin.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default=RECOMMENDED, choices=sorted(METHODS), metavar="METHOD",
+    p.add_argument("--method", default=RECOMMENDED, choices=NO_DEV_METHODS, metavar="METHOD",
                    help=f"the method compared with plain SFT (default {RECOMMENDED}: the recommended preset; "
-                        f"--method gere for plain GeRe). One of: {', '.join(sorted(METHODS))}")
+                        f"--method gere for plain GeRe). One of: {', '.join(NO_DEV_METHODS)}")
     p.add_argument("--max_steps", type=int, default=40, help="optimizer steps of each task's fine-tune (default 40)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="also write the numbers as JSON here")

@@ -311,6 +311,9 @@ def test_summary_refuses_runs_of_different_base_models():
     refused by name, not summarized against the first run's base."""
     same = [_fake_run("plain", 1, 30.0, [0.6, 0.9]), _fake_run("gere", 1, 21.0, [0.8, 0.9])]
     assert summarize_runs(same)["base"]["metrics"]["ppl"]["mean"] == pytest.approx(20.0)
+    other_machine = _fake_run("gere", 2, 21.0, [0.8, 0.9])
+    other_machine["base"]["general"]["ppl"]["wiki"] = 20.0 * (1 + 1e-7)  # another machine's last bits: the same base
+    assert summarize_runs(same + [other_machine])["base"]["metrics"]["ppl"]["mean"] == pytest.approx(20.0)
     other_ppl = _fake_run("gere", 2, 21.0, [0.8, 0.9])
     other_ppl["base"]["general"]["ppl"]["wiki"] = 25.0
     with pytest.raises(ValueError, match=r"run 'gere' seed 2 was evaluated against another base model"):

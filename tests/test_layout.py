@@ -29,19 +29,45 @@ def _target(module: str, path: Path, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _with_packages(name: str, targets: set[str], modules: dict[str, Path]) -> set[str]:
+    """``targets`` and the packages above each (importing ``a.b.c`` runs ``a/__init__`` and ``a/b/__init__``
+    first), except the packages above ``name`` itself, which are already being imported when it runs."""
+    own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    out = set(targets)
+    for target in targets:
+        parts = target.split(".")
+        out |= {p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in modules and p not in own}
+    return out
+
+
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements run at import time: the body, with the bodies of top-level ``try`` / ``if`` blocks
+    (``if TYPE_CHECKING:`` blocks, which never run, left out)."""
+    out: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, ast.Try):
+            out += _top_level(node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody)
+        elif isinstance(node, ast.If):
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                out += _top_level(node.body + node.orelse)
+        else:
+            out.append(node)
+    return out
+
+
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """Module -> the package modules its top-level statements import (function-local imports, which run
-    late on purpose, are left out)."""
+    """Module -> the package modules its top-level statements import, packages above them included
+    (function-local imports, which run late on purpose, are left out)."""
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps: set[str] = set()
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        for node in _top_level(ast.parse(path.read_text(encoding="utf-8")).body):
             if isinstance(node, ast.ImportFrom):
                 target = _target(name, path, node)
                 deps |= {t for t in [target] + [f"{target}.{a.name}" for a in node.names] if t in modules}
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name in modules}
-        graph[name] = deps - {name}
+        graph[name] = _with_packages(name, deps, modules) - {name}
     return graph
 
 
@@ -71,6 +97,9 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_cycle_finder_sees_a_cycle_and_a_clean_chain():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    modules = {n: Path() for n in ("p", "p.a", "p.b", "q", "q.c")}
+    # importing q.c from p.a runs q/__init__ too; p/__init__ is already running when p.a is imported
+    assert _with_packages("p.a", {"q.c", "p.b"}, modules) == {"q.c", "q", "p.b"}
 
 
 def test_no_import_cycle_among_top_level_imports():

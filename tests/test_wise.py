@@ -355,6 +355,7 @@ def test_a_preset_with_its_own_alpha_grid_chooses_on_the_dev_split(tmp_path, tin
     from transformers import AutoModelForCausalLM
 
     from gere_plugin.continual import WISE_ALPHA_GRID, MethodSpec, run_sequence
+    from gere_plugin.continual.presets import NO_DEV_METHODS
 
     tuned, fixed = METHODS["der_paper_wise_tuned"], METHODS["der_paper_wise"]
     assert dataclasses.replace(tuned, name=fixed.name, wise_alphas=()) == fixed  # the same method but the choice
@@ -367,6 +368,15 @@ def test_a_preset_with_its_own_alpha_grid_chooses_on_the_dev_split(tmp_path, tin
     task = _label_task("sentiment", (" positive", " negative"), 1)
     with pytest.raises(GeReConfigError, match="method 'der_paper_wise_tuned' chooses WiSE-FT's alpha on the dev split"):
         check_sequence([dataclasses.replace(task, dev=[])], tuned, TrainSettings())
+    with pytest.raises(GeReConfigError, match="gere_wise_alpha=0.5 fixes WiSE-FT's alpha, but method "
+                                              "'der_paper_wise_tuned' chooses it"):
+        check_sequence([task], tuned, TrainSettings(gere_wise_alpha=0.5))
+    assert check_sequence([task], tuned, TrainSettings()) == ["sentiment"]
+    # the CLI and the demo (tasks without dev items) do not offer it; its learning rate is der_paper's (no WiSE-FT)
+    assert "der_paper_wise_tuned" not in NO_DEV_METHODS and {"der_paper_wise", "wise"} <= set(NO_DEV_METHODS)
+    plain_train = tuned.without_wise()
+    assert "wise" not in plain_train.uses and plain_train.wise_candidates() == ()
+    assert all(plain_train.gere_kwargs(k) == METHODS["der_paper"].gere_kwargs(k) for k in (0, 1))
 
     own = dataclasses.replace(METHODS["wise"], name="wise_own_grid", wise_alphas=(0.5,))
     kw = dict(max_steps=2, per_device_train_batch_size=4, max_length=48, learning_rate=1e-3, logging_steps=1,

@@ -35,7 +35,16 @@ from .general_text import (
     wikipedia_splits,
 )
 from .model import ASSET_FORMAT, SMOLLM2_GGUF, prepare_smollm2
-from .sources import PIP_HINTS, AssetError, cache_dir, load_olmo_split, offline_env, package_dir, write_jsonl
+from .sources import (
+    PIP_HINTS,
+    AssetError,
+    cache_dir,
+    load_olmo_split,
+    offline_env,
+    package_dir,
+    require_module,
+    write_jsonl,
+)
 from .tasks import (
     BOOLQ_LABELS,
     MMLU_DOMAINS,
@@ -75,6 +84,7 @@ __all__ = [
     "offline_env",
     "package_dir",
     "prepare_smollm2",
+    "require_module",
     "replay_jsonl",
     "sciq_qa_task",
     "sciq_support_texts",

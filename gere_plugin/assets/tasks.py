@@ -170,7 +170,8 @@ def wiki_topic_task(
         if art.topic in by_topic:
             by_topic[art.topic].append(art)
     per_topic = (n_train + n_test + n_dev) // len(WIKI_TOPICS) + 1
-    per_topic_spare = n_tune // len(WIKI_TOPICS) + 1 if n_tune else 0  # articles after those, for the tune split
+    # articles after those, for the tune split (twice what it needs: clipped texts may repeat a prompt)
+    per_topic_spare = 2 * (n_tune // len(WIKI_TOPICS) + 1) if n_tune else 0
     rng = random.Random(seed)
     chosen: list[ClassificationItem] = []
     spare: list[ClassificationItem] = []
@@ -204,7 +205,8 @@ def mmlu_domain_task(n_train: int = 400, n_test: int = 200, seed: int = 1234, te
     """
     labels = tuple(MMLU_DOMAINS)
     per_domain = (n_train + n_test + n_dev) // len(labels) + 1
-    per_domain_spare = n_tune // len(labels) + 1 if n_tune else 0  # questions after those, for the tune split
+    # questions after those, for the tune split (twice what it needs: clipped questions may repeat a prompt)
+    per_domain_spare = 2 * (n_tune // len(labels) + 1) if n_tune else 0
     rng = random.Random(seed)
     chosen: list[ClassificationItem] = []
     spare: list[ClassificationItem] = []

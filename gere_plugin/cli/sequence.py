@@ -112,7 +112,8 @@ DEPRECATED_FLAGS = {
 
 def sequence_parser() -> argparse.ArgumentParser:
     from ..config import GeReArguments
-    from ..continual import METHODS, RECOMMENDED, TrainSettings
+    from ..continual import RECOMMENDED, TrainSettings
+    from ..continual.presets import NO_DEV_METHODS
     from .flags import add_deprecated_flag, add_field_flags
 
     p = argparse.ArgumentParser(prog="gere sequence", description=__doc__,
@@ -120,10 +121,12 @@ def sequence_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the ORIGINAL base model (folder or cached id)")
     p.add_argument("--task", nargs=3, action="append", metavar=("NAME", "TRAIN", "TEST"), required=True,
                    help="one task of the sequence (repeat, in order)")
-    p.add_argument("--method", default=RECOMMENDED, choices=sorted(METHODS), metavar="METHOD",
+    p.add_argument("--method", default=RECOMMENDED, choices=NO_DEV_METHODS, metavar="METHOD",
                    help=f"the method preset (default {RECOMMENDED}: the recommended preset, GeRe general replay + "
                         "earlier-task replay + logit replay, picked on dev splits; --method gere for plain GeRe, "
-                        f"--method plain for plain SFT). One of: {', '.join(sorted(METHODS))}")
+                        f"--method plain for plain SFT). One of: {', '.join(NO_DEV_METHODS)} (the presets that "
+                        "choose WiSE-FT's alpha on dev items need tasks with dev items: the Python API's "
+                        "run_sequence)")
     add_field_flags(p, GeReArguments, ("gere_replay",))
     p.add_argument("--out", required=True, help="output folder (trainer runs, result.json, final model)")
     add_field_flags(p, GeReArguments, ("gere_state_cache",))

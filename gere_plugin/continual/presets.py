@@ -3,6 +3,7 @@ the recommended one (:data:`RECOMMENDED`), their strengths, and one task of a se
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -10,7 +11,7 @@ from typing import Any, Optional, Union
 from ..evaluation.tasks import ClassificationItem, GenerationItem
 
 __all__ = ["DER_LOGIT_WEIGHT", "DER_STRONG_LOGIT_WEIGHT", "DER_STRONG_SHARE", "DER_WISE_ALPHA", "EARLIER_TASK_KEYS",
-           "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "PAPER_WEIGHTING", "RECOMMENDED",
+           "EWC_LAMBDA", "FD_WEIGHTING", "GENERATION_MAX_NEW_TOKENS", "METHODS", "NO_DEV_METHODS", "PAPER_WEIGHTING", "RECOMMENDED",
            "STRENGTH_SETTINGS", "TASK_KL_WEIGHT", "WISE_ALPHA", "WISE_ALPHA_GRID", "MethodSpec", "SequenceTask", "TaskItem", "item_kind"]
 
 
@@ -45,6 +46,12 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: wise_alphas chooses gere_wise_alpha, which its gere keys lack")
         if not all(isinstance(a, (int, float)) and 0 < a <= 1 for a in self.wise_alphas):
             raise ValueError(f"method {self.name!r}: wise_alphas={self.wise_alphas!r} must be numbers in (0, 1]")
+
+    def without_wise(self) -> MethodSpec:
+        """This method as it trains a task: without WiSE-FT's interpolation (the first-task learning-rate
+        selection trains that way, and methods that differ only in WiSE-FT share it)."""
+        return dataclasses.replace(self, gere=tuple(kv for kv in self.gere if kv[0] != "gere_wise_alpha"),
+                                   wise_alphas=())
 
     def wise_candidates(self, override: Sequence[float] = ()) -> tuple[float, ...]:
         """The ``gere_wise_alpha`` candidates chosen among after each task on dev items: ``override`` (a run's
@@ -178,6 +185,10 @@ METHODS: dict[str, MethodSpec] = {
 #: choice is written: ``gere sequence`` and ``make demo`` run it by default. Deliberately no alias entry in
 #: :data:`METHODS` (a second name for the same spec would give it two rows in every result table).
 RECOMMENDED: str = "der_paper"
+
+#: The presets a sequence of tasks without dev items can run (``gere sequence`` and the demo take no dev items):
+#: every one but those that choose WiSE-FT's alpha on dev items (:meth:`MethodSpec.wise_candidates`).
+NO_DEV_METHODS: tuple[str, ...] = tuple(sorted(name for name, spec in METHODS.items() if not spec.wise_candidates()))
 
 #: TrainSettings fields that override a preset's strength (only for presets that use the key).
 STRENGTH_SETTINGS = {"gere_ewc_lambda": "ewc", "gere_task_kl": "task_kl", "gere_wise_alpha": "wise",

@@ -192,6 +192,12 @@ def check_sequence(tasks: Sequence[SequenceTask], spec: MethodSpec, settings: Tr
                 f"wise_alphas chooses gere_wise_alpha for the WiSE-FT methods ({', '.join(users)}); method "
                 f"{spec.name!r} does not interpolate. Pick one of those methods or drop wise_alphas."
             )
+        if settings.gere_wise_alpha is not None:
+            raise GeReConfigError(
+                f"gere_wise_alpha={settings.gere_wise_alpha} fixes WiSE-FT's alpha, but method {spec.name!r} chooses "
+                "it after every task on the dev items (wise_alphas). Drop gere_wise_alpha, or pick a preset with a "
+                "fixed alpha (e.g. der_paper_wise instead of der_paper_wise_tuned)."
+            )
         no_dev = [t.name for t in tasks if not t.dev]
         if no_dev:
             raise GeReConfigError(
