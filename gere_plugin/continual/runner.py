@@ -27,9 +27,9 @@ from .stage import (
     load_model,
     load_tokenizer,
     model_fingerprint,
-    monitor_record,
+    record_training,
     score_items,
-    train_history,
+    task_replay_record,
 )
 from .task_rows import keep_task_sample, tokenized_without_eos
 
@@ -407,40 +407,6 @@ class SequenceRun:
         written = write_logit_snapshot(net, path, self.tokenizer, how, settings.gere_task_replay_topk,
                                        pad_token_id(self.tokenizer), settings.eval_batch_size, key="--out")
         return dict(snapshot_summary(written), seconds=time.perf_counter() - t0)
-
-
-def task_replay_record(trainer: Any) -> Optional[dict[str, Any]]:
-    """The earlier-task samples a stage's trainer replays (``None`` when it replays none)."""
-    term = getattr(getattr(trainer, "gere_step", None), "earlier", None)
-    if term is None:
-        return None
-    replay_step = term.replay
-    logits = getattr(term, "logits", None)
-    out = {
-        "sources": list(replay_step.rows.sources), "rows": list(replay_step.rows.kept),
-        "per_step": replay_step.per_step, "weight": replay_step.weight,
-    }
-    if logits is not None:  # weight, top-k and the fingerprint of each snapshot used
-        out["logit_replay"] = logits.state_dict()
-    return out
-
-
-def record_training(stage: dict[str, Any], trainer: Any, train_out: Any, train_seconds: float,
-                    step_seconds: list[float], memory: PeakMemory) -> None:
-    """Add what training returned and cost to ``stage`` (loss, steps, time per step, memory, logs, monitor)."""
-    stage["train_seconds"] = train_seconds
-    stage["train_loss"] = float(train_out.training_loss)
-    stage["steps"] = int(trainer.state.global_step)
-    # cost: wall time per optimizer step (EWC's end-of-task Fisher pass included) and added memory
-    stage["seconds_per_step"] = stage["train_seconds"] / max(stage["steps"], 1)
-    # ... and apart: each optimizer step's wall seconds, and what train() spent outside the steps
-    stage["step_seconds"] = [round(t, 4) for t in step_seconds]
-    stage["train_outside_steps_seconds"] = stage["train_seconds"] - sum(step_seconds)
-    stage["memory"] = memory.record()
-    stage["history"] = train_history(trainer.state.log_history)
-    monitor = monitor_record(trainer)
-    if monitor is not None:
-        stage["monitor"] = monitor
 
 
 def run_sequence(

@@ -1,6 +1,6 @@
 """One stage of a sequence, before and after training: evaluation (:func:`evaluate_stage`), the model's
-fingerprint, the state cache's identity, loading the model and tokenizer, and what is kept of the
-trainer's logs and monitor."""
+fingerprint, the state cache's identity, loading the model and tokenizer, and what a stage records of its
+trainer (training cost and logs, the monitor, the earlier-task rows it replayed)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from ..evaluation.tasks import (
     label_accuracy,
     normalize_answer,
 )
+from .cost import PeakMemory
 from .presets import GENERATION_MAX_NEW_TOKENS, SequenceTask, TaskItem, item_kind
 
 __all__ = ["cache_state", "evaluate_stage", "load_model", "load_tokenizer", "model_fingerprint", "monitor_record",
-           "score_items", "train_history"]
+           "record_training", "score_items", "task_replay_record", "train_history"]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -153,3 +154,37 @@ def monitor_record(trainer: Any) -> Optional[dict[str, Any]]:
         "pass_seconds": [[step, seconds] for step, seconds in monitor.seconds],
         "tripped": monitor.tripped,
     }
+
+
+def task_replay_record(trainer: Any) -> Optional[dict[str, Any]]:
+    """The earlier-task samples a stage's trainer replays (``None`` when it replays none)."""
+    term = getattr(getattr(trainer, "gere_step", None), "earlier", None)
+    if term is None:
+        return None
+    replay_step = term.replay
+    logits = getattr(term, "logits", None)
+    out = {
+        "sources": list(replay_step.rows.sources), "rows": list(replay_step.rows.kept),
+        "per_step": replay_step.per_step, "weight": replay_step.weight,
+    }
+    if logits is not None:  # weight, top-k and the fingerprint of each snapshot used
+        out["logit_replay"] = logits.state_dict()
+    return out
+
+
+def record_training(stage: dict[str, Any], trainer: Any, train_out: Any, train_seconds: float,
+                    step_seconds: list[float], memory: PeakMemory) -> None:
+    """Add what training returned and cost to ``stage`` (loss, steps, time per step, memory, logs, monitor)."""
+    stage["train_seconds"] = train_seconds
+    stage["train_loss"] = float(train_out.training_loss)
+    stage["steps"] = int(trainer.state.global_step)
+    # cost: wall time per optimizer step (EWC's end-of-task Fisher pass included) and added memory
+    stage["seconds_per_step"] = stage["train_seconds"] / max(stage["steps"], 1)
+    # ... and apart: each optimizer step's wall seconds, and what train() spent outside the steps
+    stage["step_seconds"] = [round(t, 4) for t in step_seconds]
+    stage["train_outside_steps_seconds"] = stage["train_seconds"] - sum(step_seconds)
+    stage["memory"] = memory.record()
+    stage["history"] = train_history(trainer.state.log_history)
+    monitor = monitor_record(trainer)
+    if monitor is not None:
+        stage["monitor"] = monitor
