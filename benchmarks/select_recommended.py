@@ -29,6 +29,7 @@ Writes ``benchmarks/results/recommended_selection_cpu-fair.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -46,7 +47,6 @@ import forgetting  # noqa: E402
 from gere_plugin import assets  # noqa: E402
 from gere_plugin.cache.io import write_file_atomically  # noqa: E402
 from gere_plugin.continual import SequenceTask, evaluate_stage, run_sequence  # noqa: E402
-from gere_plugin.continual.presets import GENERATION_MAX_NEW_TOKENS  # noqa: E402
 from gere_plugin.evaluation.metrics import average_performance, backward_transfer, plasticity  # noqa: E402
 from gere_plugin.evaluation.report import close  # noqa: E402
 
@@ -220,8 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     splits = assets.wikipedia_splits(replay_size=cfg["replay_size"], seed=1234)
     replay = assets.replay_jsonl(splits)
     # scored on the dev items; the tune items are the runner's "dev" items, read only by a candidate choosing alpha
-    tasks = [SequenceTask(t.name, t.train, test=list(t.dev), dev=list(t.tune),
-                          max_new_tokens=getattr(t, "max_new_tokens", GENERATION_MAX_NEW_TOKENS))
+    tasks = [dataclasses.replace(SequenceTask.from_label_task(t), test=list(t.dev), dev=list(t.tune))
              for t in forgetting.build_label_tasks(cfg, splits, 1234, n_tune=TUNE_ITEMS)]
     general = dev_general(splits, cfg)
     settings = forgetting.preset_settings(cfg, cfg["steps"], data_seed=1234, bf16=args.bf16)
